@@ -1,0 +1,284 @@
+#include "core/cpu/cpu_ops.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "core/math.h"
+
+namespace tl {
+
+namespace {
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("CpuOps: ") + what);
+}
+
+// Runs f.template operator()<T>() for the activation dtype of `t`.
+template <class F>
+void dispatch(DType t, F&& f) {
+  if (t == DType::F32) f.template operator()<float>();
+  else if (t == DType::F64) f.template operator()<double>();
+  else throw std::invalid_argument("CpuOps: activations must be F32 or F64");
+}
+
+void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, float beta) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, a, int(k), b,
+              int(k), beta, c, int(n));
+}
+void gemm(const double* a, const double* b, double* c, int64_t m, int64_t n, int64_t k, double beta) {
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0, a, int(k), b,
+              int(k), beta, c, int(n));
+}
+
+}  // namespace
+
+CpuOps::CpuOps(DType act) : act_(act) {
+  require(act == DType::F32 || act == DType::F64, "activation dtype must be F32 or F64");
+}
+
+Tensor CpuOps::zeros(Shape shape, DType dtype) { return Tensor::zeros(std::move(shape), dtype); }
+Tensor CpuOps::upload(const Tensor& host, DType dtype) { return host.to(dtype); }
+Tensor CpuOps::download(const Tensor& t) { return t.clone(); }
+
+void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) {
+  require(w.rank() == 2 && x.dtype() == w.dtype() && y.dtype() == x.dtype(), "linear dtypes/rank");
+  int64_t in = w.dim(1), out = w.dim(0);
+  require(x.numel() % in == 0, "linear: x width does not match W");
+  int64_t n = x.numel() / in;
+  require(y.numel() == n * out, "linear: y size");
+  if (n == 0) return;
+  dispatch(x.dtype(), [&]<class T>() {
+    gemm(x.data<T>(), w.data<T>(), y.data<T>(), n, out, in, accumulate ? T(1) : T(0));
+  });
+}
+
+void CpuOps::embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) {
+  require(table.rank() == 2 && ids.dtype() == DType::I32, "embedding args");
+  int64_t v = table.dim(0), d = table.dim(1), n = ids.numel();
+  require(out.numel() == n * d && out.dtype() == table.dtype(), "embedding out");
+  dispatch(table.dtype(), [&]<class T>() {
+    const T s = T(scale);
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t id = ids.data<int32_t>()[i];
+      if (id < 0 || id >= v) throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
+      const T* src = table.data<T>() + int64_t(id) * d;
+      T* dst = out.data<T>() + i * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * s;
+    }
+  });
+}
+
+void CpuOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, double eps, Tensor& y) {
+  int64_t d = w.defined() ? w.numel() : width;
+  require(d > 0 && x.numel() % d == 0 && y.numel() == x.numel(), "rmsnorm shapes");
+  int64_t rows = x.numel() / d;
+  dispatch(x.dtype(), [&]<class T>() {
+    const T* wp = w.defined() ? w.data<T>() : nullptr;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x.data<T>() + r * d;
+      T* yr = y.data<T>() + r * d;
+      double ss = 0;
+      for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
+      // HF: x · pow(mean(x²) + eps, -0.5) · w, in fp32.
+      T rstd = T(1.0 / std::sqrt(ss / double(d) + eps));
+      for (int64_t j = 0; j < d; ++j) yr[j] = wp ? xr[j] * rstd * wp[j] : xr[j] * rstd;
+    }
+  });
+}
+
+void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
+  require(x.numel() == n * heads * d && inv_freq.dtype() == DType::F64, "rope shapes");
+  dispatch(x.dtype(), [&]<class T>() {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      // θ = pos·inv_freq and cos/sin in the activation dtype: fp32 as HF computes them for
+      // fp32 and bf16 models; fp64 in our F64 mode (the golden fp64 run lifts HF's too).
+      T pos = T(positions.data<int32_t>()[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        T theta = pos * T(inv_freq.data<double>()[i]);
+        T c = std::cos(theta), s = std::sin(theta);
+        for (int64_t h = 0; h < heads; ++h) {
+          T* p = x.data<T>() + (t * heads + h) * d;
+          T a = p[i], b = p[i + half];
+          p[i] = a * c - b * s;
+          p[i + half] = b * c + a * s;
+        }
+      }
+    }
+  });
+}
+
+void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const AttentionMask& mask, Tensor& out) {
+  require(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention expects [B,S,heads,d]");
+  int64_t B = q.dim(0), S = q.dim(1), nh = q.dim(2), d = q.dim(3), nkv = k.dim(2);
+  require(k.dim(0) == B && k.dim(1) == S && k.dim(3) == d && v.numel() == k.numel(), "attention k/v shape");
+  require(nh % nkv == 0 && out.numel() == q.numel(), "attention heads");
+  int64_t group = nh / nkv;
+  const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() : nullptr;
+  dispatch(q.dtype(), [&]<class T>() {
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < nh; ++h) {
+        std::vector<double> p(static_cast<size_t>(S));
+        int64_t g = h / group;
+        for (int64_t t = 0; t < S; ++t) {
+          const T* qt = q.data<T>() + ((b * S + t) * nh + h) * d;
+          int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
+          double mx = -std::numeric_limits<double>::infinity();
+          for (int64_t s = s0; s <= t; ++s) {
+            if (doc && doc[b * S + s] != doc[b * S + t]) { p[size_t(s)] = -INFINITY; continue; }
+            const T* ks = k.data<T>() + ((b * S + s) * nkv + g) * d;
+            double acc = 0;
+            for (int64_t j = 0; j < d; ++j) acc += double(qt[j]) * double(ks[j]);
+            p[size_t(s)] = double(T(acc));
+            mx = std::max(mx, p[size_t(s)]);
+          }
+          double z = 0;
+          for (int64_t s = s0; s <= t; ++s) z += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+          T* o = out.data<T>() + ((b * S + t) * nh + h) * d;
+          std::vector<double> acc(static_cast<size_t>(d), 0.0);
+          for (int64_t s = s0; s <= t; ++s) {
+            double w = double(T(p[size_t(s)] / z));
+            const T* vs = v.data<T>() + ((b * S + s) * nkv + g) * d;
+            for (int64_t j = 0; j < d; ++j) acc[size_t(j)] += w * double(vs[j]);
+          }
+          for (int64_t j = 0; j < d; ++j) o[j] = T(acc[size_t(j)]);
+        }
+      }
+  });
+}
+
+void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
+  require(gate.numel() == up.numel() && out.numel() == up.numel(), "gelu_mul sizes");
+  dispatch(gate.dtype(), [&]<class T>() {
+    const T* g = gate.data<T>();
+    const T* u = up.data<T>();
+    T* o = out.data<T>();
+    int64_t n = gate.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) o[i] = gelu_tanh(g[i]) * u[i];
+  });
+}
+
+void CpuOps::add(const Tensor& a, const Tensor& b, Tensor& out) {
+  require(a.numel() == b.numel() && out.numel() == a.numel(), "add sizes");
+  dispatch(a.dtype(), [&]<class T>() {
+    int64_t n = a.numel();
+    for (int64_t i = 0; i < n; ++i) out.data<T>()[i] = a.data<T>()[i] + b.data<T>()[i];
+  });
+}
+
+void CpuOps::mul(const Tensor& a, const Tensor& b, Tensor& out) {
+  require(a.numel() == b.numel() && out.numel() == a.numel(), "mul sizes");
+  dispatch(a.dtype(), [&]<class T>() {
+    int64_t n = a.numel();
+    for (int64_t i = 0; i < n; ++i) out.data<T>()[i] = a.data<T>()[i] * b.data<T>()[i];
+  });
+}
+
+void CpuOps::scale(Tensor& x, double s) {
+  dispatch(x.dtype(), [&]<class T>() {
+    int64_t n = x.numel();
+    T st = T(s);
+    for (int64_t i = 0; i < n; ++i) x.data<T>()[i] *= st;
+  });
+}
+
+void CpuOps::softcap_forward(Tensor& x, double cap) {
+  dispatch(x.dtype(), [&]<class T>() {
+    int64_t n = x.numel();
+    T* p = x.data<T>();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) p[i] = softcap(p[i], T(cap));
+  });
+}
+
+void CpuOps::copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) {
+  require(src.rank() == 2 && dst.rank() == 2 && src.dim(0) == dst.dim(0), "copy_columns shapes");
+  require(src_col + w <= src.dim(1) && dst_col + w <= dst.dim(1), "copy_columns range");
+  size_t es = dtype_size(src.dtype());
+  for (int64_t r = 0; r < src.dim(0); ++r)
+    std::memcpy(static_cast<char*>(dst.raw()) + (r * dst.dim(1) + dst_col) * es,
+                static_cast<const char*>(src.raw()) + (r * src.dim(1) + src_col) * es, size_t(w) * es);
+}
+
+void CpuOps::moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
+                               Tensor& weights, Tensor& idx) {
+  int64_t n = logits.dim(0), e = logits.dim(1);
+  require(k <= e && weights.numel() == n * k && idx.numel() == n * k && idx.dtype() == DType::I32,
+          "moe_route shapes");
+  dispatch(logits.dtype(), [&]<class T>() {
+    std::vector<T> p(static_cast<size_t>(e));
+    std::vector<int32_t> order(static_cast<size_t>(e));
+    for (int64_t t = 0; t < n; ++t) {
+      const T* l = logits.data<T>() + t * e;
+      T mx = *std::max_element(l, l + e);
+      T z = 0;
+      for (int64_t j = 0; j < e; ++j) z += (p[size_t(j)] = std::exp(l[j] - mx));
+      for (int64_t j = 0; j < e; ++j) p[size_t(j)] /= z;
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return p[size_t(a)] > p[size_t(b)]; });
+      T top = 0;
+      for (int64_t j = 0; j < k; ++j) top += p[size_t(order[size_t(j)])];
+      for (int64_t j = 0; j < k; ++j) {
+        int32_t ex = order[size_t(j)];
+        idx.data<int32_t>()[t * k + j] = ex;
+        weights.data<T>()[t * k + j] = p[size_t(ex)] / top * per_expert_scale.data<T>()[ex];
+      }
+    }
+  });
+}
+
+void CpuOps::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
+  int64_t d = src.dim(-1), m = rows.numel();
+  require(out.numel() == m * d, "gather_rows out");
+  size_t bytes = size_t(d) * dtype_size(src.dtype());
+  for (int64_t i = 0; i < m; ++i)
+    std::memcpy(static_cast<char*>(out.raw()) + size_t(i) * bytes,
+                static_cast<const char*>(src.raw()) + size_t(rows.data<int32_t>()[i]) * bytes, bytes);
+}
+
+void CpuOps::scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) {
+  int64_t d = dst.dim(-1), m = rows.numel();
+  require(src.numel() == m * d && scale.numel() == m, "scatter_add_rows shapes");
+  dispatch(dst.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < m; ++i) {
+      T* out = dst.data<T>() + int64_t(rows.data<int32_t>()[i]) * d;
+      const T* in = src.data<T>() + i * d;
+      T s = scale.data<T>()[i];
+      for (int64_t j = 0; j < d; ++j) out[j] += s * in[j];
+    }
+  });
+}
+
+double CpuOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) {
+  int64_t n = labels.numel(), v = logits.dim(-1);
+  require(logits.numel() == n * v && labels.dtype() == DType::I32, "cross_entropy shapes");
+  double total = 0;
+  count = 0;
+  dispatch(logits.dtype(), [&]<class T>() {
+    for (int64_t t = 0; t < n; ++t) {
+      int32_t y = labels.data<int32_t>()[t];
+      if (y == -100) continue;
+      if (y < 0 || y >= v) throw std::out_of_range("label " + std::to_string(y) + " outside vocab");
+      const T* l = logits.data<T>() + t * v;
+      double mx = *std::max_element(l, l + v), z = 0;
+      for (int64_t j = 0; j < v; ++j) z += std::exp(double(l[j]) - mx);
+      total += mx + std::log(z) - double(l[y]);
+      ++count;
+    }
+  });
+  return total;
+}
+
+}  // namespace tl

@@ -1,0 +1,81 @@
+// The Ops interface: every numeric primitive the Gemma 4 model needs. The model is written
+// once against it; core/cpu implements it on the host (the reference), cuda/ on the GPU.
+//
+// Conventions: activations are contiguous tensors of the backend's activation dtype
+// (F32, or F64 for gradient checks on the CPU); rows are tokens; weights are stored
+// PyTorch-style [out, in] so Linear(x) = x·Wᵀ. Index tensors are I32.
+#pragma once
+#include "core/tensor.h"
+
+namespace tl {
+
+// Which keys a query may attend to: causal, optionally limited to a window of `window`
+// keys (itself included), and never across a document boundary when `doc_ids` is given.
+struct AttentionMask {
+  int64_t window = 0;        // 0: no window (full attention)
+  const Tensor* doc_ids = nullptr;  // optional I32 [B, S]; equal ids = same document
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+  virtual DType act_dtype() const = 0;
+
+  // Zero-filled tensor on this backend.
+  virtual Tensor zeros(Shape shape, DType dtype) = 0;
+  Tensor zeros(Shape shape) { return zeros(std::move(shape), act_dtype()); }
+  // Host tensor -> backend tensor of dtype `dtype` (converted).
+  virtual Tensor upload(const Tensor& host, DType dtype) = 0;
+  // Backend tensor -> host tensor (same dtype).
+  virtual Tensor download(const Tensor& t) = 0;
+
+  // y[n,o] = Σ_i x[n,i]·W[o,i]  (y += … when accumulate). x: [N, in], W: [out, in].
+  virtual void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate = false) = 0;
+
+  // out[n,:] = table[ids[n],:] · scale. table: [V, D], ids: I32 [N], out: [N, D].
+  virtual void embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) = 0;
+
+  // y = x · (mean(x², last dim) + eps)^(-1/2) · w over rows of width D = w's size
+  // (or `width` when w is undefined, a norm without scale). x, y: [rows, D].
+  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, double eps, Tensor& y) = 0;
+
+  // NeoX-style rotation in place: x viewed [N, heads, d]; pairs (i, i+d/2) rotate by
+  // pos[n]·inv_freq[i] (angle and cos/sin in the activation dtype); inv_freq: F64 [d/2]
+  // on the host holding the fp32 values HF computes (zeros leave dims untouched).
+  virtual void rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) = 0;
+
+  // Scaled-dot-product attention with scale 1.0 and GQA (query head h uses KV head
+  // h / (nh/nkv)). q: [B,S,nh,d], k, v: [B,S,nkv,d], out: [B,S,nh,d].
+  virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const AttentionMask& mask, Tensor& out) = 0;
+
+  // out = gelu_tanh(gate) ∘ up, elementwise.
+  virtual void gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out = a + b (same shape); out may alias a or b.
+  virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+  // out = a ∘ b (same shape); out may alias a or b.
+  virtual void mul(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+  // x *= s in place.
+  virtual void scale(Tensor& x, double s) = 0;
+  // x = cap · tanh(x / cap) in place.
+  virtual void softcap_forward(Tensor& x, double cap) = 0;
+  // Copy columns: dst[:, dst_col:dst_col+w] = src[:, src_col:src_col+w] for 2-D row-major tensors.
+  virtual void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) = 0;
+
+  // MoE routing: p = softmax(logits) over E experts; take the top k by p (ties to the lower
+  // index); weights = p_k / Σ p_top · per_expert_scale[idx]. logits: [N,E];
+  // weights: [N,k] act dtype; idx: I32 [N,k].
+  virtual void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
+                                 Tensor& weights, Tensor& idx) = 0;
+  // out[m,:] = src[rows[m],:].
+  virtual void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) = 0;
+  // dst[rows[m],:] += scale[m] · src[m,:].
+  virtual void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) = 0;
+
+  // Σ over rows with label ≠ -100 of −log softmax(logits[n])[label[n]]; returns the sum
+  // (double) and sets `count`. logits: [N, V], labels: I32 [N].
+  virtual double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) = 0;
+};
+
+}  // namespace tl

@@ -1,0 +1,115 @@
+#include "core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/half.h"
+
+namespace tl {
+
+Tensor Tensor::zeros(Shape shape, DType dtype) {
+  Tensor t;
+  size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+  // 64-byte alignment suits AVX-512 loads and BLAS.
+  size_t padded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, padded ? padded : 64);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, padded ? padded : 64);
+  t.owner_ = std::shared_ptr<void>(p, std::free);
+  t.data_ = p;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  return t;
+}
+
+Tensor Tensor::wrap(std::shared_ptr<void> owner, void* data, Shape shape, DType dtype,
+                    Device device) {
+  Tensor t;
+  t.owner_ = std::move(owner);
+  t.data_ = data;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  return t;
+}
+
+Tensor Tensor::view(Shape shape) const {
+  if (shape_numel(shape) != numel())
+    throw std::invalid_argument("view " + shape_str(shape) + " of tensor " + shape_str(shape_));
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
+  if (rank() == 0 || begin < 0 || end > shape_[0] || begin > end)
+    throw std::out_of_range("slice_rows out of range");
+  Tensor t = *this;
+  size_t row_bytes = nbytes() / (shape_[0] ? size_t(shape_[0]) : 1);
+  t.data_ = static_cast<char*>(data_) + size_t(begin) * row_bytes;
+  t.shape_[0] = end - begin;
+  return t;
+}
+
+namespace {
+double load_as_double(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F64: return static_cast<const double*>(p)[i];
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::F16: return f16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::I64: return double(static_cast<const int64_t*>(p)[i]);
+    case DType::U64: return double(static_cast<const uint64_t*>(p)[i]);
+    case DType::I32: return static_cast<const int32_t*>(p)[i];
+    case DType::U32: return static_cast<const uint32_t*>(p)[i];
+    case DType::I16: return static_cast<const int16_t*>(p)[i];
+    case DType::U16: return static_cast<const uint16_t*>(p)[i];
+    case DType::I8: return static_cast<const int8_t*>(p)[i];
+    case DType::U8: return static_cast<const uint8_t*>(p)[i];
+    case DType::BOOL: return static_cast<const uint8_t*>(p)[i] ? 1.0 : 0.0;
+  }
+  return 0;
+}
+
+void store_from_double(void* p, DType t, int64_t i, double v) {
+  switch (t) {
+    case DType::F64: static_cast<double*>(p)[i] = v; break;
+    case DType::F32: static_cast<float*>(p)[i] = float(v); break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(float(v)); break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = float_to_f16(float(v)); break;
+    case DType::I64: static_cast<int64_t*>(p)[i] = int64_t(v); break;
+    case DType::U64: static_cast<uint64_t*>(p)[i] = uint64_t(v); break;
+    case DType::I32: static_cast<int32_t*>(p)[i] = int32_t(v); break;
+    case DType::U32: static_cast<uint32_t*>(p)[i] = uint32_t(v); break;
+    case DType::I16: static_cast<int16_t*>(p)[i] = int16_t(v); break;
+    case DType::U16: static_cast<uint16_t*>(p)[i] = uint16_t(v); break;
+    case DType::I8: static_cast<int8_t*>(p)[i] = int8_t(v); break;
+    case DType::U8: static_cast<uint8_t*>(p)[i] = uint8_t(v); break;
+    case DType::BOOL: static_cast<uint8_t*>(p)[i] = v != 0; break;
+  }
+}
+}  // namespace
+
+double Tensor::get(int64_t i) const {
+  if (device_ != Device::CPU) throw std::logic_error("Tensor::get on a device tensor");
+  return load_as_double(data_, dtype_, i);
+}
+
+Tensor Tensor::to(DType dtype) const {
+  if (device_ != Device::CPU) throw std::logic_error("Tensor::to on a device tensor");
+  Tensor out = zeros(shape_, dtype);
+  if (dtype == dtype_) {
+    std::memcpy(out.data_, data_, nbytes());
+    return out;
+  }
+  int64_t n = numel();
+  // Int64 values beyond 2^53 would lose bits through double; copy integers exactly.
+  if (dtype_ == DType::I64 && dtype == DType::I32) {
+    for (int64_t i = 0; i < n; ++i) out.data<int32_t>()[i] = int32_t(data<int64_t>()[i]);
+    return out;
+  }
+  for (int64_t i = 0; i < n; ++i) store_from_double(out.data_, dtype, i, load_as_double(data_, dtype_, i));
+  return out;
+}
+
+}  // namespace tl

@@ -1,0 +1,65 @@
+// A contiguous, typed n-d array with shared storage. Views (reshape, row slices, mmap'ed
+// safetensors entries) share the owner and copy nothing.
+#pragma once
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace tl {
+
+enum class Device : uint8_t { CPU, CUDA };
+
+class Tensor {
+ public:
+  Tensor() = default;
+
+  // Fresh zero-initialised host memory.
+  static Tensor zeros(Shape shape, DType dtype);
+  // Borrow memory kept alive by `owner` (an mmap, a CUDA allocation, ...).
+  static Tensor wrap(std::shared_ptr<void> owner, void* data, Shape shape, DType dtype,
+                     Device device = Device::CPU);
+
+  bool defined() const { return owner_ != nullptr || data_ != nullptr; }
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+  const Shape& shape() const { return shape_; }
+  int rank() const { return int(shape_.size()); }
+  int64_t dim(int i) const { return shape_.at(i < 0 ? i + rank() : i); }
+  int64_t numel() const { return shape_numel(shape_); }
+  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
+
+  void* raw() const { return data_; }
+  template <class T>
+  T* data() const {
+    return static_cast<T*>(data_);
+  }
+
+  // Same storage, new shape with the same number of elements.
+  Tensor view(Shape shape) const;
+  // Rows [begin, end) along dimension 0.
+  Tensor slice_rows(int64_t begin, int64_t end) const;
+  // Host copy converted to `dtype` (float types convert with round-to-nearest-even;
+  // integer types convert by value).
+  Tensor to(DType dtype) const;
+  Tensor clone() const { return to(dtype_); }
+
+  // Element `i` of a float tensor as double (host only; for tests and small reads).
+  double get(int64_t i) const;
+
+ private:
+  std::shared_ptr<void> owner_;
+  void* data_ = nullptr;
+  Shape shape_;
+  DType dtype_ = DType::F32;
+  Device device_ = Device::CPU;
+};
+
+// The error type of every input fault torchless reports: one line naming the file, key or
+// tensor at fault.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace tl

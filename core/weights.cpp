@@ -1,0 +1,77 @@
+#include "core/weights.h"
+
+#include <fmt/format.h>
+
+namespace tl {
+
+const char* component_name(Component c) {
+  switch (c) {
+    case Component::Embeddings: return "embeddings";
+    case Component::PLE: return "per-layer embeddings";
+    case Component::Attention: return "attention";
+    case Component::MLP: return "mlp";
+    case Component::Experts: return "experts";
+    case Component::Router: return "router";
+    case Component::Norms: return "norms";
+    case Component::LayerScalar: return "layer_scalar";
+  }
+  return "?";
+}
+
+std::vector<WeightSpec> text_decoder_weights(const Gemma4Config& c) {
+  std::vector<WeightSpec> w;
+  const int64_t H = c.hidden_size, L = c.num_hidden_layers, P = c.hidden_size_per_layer_input;
+  auto add = [&](std::string name, Shape shape, Component comp, int layer = -1, bool linear = false,
+                 bool param = true) {
+    w.push_back({std::move(name), std::move(shape), comp, layer, linear, param});
+  };
+  add("embed_tokens.weight", {c.vocab_size, H}, Component::Embeddings);
+  if (c.has_ple()) {
+    add("embed_tokens_per_layer.weight", {c.vocab_size_per_layer_input, L * P}, Component::PLE);
+    add("per_layer_model_projection.weight", {L * P, H}, Component::PLE, -1, true);
+    add("per_layer_projection_norm.weight", {P}, Component::PLE);
+  }
+  add("norm.weight", {H}, Component::Norms);
+
+  for (int i = 0; i < L; ++i) {
+    const LayerGeometry& g = c.layer(i);
+    const std::string p = fmt::format("layers.{}.", i);
+    const int64_t d = g.head_dim, nh = c.num_attention_heads;
+    add(p + "input_layernorm.weight", {H}, Component::Norms, i);
+    add(p + "self_attn.q_proj.weight", {nh * d, H}, Component::Attention, i, true);
+    add(p + "self_attn.q_norm.weight", {d}, Component::Attention, i);
+    if (g.kv_source < 0) {
+      add(p + "self_attn.k_proj.weight", {g.num_kv_heads * d, H}, Component::Attention, i, true);
+      if (!g.k_eq_v)
+        add(p + "self_attn.v_proj.weight", {g.num_kv_heads * d, H}, Component::Attention, i, true);
+      add(p + "self_attn.k_norm.weight", {d}, Component::Attention, i);
+    }
+    add(p + "self_attn.o_proj.weight", {H, nh * d}, Component::Attention, i, true);
+    add(p + "post_attention_layernorm.weight", {H}, Component::Norms, i);
+    add(p + "pre_feedforward_layernorm.weight", {H}, Component::Norms, i);
+    add(p + "mlp.gate_proj.weight", {g.mlp_width, H}, Component::MLP, i, true);
+    add(p + "mlp.up_proj.weight", {g.mlp_width, H}, Component::MLP, i, true);
+    add(p + "mlp.down_proj.weight", {H, g.mlp_width}, Component::MLP, i, true);
+    add(p + "post_feedforward_layernorm.weight", {H}, Component::Norms, i);
+    if (c.enable_moe_block) {
+      const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+      add(p + "router.proj.weight", {E, H}, Component::Router, i, true);
+      add(p + "router.scale", {H}, Component::Router, i);
+      add(p + "router.per_expert_scale", {E}, Component::Router, i);
+      add(p + "experts.gate_up_proj", {E, 2 * I, H}, Component::Experts, i);
+      add(p + "experts.down_proj", {E, H, I}, Component::Experts, i);
+      add(p + "pre_feedforward_layernorm_2.weight", {H}, Component::Norms, i);
+      add(p + "post_feedforward_layernorm_1.weight", {H}, Component::Norms, i);
+      add(p + "post_feedforward_layernorm_2.weight", {H}, Component::Norms, i);
+    }
+    if (c.has_ple()) {
+      add(p + "per_layer_input_gate.weight", {P, H}, Component::PLE, i, true);
+      add(p + "per_layer_projection.weight", {H, P}, Component::PLE, i, true);
+      add(p + "post_per_layer_input_norm.weight", {H}, Component::PLE, i);
+    }
+    add(p + "layer_scalar", {1}, Component::LayerScalar, i, false, false);
+  }
+  return w;
+}
+
+}  // namespace tl

@@ -1,0 +1,34 @@
+// The text decoder's tensors by their Hugging Face names and shapes, derived from the
+// config alone. The loader checks a checkpoint against this list, `plan` counts parameters
+// with it, and surgery renames along it.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/dtype.h"
+
+namespace tl {
+
+// Which part of the model a tensor belongs to (for plan's breakdown).
+enum class Component { Embeddings, PLE, Attention, MLP, Experts, Router, Norms, LayerScalar };
+const char* component_name(Component c);
+
+struct WeightSpec {
+  std::string name;   // without prefix, e.g. "layers.3.self_attn.q_proj.weight"
+  Shape shape;
+  Component component;
+  int layer = -1;     // -1 for global tensors
+  bool is_linear = false;     // a 2-D [out, in] projection (a QLoRA / LoRA target)
+  bool is_parameter = true;   // false for buffers (layer_scalar)
+};
+
+// Every tensor the text decoder owns, globals first, then layer by layer.
+std::vector<WeightSpec> text_decoder_weights(const Gemma4Config& c);
+
+// HF prefixes: the multimodal wrapper stores the decoder under "model.language_model.",
+// Gemma4ForCausalLM under "model.".
+inline constexpr const char* kNestedPrefix = "model.language_model.";
+inline constexpr const char* kPlainPrefix = "model.";
+
+}  // namespace tl

@@ -1,0 +1,93 @@
+// Helpers shared by the CUDA op files (nvcc only): error checks, dtype dispatch, launch
+// sizes, index-tensor staging and deterministic warp/block reductions.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_ops.h"
+
+namespace tl::cuda {
+
+// Throw std::runtime_error("<call> failed at <file>:<line>: <error>") unless the call succeeded.
+void check(cudaError_t e, const char* call, const char* file, int line);
+void check(cublasStatus_t s, const char* call, const char* file, int line);
+
+#define TL_CUDA_CHECK(call) ::tl::cuda::check((call), #call, __FILE__, __LINE__)
+// After a <<<...>>> launch: catches bad launch configurations at once. Faults while the
+// kernel runs surface at the next synchronising call (download, cudaMemcpy, cudaFree).
+#define TL_CUDA_LAUNCHED(kernel) ::tl::cuda::check(cudaGetLastError(), "launch " kernel, __FILE__, __LINE__)
+
+// Argument checks, reported like CpuOps does (std::invalid_argument "CudaOps: ...").
+void require(bool ok, const char* what);
+// `t` must be a device tensor (activations and weights are never staged implicitly).
+void require_device(const Tensor& t, const char* what);
+
+// Runs f.template operator()<T>() for the activation dtype `t` (float or double).
+template <class F>
+void dispatch(DType t, F&& f) {
+  if (t == DType::F32) f.template operator()<float>();
+  else if (t == DType::F64) f.template operator()<double>();
+  else throw std::invalid_argument("CudaOps: activations must be F32 or F64");
+}
+
+constexpr int kThreads = 256;
+// Blocks for a grid-stride loop over n items; the cap keeps the grid legal for any n.
+inline unsigned blocks_for(int64_t n, int threads = kThreads) {
+  return unsigned(std::clamp<int64_t>((n + threads - 1) / threads, 1, int64_t(1) << 20));
+}
+
+// for (int64_t i = global thread index; i < n; i += all threads): a grid-stride loop.
+#define TL_GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+// cudaMalloc'ed memory freed by the last owner (at least 1 byte, so the pointer is valid).
+std::shared_ptr<void> device_alloc(size_t bytes);
+
+// An I32 index tensor as a device pointer: device tensors are used in place, host tensors
+// are copied to a temporary kept alive by `keep`.
+struct DeviceInts {
+  const int32_t* ptr = nullptr;
+  std::shared_ptr<void> keep;
+};
+DeviceInts device_ints(const Tensor& t, const char* what);
+// An I32 index tensor's values on the host (copied back when it lives on the device).
+std::vector<int32_t> host_ints(const Tensor& t, const char* what);
+
+struct Sum {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+// Reduce over the 32 lanes of a warp; every lane gets the result. Needs the whole warp.
+template <class T, class Op>
+__device__ T warp_reduce(T v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Reduce over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result, combined in warp order so it is deterministic. Callable repeatedly in a kernel.
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op) {
+  __shared__ T partial[32];
+  v = warp_reduce(v, op);
+  __syncthreads();  // an earlier call's readers are done with `partial`
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  T r = partial[0];
+  for (unsigned w = 1; w < blockDim.x / 32; ++w) r = op(r, partial[w]);
+  return r;
+}
+
+}  // namespace tl::cuda

@@ -1,0 +1,115 @@
+// Elementwise ops (add, mul, scale, softcap, gelu_tanh·up) and the column copy.
+// Grid-stride loops over the flat index; each element is read before it is written by the
+// same thread, so outputs may alias inputs as the Ops interface allows.
+#include "core/math.h"
+#include "cuda/cuda_util.cuh"
+
+namespace tl {
+
+namespace {
+
+template <class T>
+__global__ void add_kernel(const T* a, const T* b, T* out, int64_t n) {
+  TL_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+}
+
+template <class T>
+__global__ void mul_kernel(const T* a, const T* b, T* out, int64_t n) {
+  TL_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+}
+
+template <class T>
+__global__ void scale_kernel(T* x, T s, int64_t n) {
+  TL_GRID_STRIDE(i, n) x[i] *= s;
+}
+
+// x = cap·tanh(x/cap), the shared formula from core/math.h.
+template <class T>
+__global__ void softcap_kernel(T* x, T cap, int64_t n) {
+  TL_GRID_STRIDE(i, n) x[i] = softcap(x[i], cap);
+}
+
+// out = gelu_tanh(gate)·up, gelu_tanh from core/math.h.
+template <class T>
+__global__ void gelu_tanh_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  TL_GRID_STRIDE(i, n) out[i] = gelu_tanh(gate[i]) * up[i];
+}
+
+void require_same(const Tensor& a, const Tensor& b, const Tensor& out, const char* what) {
+  cuda::require(a.numel() == b.numel() && out.numel() == a.numel(), what);
+  cuda::require(a.dtype() == b.dtype() && out.dtype() == a.dtype(), what);
+  cuda::require_device(a, what);
+  cuda::require_device(b, what);
+  cuda::require_device(out, what);
+}
+
+}  // namespace
+
+void CudaOps::add(const Tensor& a, const Tensor& b, Tensor& out) {
+  require_same(a, b, out, "add sizes/dtypes/devices");
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  cuda::dispatch(a.dtype(), [&]<class T>() {
+    add_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(a.data<T>(), b.data<T>(), out.data<T>(), n);
+    TL_CUDA_LAUNCHED("add_kernel");
+  });
+}
+
+void CudaOps::mul(const Tensor& a, const Tensor& b, Tensor& out) {
+  require_same(a, b, out, "mul sizes/dtypes/devices");
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  cuda::dispatch(a.dtype(), [&]<class T>() {
+    mul_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(a.data<T>(), b.data<T>(), out.data<T>(), n);
+    TL_CUDA_LAUNCHED("mul_kernel");
+  });
+}
+
+void CudaOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
+  require_same(gate, up, out, "gelu_mul sizes/dtypes/devices");
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  cuda::dispatch(gate.dtype(), [&]<class T>() {
+    gelu_tanh_mul_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(gate.data<T>(), up.data<T>(),
+                                                                     out.data<T>(), n);
+    TL_CUDA_LAUNCHED("gelu_tanh_mul_kernel");
+  });
+}
+
+void CudaOps::scale(Tensor& x, double s) {
+  cuda::require_device(x, "scale x");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  cuda::dispatch(x.dtype(), [&]<class T>() {
+    scale_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), T(s), n);
+    TL_CUDA_LAUNCHED("scale_kernel");
+  });
+}
+
+void CudaOps::softcap_forward(Tensor& x, double cap) {
+  cuda::require_device(x, "softcap x");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  cuda::dispatch(x.dtype(), [&]<class T>() {
+    softcap_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), T(cap), n);
+    TL_CUDA_LAUNCHED("softcap_kernel");
+  });
+}
+
+// dst[:, dst_col:dst_col+w] = src[:, src_col:src_col+w]: a strided 2-D copy, any dtype.
+void CudaOps::copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) {
+  cuda::require(src.rank() == 2 && dst.rank() == 2 && src.dim(0) == dst.dim(0), "copy_columns shapes");
+  cuda::require(src_col >= 0 && dst_col >= 0 && w >= 0, "copy_columns range");
+  cuda::require(src_col + w <= src.dim(1) && dst_col + w <= dst.dim(1), "copy_columns range");
+  cuda::require(src.dtype() == dst.dtype(), "copy_columns dtypes");
+  cuda::require_device(src, "copy_columns src");
+  cuda::require_device(dst, "copy_columns dst");
+  if (w == 0 || src.dim(0) == 0) return;
+  const size_t es = dtype_size(src.dtype());
+  TL_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst.raw()) + size_t(dst_col) * es, size_t(dst.dim(1)) * es,
+                                  static_cast<const char*>(src.raw()) + size_t(src_col) * es,
+                                  size_t(src.dim(1)) * es, size_t(w) * es, size_t(src.dim(0)),
+                                  cudaMemcpyDeviceToDevice, 0));
+}
+
+}  // namespace tl

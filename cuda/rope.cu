@@ -1,0 +1,54 @@
+// Rotary position embedding (NeoX style), in place.
+#include <cmath>
+
+#include "cuda/cuda_util.cuh"
+
+namespace tl {
+
+namespace {
+
+// x viewed [n, heads, 2·half]; one thread per (token, head, pair i). The pair (i, i+half)
+// rotates by θ = pos·inv_freq[i]:  (a, b) -> (a·cosθ − b·sinθ,  b·cosθ + a·sinθ).
+// θ, cos and sin are computed in T, as the reference (and HF) do; inv_freq[i] = 0 leaves
+// the pair unchanged (cos 0 = 1, sin 0 = 0).
+template <class T>
+__global__ void rope_kernel(T* x, const int32_t* pos, const double* inv_freq, int64_t n, int64_t heads,
+                            int64_t half) {
+  const int64_t total = n * heads * half;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e % half, th = e / half;  // th = t·heads + h
+    const int64_t t = th / heads;
+    const T theta = T(pos[t]) * T(inv_freq[i]);
+    const T c = std::cos(theta), s = std::sin(theta);
+    T* p = x + th * 2 * half;
+    const T a = p[i], b = p[i + half];
+    p[i] = a * c - b * s;
+    p[i + half] = b * c + a * s;
+  }
+}
+
+}  // namespace
+
+void CudaOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  int64_t half = inv_freq.numel(), n = positions.numel();
+  cuda::require(x.numel() == n * heads * 2 * half && inv_freq.dtype() == DType::F64, "rope shapes");
+  cuda::require_device(x, "rope x");
+  if (x.numel() == 0) return;
+  cuda::DeviceInts pos = cuda::device_ints(positions, "rope positions must be I32");
+  // inv_freq is documented as a host tensor; copy it over (d/2 doubles) unless already there.
+  std::shared_ptr<void> freq_keep;
+  const double* freq = inv_freq.data<double>();
+  if (inv_freq.device() == Device::CPU) {
+    freq_keep = cuda::device_alloc(inv_freq.nbytes());
+    TL_CUDA_CHECK(cudaMemcpy(freq_keep.get(), inv_freq.raw(), inv_freq.nbytes(), cudaMemcpyHostToDevice));
+    freq = static_cast<const double*>(freq_keep.get());
+  }
+  cuda::dispatch(x.dtype(), [&]<class T>() {
+    rope_kernel<T><<<cuda::blocks_for(x.numel() / 2), cuda::kThreads>>>(x.data<T>(), pos.ptr, freq, n, heads,
+                                                                       half);
+    TL_CUDA_LAUNCHED("rope_kernel");
+  });
+}
+
+}  // namespace tl

@@ -1,0 +1,33 @@
+// Helpers for tests that compare against the transformers fixtures in tests/golden/.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace tl::test {
+
+inline std::string golden(const std::string& rel) { return std::string(TL_SOURCE_DIR) + "/tests/golden/" + rel; }
+
+struct Diff {
+  double max_abs = 0, max_ref = 0;
+  double rel() const { return max_ref > 0 ? max_abs / max_ref : max_abs; }
+};
+
+// max|a − b| and max|ref| over all elements; sizes must agree.
+inline Diff compare(const Tensor& got, const Tensor& ref) {
+  EXPECT_EQ(got.numel(), ref.numel());
+  Diff d;
+  int64_t n = std::min(got.numel(), ref.numel());
+  for (int64_t i = 0; i < n; ++i) {
+    double r = ref.get(i), g = got.get(i);
+    d.max_abs = std::max(d.max_abs, std::isnan(g) ? INFINITY : std::abs(g - r));
+    d.max_ref = std::max(d.max_ref, std::abs(r));
+  }
+  return d;
+}
+
+}  // namespace tl::test
