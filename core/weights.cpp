@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "core/safetensors.h"
+
 namespace tl {
 
 const char* component_name(Component c) {
@@ -72,6 +74,37 @@ std::vector<WeightSpec> text_decoder_weights(const Gemma4Config& c) {
     add(p + "layer_scalar", {1}, Component::LayerScalar, i, false, false);
   }
   return w;
+}
+
+}  // namespace tl
+
+namespace tl {
+
+std::string decoder_prefix(const Checkpoint& ckpt) {
+  for (const char* p : {kNestedPrefix, kPlainPrefix})
+    if (ckpt.contains(std::string(p) + "embed_tokens.weight")) return p;
+  throw Error(fmt::format("{}: no Gemma 4 text decoder found (no '{}embed_tokens.weight' or "
+                          "'{}embed_tokens.weight')", ckpt.dir().string(), kNestedPrefix, kPlainPrefix));
+}
+
+int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt) {
+  const std::string prefix = decoder_prefix(ckpt);
+  int64_t n = 0;
+  for (const WeightSpec& s : text_decoder_weights(c)) {
+    const std::string full = prefix + s.name;
+    if (!ckpt.contains(full))
+      throw Error(fmt::format("{}: missing tensor '{}' (expected shape {})", ckpt.dir().string(), full,
+                              shape_str(s.shape)));
+    const TensorEntry& e = ckpt.entry(full);
+    if (e.shape != s.shape)
+      throw Error(fmt::format("{}: tensor '{}' has shape {} but the config implies {}", ckpt.dir().string(),
+                              full, shape_str(e.shape), shape_str(s.shape)));
+    if (!dtype_is_float(e.dtype))
+      throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type", ckpt.dir().string(),
+                              full, dtype_name(e.dtype)));
+    ++n;
+  }
+  return n;
 }
 
 }  // namespace tl

@@ -26,6 +26,14 @@ struct WeightSpec {
 // Every tensor the text decoder owns, globals first, then layer by layer.
 std::vector<WeightSpec> text_decoder_weights(const Gemma4Config& c);
 
+class Checkpoint;
+// Checks that `ckpt` holds every text-decoder tensor of `c` with the right shape and a float
+// dtype, under either HF prefix, reading headers only; returns how many it checked and
+// throws tl::Error naming the first tensor at fault.
+int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt);
+// The prefix under which `ckpt` stores the decoder ("model.language_model." or "model.").
+std::string decoder_prefix(const Checkpoint& ckpt);
+
 // HF prefixes: the multimodal wrapper stores the decoder under "model.language_model.",
 // Gemma4ForCausalLM under "model.".
 inline constexpr const char* kNestedPrefix = "model.language_model.";

@@ -2,7 +2,8 @@
 // writes. Malformed inputs are in test_safetensors_malformed.cpp.
 #include <gtest/gtest.h>
 
-#include <cmath>
+#include <algorithm>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/half.h"
@@ -203,6 +204,97 @@ TEST_F(Safetensors, SingleShardReplacesAnEarlierShardedSave) {
   for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
   EXPECT_EQ(names, std::vector<std::string>{"model.safetensors"});
   EXPECT_EQ(Checkpoint::open(dir).names(), (std::vector<std::string>{"a", "b"}));
+}
+
+// ------------------------------------------------------------------- golden files (Python)
+
+// tests/golden/safetensors/mixed.safetensors rebuilt from the formulas in its README.md.
+std::vector<NamedTensor> mixed_tensors() {
+  auto make = [](Shape shape, DType dt, auto fill) {
+    Tensor t = Tensor::zeros(std::move(shape), dt);
+    for (int64_t i = 0; i < t.numel(); ++i) fill(t, i);
+    return t;
+  };
+  std::vector<NamedTensor> v;
+  // Given in reverse of the file's order: the writer must do the sorting.
+  v.push_back({"empty_f32", Tensor::zeros({0, 3}, DType::F32)});
+  v.push_back({"scalar_f32", make({}, DType::F32, [](Tensor& t, int64_t) { t.data<float>()[0] = 3.5f; })});
+  v.push_back({"bool", make({7}, DType::BOOL, [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = i % 3 == 0; })});
+  v.push_back({"u8", make({3, 4}, DType::U8, [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = uint8_t(i * 21); })});
+  v.push_back({"i8", make({8}, DType::I8, [](Tensor& t, int64_t i) { t.data<int8_t>()[i] = int8_t(i * 31 - 120); })});
+  v.push_back({"i32", make({2, 3}, DType::I32, [](Tensor& t, int64_t i) { t.data<int32_t>()[i] = int32_t(i * 100000 - 250000); })});
+  v.push_back({"i64", make({5}, DType::I64, [](Tensor& t, int64_t i) { t.data<int64_t>()[i] = (i - 2) * (int64_t(1) << 40) + i; })});
+  v.push_back({"bf16_rounded", make({6}, DType::BF16, [](Tensor& t, int64_t i) {
+                 volatile float third = float(i) / 3.0f;  // fp32 steps, as torch does them
+                 t.data<uint16_t>()[i] = float_to_bf16(1.0f + third);
+               })});
+  v.push_back({"bf16", make({4, 2}, DType::BF16, [](Tensor& t, int64_t i) { t.data<uint16_t>()[i] = float_to_bf16(float(i) * 0.5f - 2.0f); })});
+  v.push_back({"f16", make({2, 2, 3}, DType::F16, [](Tensor& t, int64_t i) { t.data<uint16_t>()[i] = float_to_f16(float(i) * 0.5f - 3.0f); })});
+  v.push_back({"f32", make({3, 5}, DType::F32, [](Tensor& t, int64_t i) { t.data<float>()[i] = float(i) * 0.25f - 1.0f; })});
+  v.push_back({"f64", make({2, 3}, DType::F64, [](Tensor& t, int64_t i) {
+                 volatile double scaled = double(i) * 0.1;  // no fused multiply-add: numpy rounds twice
+                 t.data<double>()[i] = scaled - 0.25;
+               })});
+  return v;
+}
+
+TEST_F(Safetensors, GoldenMixedIsByteIdenticalToPython) {
+  fs::path golden = kGolden / "safetensors" / "mixed.safetensors";
+  ASSERT_TRUE(fs::exists(golden)) << golden;
+  auto want = read_bytes(golden);
+  auto tensors = mixed_tensors();
+  EXPECT_EQ(serialize_safetensors(tensors), want);
+  write_safetensors(dir / "mixed.safetensors", tensors);
+  EXPECT_EQ(read_bytes(dir / "mixed.safetensors"), want);
+
+  SafetensorsFile f = SafetensorsFile::open(golden);
+  ASSERT_EQ(f.entries().size(), tensors.size());
+  EXPECT_EQ(f.entries().front().name, "i64");  // header order, as the README lists it
+  for (const auto& t : tensors) EXPECT_TRUE(same_bytes(f.get(t.name), t.tensor)) << t.name;
+  const double rounded[] = {1.0, 1.3359375, 1.6640625, 2.0, 2.328125, 2.671875};
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(f.get("bf16_rounded").get(i), rounded[i]);
+  EXPECT_EQ(f.get("f64").get(5), 5 * 0.1 - 0.25);
+  EXPECT_EQ(f.get("i64").data<int64_t>()[0], -(int64_t(2) << 40));
+  EXPECT_EQ(f.get("scalar_f32").rank(), 0);
+  EXPECT_EQ(f.entry("empty_f32").begin, f.entry("empty_f32").end);
+}
+
+TEST_F(Safetensors, GoldenShardedCheckpointMatchesSingleFile) {
+  Checkpoint sharded = Checkpoint::open(kGolden / "e4b_sharded");
+  Checkpoint single = Checkpoint::open(kGolden / "e4b");
+  EXPECT_EQ(sharded.files().size(), 8u);
+  ASSERT_EQ(sharded.names(), single.names());
+  // The sharded copy was cast to bf16 by torch (round to nearest even) before saving.
+  for (const auto& n : single.names()) {
+    Tensor a = sharded.get(n), b = single.get(n);
+    EXPECT_TRUE(same_bytes(a, b.dtype() == DType::BF16 ? b : b.to(DType::BF16))) << n;
+  }
+}
+
+TEST_F(Safetensors, RewrittenGoldenCheckpointHasNaturalOrderIndex) {
+  Checkpoint single = Checkpoint::open(kGolden / "e4b");
+  std::vector<NamedTensor> tensors;
+  uint64_t total = 0;
+  for (const auto& e : single.files()[0].entries()) {
+    tensors.push_back({e.name, single.get(e.name)});
+    total += e.end - e.begin;
+  }
+  write_checkpoint(dir, tensors, 200'000);
+  auto index = nlohmann::ordered_json::parse(read_string(dir / "model.safetensors.index.json"));
+  EXPECT_EQ(index["metadata"]["total_size"], total);
+  std::vector<std::string> keys;
+  std::set<std::string> shards;
+  for (const auto& [k, v] : index["weight_map"].items()) {
+    keys.push_back(k);
+    shards.insert(v.get<std::string>());
+  }
+  EXPECT_EQ(keys.size(), tensors.size());
+  EXPECT_GT(shards.size(), 1u);
+  EXPECT_TRUE(std::is_sorted(keys.begin(), keys.end(), natural_less));
+  EXPECT_FALSE(std::is_sorted(keys.begin(), keys.end()));  // layers.2 precedes layers.10
+  for (const auto& s : shards) EXPECT_TRUE(fs::exists(dir / s)) << s;
+  Checkpoint back = Checkpoint::open(dir);
+  for (const auto& t : tensors) EXPECT_TRUE(same_bytes(back.get(t.name), t.tensor)) << t.name;
 }
 
 }  // namespace

@@ -1,14 +1,17 @@
 // torchless-surgery: inspect and reshape Gemma 4 checkpoints.
-//   plan   parameter counts and weight memory, from a checkpoint directory or a config.json
+//   plan     parameter counts and weight memory, from a checkpoint directory or a config.json
+//   convert  copy a checkpoint to another dtype and/or shard size
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <filesystem>
 #include <iostream>
 
+#include "core/checkpoint_dir.h"
 #include "core/config.h"
 #include "core/plan.h"
 #include "core/tensor.h"
+#include "core/weights.h"
 
 namespace fs = std::filesystem;
 
@@ -21,6 +24,23 @@ int main(int argc, char** argv) {
                                           "(bf16 and NF4) for checkpoints or config.json files");
   plan->add_option("inputs", plan_inputs, "checkpoint directories or config.json files")->required();
 
+  std::string conv_src, conv_out, conv_dtype = "keep", conv_shard = "5GB";
+  bool conv_force = false;
+  auto* convert = app.add_subcommand("convert", "Copy a checkpoint with its float tensors in another "
+                                                "dtype and/or resharded (written atomically)");
+  convert->add_option("src", conv_src, "source checkpoint directory")->required();
+  convert->add_option("out", conv_out, "output directory (must not exist unless --force)")->required();
+  convert->add_option("--dtype", conv_dtype, "bf16, f16, f32 or keep")
+      ->check(CLI::IsMember({"bf16", "f16", "f32", "keep"}));
+  convert->add_option("--max-shard-size", conv_shard, "largest shard, e.g. 5GB, 500MB, 2GiB");
+  convert->add_flag("--force", conv_force, "replace an existing output directory");
+
+  std::vector<std::string> check_dirs;
+  auto* check = app.add_subcommand("check", "Validate checkpoint directories: config.json, every "
+                                            "safetensors file, and each text-decoder tensor's "
+                                            "presence and shape");
+  check->add_option("dirs", check_dirs, "checkpoint directories")->required();
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*plan) {
@@ -32,6 +52,24 @@ int main(int argc, char** argv) {
         auto cfg = tl::Gemma4Config::load(p);
         std::cout << tl::format_plan(cfg, tl::plan_model(cfg), in) << std::flush;
       }
+    }
+    if (*check) {
+      for (const auto& dir : check_dirs) {
+        auto cfg = tl::Gemma4Config::load(dir);
+        auto ckpt = tl::Checkpoint::open(dir);
+        int64_t n = tl::check_text_decoder(cfg, ckpt);
+        std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all)\n", dir, n,
+                                 ckpt.names().size());
+      }
+    }
+    if (*convert) {
+      std::optional<tl::DType> dt;
+      if (conv_dtype == "bf16") dt = tl::DType::BF16;
+      else if (conv_dtype == "f16") dt = tl::DType::F16;
+      else if (conv_dtype == "f32") dt = tl::DType::F32;
+      tl::Gemma4Config::load(conv_src);  // refuse what is not a Gemma 4 checkpoint
+      tl::convert_checkpoint(conv_src, conv_out, dt, tl::parse_size(conv_shard), conv_force);
+      std::cout << fmt::format("wrote {}\n", conv_out);
     }
   } catch (const std::exception& e) {
     std::cerr << "torchless-surgery: " << e.what() << "\n";

@@ -30,27 +30,10 @@ Tensor Gemma4Model::rope_inv_freq(const LayerGeometry& g) const {
 }
 
 void Gemma4Model::load(const Checkpoint& ckpt) {
-  std::string prefix;
-  for (const char* p : {kNestedPrefix, kPlainPrefix})
-    if (ckpt.contains(std::string(p) + "embed_tokens.weight")) { prefix = p; break; }
-  if (prefix.empty())
-    throw Error(fmt::format("{}: no Gemma 4 text decoder found (no '{}embed_tokens.weight' or "
-                            "'{}embed_tokens.weight')", ckpt.dir().string(), kNestedPrefix, kPlainPrefix));
+  check_text_decoder(config_, ckpt);  // names the first missing or mis-shaped tensor
+  const std::string prefix = decoder_prefix(ckpt);
   const DType act = ops_.act_dtype();
-  auto fetch = [&](const WeightSpec& s) {
-    std::string full = prefix + s.name;
-    if (!ckpt.contains(full))
-      throw Error(fmt::format("{}: missing tensor '{}' (expected shape {})", ckpt.dir().string(),
-                              full, shape_str(s.shape)));
-    Tensor t = ckpt.get(full);
-    if (t.shape() != s.shape)
-      throw Error(fmt::format("{}: tensor '{}' has shape {} but the config implies {}",
-                              ckpt.dir().string(), full, shape_str(t.shape()), shape_str(s.shape)));
-    if (!dtype_is_float(t.dtype()))
-      throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type",
-                              ckpt.dir().string(), full, dtype_name(t.dtype())));
-    return t;
-  };
+  auto fetch = [&](const WeightSpec& s) { return ckpt.get(prefix + s.name); };
   w_ = {};
   w_.layers.resize(size_t(config_.num_hidden_layers));
   for (const WeightSpec& s : text_decoder_weights(config_)) {

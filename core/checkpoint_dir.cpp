@@ -1,0 +1,95 @@
+#include "core/checkpoint_dir.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+namespace tl {
+
+uint64_t parse_size(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  if (i == 0) throw Error(fmt::format("size '{}' does not start with a number", text));
+  double value = std::stod(text.substr(0, i));
+  std::string unit = text.substr(i);
+  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return std::toupper(c); });
+  static const std::pair<const char*, double> units[] = {
+      {"", 1},           {"B", 1},          {"KB", 1e3},       {"MB", 1e6},
+      {"GB", 1e9},       {"TB", 1e12},      {"KIB", 1024.0},   {"MIB", 1048576.0},
+      {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+  for (const auto& [name, mult] : units)
+    if (unit == name) return uint64_t(value * mult);
+  throw Error(fmt::format("size '{}' has unknown unit '{}' (use KB, MB, GB, KiB, MiB or GiB)", text, unit));
+}
+
+std::vector<fs::path> non_weight_files(const fs::path& dir) {
+  std::vector<fs::path> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    std::string name = e.path().filename().string();
+    if (name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.ends_with(".tmp"))
+      continue;
+    out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void write_checkpoint_dir(const fs::path& out, bool force,
+                          const std::function<void(const fs::path&)>& fill) {
+  if (fs::exists(out) && !force)
+    throw Error(fmt::format("{}: output directory exists (pass --force to replace it)", out.string()));
+  fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent))
+    throw Error(fmt::format("{}: parent directory does not exist", out.string()));
+  std::mt19937_64 rng(std::random_device{}());
+  fs::path tmp = parent / fmt::format(".{}.partial-{:x}", out.filename().string(), rng() & 0xffffff);
+  fs::create_directory(tmp);
+  try {
+    fill(tmp);
+    ::sync();
+    if (fs::exists(out)) fs::remove_all(out);
+    fs::rename(tmp, out);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+namespace {
+// config.json's "dtype" (top level and text_config) names the weights' dtype, which
+// transformers uses for dtype="auto".
+void set_config_dtype(const fs::path& path, DType dtype) {
+  const char* name = dtype == DType::BF16 ? "bfloat16" : dtype == DType::F16 ? "float16"
+                   : dtype == DType::F64 ? "float64" : "float32";
+  std::ifstream in(path);
+  nlohmann::json j = nlohmann::json::parse(in);
+  j["dtype"] = name;
+  if (j.contains("text_config") && j["text_config"].is_object()) j["text_config"]["dtype"] = name;
+  write_file_atomic(path, j.dump(2) + "\n");
+}
+}  // namespace
+
+void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
+                        uint64_t max_shard_bytes, bool force) {
+  Checkpoint ckpt = Checkpoint::open(src);
+  write_checkpoint_dir(out, force, [&](const fs::path& tmp) {
+    std::vector<NamedTensor> tensors;
+    for (const std::string& name : ckpt.names()) {
+      Tensor t = ckpt.get(name);
+      if (dtype && dtype_is_float(t.dtype()) && t.dtype() != *dtype) t = t.to(*dtype);
+      tensors.push_back({name, t});
+    }
+    write_checkpoint(tmp, tensors, max_shard_bytes);
+    for (const fs::path& f : non_weight_files(src)) fs::copy_file(f, tmp / f.filename());
+    if (dtype && fs::exists(tmp / "config.json")) set_config_dtype(tmp / "config.json", *dtype);
+  });
+}
+
+}  // namespace tl

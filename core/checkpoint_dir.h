@@ -1,0 +1,31 @@
+// Whole checkpoint directories: writing one completely or not at all, and the small
+// utilities every command that produces a checkpoint shares.
+#pragma once
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "core/safetensors.h"
+
+namespace tl {
+
+// "5GB" → 5·10⁹ (decimal, as huggingface_hub parses), "2GiB" → 2·2³⁰, "200KB", "123".
+uint64_t parse_size(const std::string& text);
+
+// Files of a checkpoint directory that are not weights (config, tokenizer, chat template,
+// generation config, ...), which a derived checkpoint copies unchanged.
+std::vector<fs::path> non_weight_files(const fs::path& dir);
+
+// Builds a checkpoint in a fresh temporary directory beside `out` and renames it to `out`
+// only once `fill` has returned, so an interrupted run never leaves a directory that looks
+// complete. An existing `out` is refused unless `force` (then it is replaced).
+void write_checkpoint_dir(const fs::path& out, bool force,
+                          const std::function<void(const fs::path& tmp_dir)>& fill);
+
+// Copies a checkpoint with float tensors converted to `dtype` (unset: keep each tensor's
+// dtype), resharded at `max_shard_bytes`; non-weight files are copied.
+void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
+                        uint64_t max_shard_bytes, bool force);
+
+}  // namespace tl

@@ -1,0 +1,345 @@
+// CudaOps against CpuOps (the reference): every op on random inputs, F32 and F64.
+// Each test skips when no CUDA device is present, so the binary passes on CPU-only CI.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/cpu/cpu_ops.h"
+#include "cuda/cuda_ops.h"
+
+namespace tl {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!CudaOps::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"
+
+constexpr DType kDTypes[] = {DType::F32, DType::F64};
+
+// Mixed tolerance |gpu − cpu| ≤ tol·(1 + |cpu|): relative for large values, absolute near 0
+// (where cancellation, e.g. in rope or a matmul, makes relative error meaningless).
+double tol(DType dt) { return dt == DType::F32 ? 1e-5 : 1e-12; }
+
+Tensor random(const Shape& shape, DType dt, std::mt19937& rng, double lo = -1, double hi = 1) {
+  Tensor t = Tensor::zeros(shape, DType::F64);
+  std::uniform_real_distribution<double> u(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = u(rng);
+  return t.to(dt);
+}
+
+Tensor ints(const std::vector<int32_t>& v, Shape shape = {}) {
+  if (shape.empty()) shape = {int64_t(v.size())};
+  Tensor t = Tensor::zeros(shape, DType::I32);
+  for (size_t i = 0; i < v.size(); ++i) t.data<int32_t>()[i] = v[i];
+  return t;
+}
+
+void expect_close(const Tensor& got, const Tensor& want, double tolerance, const std::string& what) {
+  ASSERT_EQ(got.device(), Device::CPU) << what;
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  ASSERT_EQ(got.dtype(), want.dtype()) << what;
+  double worst = 0;
+  int64_t at = -1;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    double g = got.get(i), w = want.get(i);
+    double err = std::abs(g - w) / (1 + std::abs(w));
+    if (!(err <= worst)) {  // also catches NaN
+      worst = err;
+      at = i;
+    }
+  }
+  EXPECT_LE(worst, tolerance) << what << ": worst at flat index " << at << ": gpu " << got.get(at)
+                              << " vs cpu " << want.get(at);
+}
+
+void expect_equal_ints(const Tensor& got, const Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  for (int64_t i = 0; i < want.numel(); ++i)
+    ASSERT_EQ(got.data<int32_t>()[i], want.data<int32_t>()[i]) << what << " at " << i;
+}
+
+// A reference and a CUDA backend of one activation dtype.
+struct Pair {
+  CpuOps cpu;
+  CudaOps gpu;
+  explicit Pair(DType dt) : cpu(dt), gpu(dt) {}
+  Tensor up(const Tensor& host) { return gpu.upload(host, host.dtype()); }
+  Tensor down(const Tensor& dev) { return gpu.download(dev); }
+};
+
+TEST(CudaOps, TransfersAndZeros) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  CudaOps ops;
+  EXPECT_EQ(ops.device(), Device::CUDA);
+  Tensor z = ops.zeros({3, 5});
+  EXPECT_EQ(z.device(), Device::CUDA);
+  EXPECT_EQ(z.dtype(), DType::F32);
+  Tensor zh = ops.download(z);
+  for (int64_t i = 0; i < zh.numel(); ++i) EXPECT_EQ(zh.get(i), 0.0);
+  Tensor h = random({4, 7}, DType::F64, rng);
+  expect_close(ops.download(ops.upload(h, DType::F64)), h, 0, "f64 round trip");
+  expect_close(ops.download(ops.upload(h, DType::F32)), h.to(DType::F32), 0, "f64 -> f32 upload");
+  Tensor id = ints({3, -1, 7, 100000});
+  expect_equal_ints(ops.download(ops.upload(id, DType::I32)), id, "i32 round trip");
+}
+
+TEST(CudaOps, RejectsHostActivations) {
+  SKIP_WITHOUT_GPU();
+  CudaOps ops;
+  Tensor a = Tensor::zeros({4}, DType::F32);
+  EXPECT_THROW(ops.add(a, a, a), std::invalid_argument);
+}
+
+TEST(CudaOps, Linear) {
+  SKIP_WITHOUT_GPU();
+  struct Case { int64_t n, in, out; };
+  for (DType dt : kDTypes)
+    for (Case c : {Case{7, 33, 19}, Case{1, 5, 3}, Case{64, 256, 96}})
+      for (bool accumulate : {false, true}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " n=" + std::to_string(c.n) + " in=" + std::to_string(c.in) +
+                     (accumulate ? " accumulate" : ""));
+        std::mt19937 rng(2);
+        Pair p(dt);
+        Tensor x = random({c.n, c.in}, dt, rng), w = random({c.out, c.in}, dt, rng);
+        Tensor y = random({c.n, c.out}, dt, rng), yd = p.up(y);
+        p.cpu.linear_forward(x, w, y, accumulate);
+        p.gpu.linear_forward(p.up(x), p.up(w), yd, accumulate);
+        expect_close(p.down(yd), y, tol(dt), "linear");
+      }
+}
+
+TEST(CudaOps, Embedding) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(3);
+    Pair p(dt);
+    Tensor table = random({11, 24}, dt, rng), ids = ints({0, 10, 3, 3, 7, 1, 10, 5, 2});
+    Tensor out = p.cpu.zeros({9, 24}), outd = p.gpu.zeros({9, 24}), outd2 = p.gpu.zeros({9, 24});
+    p.cpu.embedding_forward(table, ids, std::sqrt(24.0), out);
+    p.gpu.embedding_forward(p.up(table), ids, std::sqrt(24.0), outd);         // host ids
+    p.gpu.embedding_forward(p.up(table), p.up(ids), std::sqrt(24.0), outd2);  // device ids
+    expect_close(p.down(outd), out, tol(dt), "embedding (host ids)");
+    expect_close(p.down(outd2), out, tol(dt), "embedding (device ids)");
+    EXPECT_THROW(p.gpu.embedding_forward(p.up(table), ints({11}), 1.0, outd), std::out_of_range);
+  }
+}
+
+TEST(CudaOps, RmsNorm) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(4);
+    Pair p(dt);
+    Tensor x = random({5, 300}, dt, rng, -3, 3), w = random({300}, dt, rng, 0, 2);
+    Tensor y = p.cpu.zeros({5, 300}), yd = p.gpu.zeros({5, 300});
+    p.cpu.rmsnorm_forward(x, w, 0, 1e-6, y);
+    p.gpu.rmsnorm_forward(p.up(x), p.up(w), 0, 1e-6, yd);
+    expect_close(p.down(yd), y, tol(dt), "rmsnorm with weight");
+    // No weight, width 20 (rows of a [5, 300] tensor seen as [75, 20]), computed in place.
+    Tensor xd = p.up(x);
+    p.cpu.rmsnorm_forward(x, Tensor(), 20, 1e-6, y);
+    p.gpu.rmsnorm_forward(xd, Tensor(), 20, 1e-6, xd);
+    expect_close(p.down(xd), y, tol(dt), "rmsnorm without weight, in place");
+  }
+}
+
+TEST(CudaOps, Rope) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(5);
+    Pair p(dt);
+    const int64_t heads = 3, half = 8;
+    Tensor inv_freq = Tensor::zeros({half}, DType::F64);  // last two stay 0: partial rotary
+    for (int64_t i = 0; i < half - 2; ++i) inv_freq.data<double>()[i] = std::pow(10000.0, -double(i) / half);
+    Tensor pos = ints({0, 1, 5, 17, 300, 1000});
+    Tensor x = random({6, heads * 2 * half}, dt, rng);
+    Tensor xd = p.up(x), xd2 = p.up(x);
+    p.cpu.rope_forward(x, heads, pos, inv_freq);
+    p.gpu.rope_forward(xd, heads, pos, inv_freq);          // host positions
+    p.gpu.rope_forward(xd2, heads, p.up(pos), inv_freq);   // device positions
+    expect_close(p.down(xd), x, tol(dt), "rope (host positions)");
+    expect_close(p.down(xd2), x, tol(dt), "rope (device positions)");
+  }
+}
+
+TEST(CudaOps, Attention) {
+  SKIP_WITHOUT_GPU();
+  struct Case { int64_t B, S, nh, nkv, d, window; bool docs; };
+  const Case cases[] = {
+      {2, 37, 4, 2, 512, 8, true},   // global-layer head_dim, window + documents, GQA
+      {1, 45, 2, 1, 256, 0, false},  // sliding-layer head_dim, full causal
+      {2, 70, 4, 4, 64, 0, true},    // several key tiles, no GQA
+      {1, 40, 8, 2, 128, 16, false}, // window only
+      {1, 3, 2, 2, 512, 1, false},   // window of 1: each query sees itself only
+  };
+  for (DType dt : kDTypes)
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " d=" + std::to_string(c.d) + " S=" + std::to_string(c.S) +
+                   " window=" + std::to_string(c.window) + (c.docs ? " docs" : ""));
+      std::mt19937 rng(6);
+      Pair p(dt);
+      Tensor q = random({c.B, c.S, c.nh, c.d}, dt, rng, -0.5, 0.5);
+      Tensor k = random({c.B, c.S, c.nkv, c.d}, dt, rng, -0.5, 0.5);
+      Tensor v = random({c.B, c.S, c.nkv, c.d}, dt, rng);
+      // Documents of random lengths 1..12, ids counting up within each batch row.
+      std::vector<int32_t> doc;
+      for (int64_t b = 0; b < c.B; ++b) {
+        int32_t id = 0, left = 0;
+        for (int64_t s = 0; s < c.S; ++s) {
+          if (left-- == 0) left = int32_t(rng() % 12), ++id;
+          doc.push_back(id);
+        }
+      }
+      Tensor docs = ints(doc, {c.B, c.S});
+      Tensor docs_dev = p.up(docs);
+      AttentionMask mask{c.window, c.docs ? &docs : nullptr};
+      AttentionMask mask_dev{c.window, c.docs ? &docs_dev : nullptr};
+      Tensor out = p.cpu.zeros(q.shape()), outd = p.gpu.zeros(q.shape()), outd2 = p.gpu.zeros(q.shape());
+      p.cpu.attention_forward(q, k, v, mask, out);
+      Tensor qd = p.up(q), kd = p.up(k), vd = p.up(v);
+      p.gpu.attention_forward(qd, kd, vd, mask, outd);       // host doc_ids
+      p.gpu.attention_forward(qd, kd, vd, mask_dev, outd2);  // device doc_ids
+      expect_close(p.down(outd), out, tol(dt), "attention");
+      expect_close(p.down(outd2), out, tol(dt), "attention (device doc_ids)");
+    }
+}
+
+TEST(CudaOps, Elementwise) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(7);
+    Pair p(dt);
+    const Shape s{3, 1000};
+    Tensor a = random(s, dt, rng, -4, 4), b = random(s, dt, rng, -4, 4);
+    Tensor out = p.cpu.zeros(s), ad = p.up(a), bd = p.up(b), outd = p.gpu.zeros(s);
+
+    p.cpu.add(a, b, out);
+    p.gpu.add(ad, bd, outd);
+    expect_close(p.down(outd), out, tol(dt), "add");
+    p.cpu.mul(a, b, out);
+    p.gpu.mul(ad, bd, outd);
+    expect_close(p.down(outd), out, tol(dt), "mul");
+    p.cpu.gelu_tanh_mul_forward(a, b, out);
+    p.gpu.gelu_tanh_mul_forward(ad, bd, outd);
+    expect_close(p.down(outd), out, tol(dt), "gelu_tanh_mul");
+
+    // In place / aliased forms: out = a + a, then scale, then softcap on big values.
+    Tensor a2 = a.clone(), ad2 = p.up(a);
+    p.cpu.add(a2, a2, a2);
+    p.gpu.add(ad2, ad2, ad2);
+    expect_close(p.down(ad2), a2, tol(dt), "add aliased");
+    p.cpu.scale(a2, -0.37);
+    p.gpu.scale(ad2, -0.37);
+    expect_close(p.down(ad2), a2, tol(dt), "scale");
+    Tensor big = random(s, dt, rng, -100, 100), bigd = p.up(big);
+    p.cpu.softcap_forward(big, 30.0);
+    p.gpu.softcap_forward(bigd, 30.0);
+    expect_close(p.down(bigd), big, tol(dt), "softcap");
+  }
+}
+
+TEST(CudaOps, CopyColumns) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(8);
+    Pair p(dt);
+    Tensor src = random({5, 12}, dt, rng), dst = random({5, 9}, dt, rng), dstd = p.up(dst);
+    p.cpu.copy_columns(src, 3, dst, 2, 6);
+    p.gpu.copy_columns(p.up(src), 3, dstd, 2, 6);
+    expect_close(p.down(dstd), dst, 0, "copy_columns");
+  }
+}
+
+TEST(CudaOps, GatherAndScatterRows) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(9);
+    Pair p(dt);
+    Tensor src = random({10, 7}, dt, rng), rows = ints({3, 3, 0, 9, 5});
+    Tensor out = p.cpu.zeros({5, 7}), outd = p.gpu.zeros({5, 7});
+    p.cpu.gather_rows(src, rows, out);
+    p.gpu.gather_rows(p.up(src), rows, outd);
+    expect_close(p.down(outd), out, 0, "gather_rows");
+
+    // Repeated rows: the GPU adds atomically, so order (last bits) may differ.
+    Tensor add = random({5, 7}, dt, rng), sc = random({5}, dt, rng), dst = random({8, 7}, dt, rng);
+    Tensor dstd = p.up(dst), rows2 = ints({1, 4, 1, 7, 0});
+    p.cpu.scatter_add_rows(add, rows2, sc, dst);
+    p.gpu.scatter_add_rows(p.up(add), p.up(rows2), p.up(sc), dstd);
+    expect_close(p.down(dstd), dst, tol(dt), "scatter_add_rows");
+  }
+  // Rows whose byte size is not a multiple of 4 take the byte-copy path: BF16 [10, 3].
+  std::mt19937 rng(10);
+  Pair p(DType::F32);
+  Tensor src = random({10, 3}, DType::BF16, rng), rows = ints({9, 0, 4});
+  Tensor out = p.cpu.zeros({3, 3}, DType::BF16), outd = p.gpu.zeros({3, 3}, DType::BF16);
+  p.cpu.gather_rows(src, rows, out);
+  p.gpu.gather_rows(p.up(src), p.up(rows), outd);
+  expect_close(p.down(outd), out, 0, "gather_rows bf16");
+}
+
+TEST(CudaOps, MoeRoute) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::mt19937 rng(11);
+    Pair p(dt);
+    const int64_t n = 33, e = 16, k = 4;
+    Tensor logits = random({n, e}, dt, rng, -3, 3).to(DType::F64);
+    // Ties resolve to the lower index: row 0 all equal, row 1 with tied pairs.
+    for (int64_t j = 0; j < e; ++j) {
+      logits.data<double>()[j] = 0.5;
+      logits.data<double>()[e + j] = double(j / 2);
+    }
+    logits = logits.to(dt);
+    Tensor scale = random({e}, dt, rng, 0.5, 1.5);
+    Tensor w = p.cpu.zeros({n, k}), idx = p.cpu.zeros({n, k}, DType::I32);
+    Tensor wd = p.gpu.zeros({n, k}), idxd = p.gpu.zeros({n, k}, DType::I32);
+    p.cpu.moe_route_forward(logits, scale, k, w, idx);
+    p.gpu.moe_route_forward(p.up(logits), p.up(scale), k, wd, idxd);
+    expect_equal_ints(p.down(idxd), idx, "moe_route idx");
+    expect_close(p.down(wd), w, tol(dt), "moe_route weights");
+  }
+}
+
+TEST(CudaOps, CrossEntropy) {
+  SKIP_WITHOUT_GPU();
+  for (DType dt : kDTypes)
+    for (int64_t v : {50, 1000}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " V=" + std::to_string(v));
+      std::mt19937 rng(12);
+      Pair p(dt);
+      const int64_t n = 12;
+      Tensor logits = random({n, v}, dt, rng, -10, 10), ld = p.up(logits);
+      std::vector<int32_t> lab;
+      for (int64_t i = 0; i < n; ++i) lab.push_back(i % 4 == 1 ? -100 : int32_t(rng() % uint32_t(v)));
+      Tensor labels = ints(lab);
+      int64_t count_cpu = -1, count_gpu = -2, count_gpu2 = -3;
+      double want = p.cpu.cross_entropy_sum(logits, labels, count_cpu);
+      double got = p.gpu.cross_entropy_sum(ld, labels, count_gpu);
+      double got2 = p.gpu.cross_entropy_sum(ld, p.up(labels), count_gpu2);
+      EXPECT_EQ(count_gpu, count_cpu);
+      EXPECT_EQ(count_gpu2, count_cpu);
+      EXPECT_EQ(count_cpu, 9);
+      EXPECT_NEAR(got, want, 1e-12 * (1 + std::abs(want)));
+      EXPECT_NEAR(got2, want, 1e-12 * (1 + std::abs(want)));
+
+      int64_t none = -1;
+      EXPECT_EQ(p.gpu.cross_entropy_sum(ld, ints(std::vector<int32_t>(n, -100)), none), 0.0);
+      EXPECT_EQ(none, 0);
+      std::vector<int32_t> bad(static_cast<size_t>(n), 0);
+      bad[3] = int32_t(v);
+      EXPECT_THROW(p.gpu.cross_entropy_sum(ld, ints(bad), none), std::out_of_range);
+    }
+}
+
+}  // namespace
+}  // namespace tl
