@@ -76,6 +76,48 @@ class Ops {
   // Σ over rows with label ≠ -100 of −log softmax(logits[n])[label[n]]; returns the sum
   // (double) and sets `count`. logits: [N, V], labels: I32 [N].
   virtual double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) = 0;
+
+  // ---- backward ------------------------------------------------------------------------
+  // Each *_backward takes the forward's inputs and the gradient of its output, and ADDS the
+  // gradients of its inputs into the given tensors (so consumers can accumulate: tied
+  // weights, K/V read by several layers, residual branches). An undefined output tensor
+  // means that gradient is not wanted.
+
+  // dx += dy·W;  dW += dyᵀ·x.
+  virtual void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) = 0;
+  // dtable[ids[n]] += scale·dout[n], except rows equal to `skip_id` (PyTorch's padding_idx
+  // gets no gradient); skip_id < 0 skips nothing.
+  virtual void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
+                                  Tensor& dtable) = 0;
+  // With r = (mean(x²)+eps)^-½ and y = x·r·w per row:
+  //   dx += r·(dy∘w) − x·r³·mean(x∘dy∘w);  dw += Σ_rows dy∘x·r.
+  virtual void rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, double eps, const Tensor& dy,
+                                Tensor& dx, Tensor& dw) = 0;
+  // The transpose of rope_forward (rotation by −θ), in place on the gradient.
+  virtual void rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) = 0;
+  // Gradients of attention_forward (probabilities recomputed from q and k).
+  virtual void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                                  const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) = 0;
+  // out = gelu_tanh(gate)∘up:  dgate += dout∘up∘gelu'(gate);  dup += dout∘gelu(gate).
+  virtual void gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
+                                      Tensor& dup) = 0;
+  // y = cap·tanh(x/cap) given y:  dx = dy·(1 − (y/cap)²), in place on dy.
+  virtual void softcap_backward(const Tensor& y, double cap, Tensor& dy) = 0;
+  // Gradients of moe_route_forward w.r.t. the router logits and per_expert_scale. With
+  // w_k = p̃_k·s_{e_k} (p̃ the softmax restricted to the chosen experts):
+  //   dp̃_k = dw_k·s_{e_k};  dlogit_{e_k} = p̃_k·(dp̃_k − Σ_j p̃_j·dp̃_j);  ds_{e_k} += dw_k·p̃_k.
+  virtual void moe_route_backward(const Tensor& logits, const Tensor& per_expert_scale, const Tensor& idx,
+                                  const Tensor& dweights, Tensor& dlogits, Tensor& dscale) = 0;
+  // dst[rows[m],:] += src[m,:] (the backward of gather_rows).
+  virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) = 0;
+  // dscale[m] = ⟨src[m,:], ddst[rows[m],:]⟩ (the scale part of scatter_add_rows' backward;
+  // the src part is gather_rows of ddst times scale).
+  virtual void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) = 0;
+  // Fused soft-capped cross-entropy gradient for a chunk: given logits (already capped) and
+  // targets, dlogits = (softmax − onehot)·grad_scale on counted rows, 0 on ignored ones,
+  // then the cap's derivative. Returns the loss sum of the chunk and sets count.
+  virtual double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale,
+                                        double cap, Tensor& dlogits, int64_t& count) = 0;
 };
 
 }  // namespace tl

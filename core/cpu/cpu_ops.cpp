@@ -1,7 +1,5 @@
 #include "core/cpu/cpu_ops.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,34 +7,13 @@
 #include <numeric>
 #include <vector>
 
+#include "core/cpu/cpu_util.h"
 #include "core/math.h"
 
 namespace tl {
 
-namespace {
-
-void require(bool ok, const char* what) {
-  if (!ok) throw std::invalid_argument(std::string("CpuOps: ") + what);
-}
-
-// Runs f.template operator()<T>() for the activation dtype of `t`.
-template <class F>
-void dispatch(DType t, F&& f) {
-  if (t == DType::F32) f.template operator()<float>();
-  else if (t == DType::F64) f.template operator()<double>();
-  else throw std::invalid_argument("CpuOps: activations must be F32 or F64");
-}
-
-void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, float beta) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, a, int(k), b,
-              int(k), beta, c, int(n));
-}
-void gemm(const double* a, const double* b, double* c, int64_t m, int64_t n, int64_t k, double beta) {
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0, a, int(k), b,
-              int(k), beta, c, int(n));
-}
-
-}  // namespace
+using cpu::dispatch;
+using cpu::require;
 
 CpuOps::CpuOps(DType act) : act_(act) {
   require(act == DType::F32 || act == DType::F64, "activation dtype must be F32 or F64");
@@ -54,7 +31,9 @@ void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool ac
   require(y.numel() == n * out, "linear: y size");
   if (n == 0) return;
   dispatch(x.dtype(), [&]<class T>() {
-    gemm(x.data<T>(), w.data<T>(), y.data<T>(), n, out, in, accumulate ? T(1) : T(0));
+    // y[n,out] = x[n,in]·W[out,in]ᵀ
+    cpu::gemm(false, true, n, out, in, T(1), x.data<T>(), in, w.data<T>(), in, accumulate ? T(1) : T(0),
+              y.data<T>(), out);
   });
 }
 

@@ -34,6 +34,24 @@ class CpuOps final : public Ops {
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
 
+  void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
+  void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
+                          Tensor& dtable) override;
+  void rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, double eps, const Tensor& dy, Tensor& dx,
+                        Tensor& dw) override;
+  void rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) override;
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                          const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) override;
+  void gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
+                              Tensor& dup) override;
+  void softcap_backward(const Tensor& y, double cap, Tensor& dy) override;
+  void moe_route_backward(const Tensor& logits, const Tensor& per_expert_scale, const Tensor& idx,
+                          const Tensor& dweights, Tensor& dlogits, Tensor& dscale) override;
+  void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
+  void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
+  double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                Tensor& dlogits, int64_t& count) override;
+
  private:
   DType act_;
 };

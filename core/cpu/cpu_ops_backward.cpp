@@ -1,0 +1,266 @@
+// Backward of every CpuOps primitive; each adds into the gradients it is given.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/cpu/cpu_ops.h"
+#include "core/cpu/cpu_util.h"
+#include "core/math.h"
+
+namespace tl {
+
+using cpu::dispatch;
+using cpu::require;
+
+void CpuOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) {
+  const int64_t in = w.dim(1), out = w.dim(0), n = x.numel() / in;
+  require(dy.numel() == n * out, "linear_backward: dy size");
+  if (n == 0) return;
+  dispatch(x.dtype(), [&]<class T>() {
+    // dx[n,in] += dy[n,out]·W[out,in]
+    if (dx.defined()) cpu::gemm(false, false, n, in, out, T(1), dy.data<T>(), out, w.data<T>(), in, T(1), dx.data<T>(), in);
+    // dW[out,in] += dy[n,out]ᵀ·x[n,in]
+    if (dw.defined()) cpu::gemm(true, false, out, in, n, T(1), dy.data<T>(), out, x.data<T>(), in, T(1), dw.data<T>(), in);
+  });
+}
+
+void CpuOps::embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
+                                Tensor& dtable) {
+  const int64_t d = dtable.dim(1), n = ids.numel();
+  require(dout.numel() == n * d, "embedding_backward sizes");
+  dispatch(dtable.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t id = ids.data<int32_t>()[i];
+      if (id == skip_id) continue;
+      T* dst = dtable.data<T>() + int64_t(id) * d;
+      const T* src = dout.data<T>() + i * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] += T(scale) * src[j];
+    }
+  });
+}
+
+void CpuOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, double eps, const Tensor& dy,
+                              Tensor& dx, Tensor& dw) {
+  const int64_t d = w.defined() ? w.numel() : width, rows = x.numel() / d;
+  require(dy.numel() == x.numel(), "rmsnorm_backward sizes");
+  dispatch(x.dtype(), [&]<class T>() {
+    const T* wp = w.defined() ? w.data<T>() : nullptr;
+    // Per-thread dw partials, summed at the end (rows are split across threads).
+    std::vector<double> dw_acc(dw.defined() ? size_t(d) : 0, 0.0);
+#pragma omp parallel
+    {
+      std::vector<double> local(dw_acc.size(), 0.0);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x.data<T>() + r * d;
+        const T* gr = dy.data<T>() + r * d;
+        double ss = 0, dot = 0;
+        for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
+        const double rstd = 1.0 / std::sqrt(ss / double(d) + eps);
+        for (int64_t j = 0; j < d; ++j) dot += double(xr[j]) * double(gr[j]) * (wp ? double(wp[j]) : 1.0);
+        if (dx.defined()) {
+          T* dr = dx.data<T>() + r * d;
+          const double c = rstd * rstd * rstd * dot / double(d);
+          for (int64_t j = 0; j < d; ++j)
+            dr[j] += T(rstd * double(gr[j]) * (wp ? double(wp[j]) : 1.0) - double(xr[j]) * c);
+        }
+        if (!local.empty())
+          for (int64_t j = 0; j < d; ++j) local[size_t(j)] += double(gr[j]) * double(xr[j]) * rstd;
+      }
+#pragma omp critical
+      for (size_t j = 0; j < local.size(); ++j) dw_acc[j] += local[j];
+    }
+    for (size_t j = 0; j < dw_acc.size(); ++j) dw.data<T>()[j] += T(dw_acc[j]);
+  });
+}
+
+void CpuOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  const int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
+  require(dx.numel() == n * heads * d, "rope_backward shapes");
+  dispatch(dx.dtype(), [&]<class T>() {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n; ++t) {
+      T pos = T(positions.data<int32_t>()[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        T theta = pos * T(inv_freq.data<double>()[i]);
+        T c = std::cos(theta), s = std::sin(theta);
+        for (int64_t h = 0; h < heads; ++h) {
+          T* p = dx.data<T>() + (t * heads + h) * d;
+          T a = p[i], b = p[i + half];
+          p[i] = a * c + b * s;  // Rᵀ: rotate by −θ
+          p[i + half] = b * c - a * s;
+        }
+      }
+    }
+  });
+}
+
+void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                                const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const int64_t B = q.dim(0), S = q.dim(1), nh = q.dim(2), d = q.dim(3), nkv = k.dim(2), group = nh / nkv;
+  const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() : nullptr;
+  dispatch(q.dtype(), [&]<class T>() {
+    // One task per (batch, KV head): the query heads of a group and all positions write
+    // the same dk/dv rows, so they stay in one thread.
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < nkv; ++g) {
+        std::vector<double> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
+        for (int64_t h = g * group; h < (g + 1) * group; ++h)
+          for (int64_t t = 0; t < S; ++t) {
+            const T* qt = q.data<T>() + ((b * S + t) * nh + h) * d;
+            const T* go = dout.data<T>() + ((b * S + t) * nh + h) * d;
+            const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
+            double mx = -std::numeric_limits<double>::infinity();
+            auto allowed = [&](int64_t s) { return !doc || doc[b * S + s] == doc[b * S + t]; };
+            for (int64_t s = s0; s <= t; ++s) {
+              if (!allowed(s)) continue;
+              const T* ks = k.data<T>() + ((b * S + s) * nkv + g) * d;
+              double acc = 0;
+              for (int64_t j = 0; j < d; ++j) acc += double(qt[j]) * double(ks[j]);
+              p[size_t(s)] = acc;
+              mx = std::max(mx, acc);
+            }
+            double z = 0;
+            for (int64_t s = s0; s <= t; ++s)
+              if (allowed(s)) z += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
+            // dP[s] = dO·v[s];  dS[s] = P[s]·(dP[s] − Σ P·dP)
+            double pdp = 0;
+            for (int64_t s = s0; s <= t; ++s) {
+              if (!allowed(s)) continue;
+              p[size_t(s)] /= z;
+              const T* vs = v.data<T>() + ((b * S + s) * nkv + g) * d;
+              double acc = 0;
+              for (int64_t j = 0; j < d; ++j) acc += double(go[j]) * double(vs[j]);
+              dp[size_t(s)] = acc;
+              pdp += p[size_t(s)] * acc;
+            }
+            T* dqt = dq.defined() ? dq.data<T>() + ((b * S + t) * nh + h) * d : nullptr;
+            for (int64_t s = s0; s <= t; ++s) {
+              if (!allowed(s)) continue;
+              const double ds = p[size_t(s)] * (dp[size_t(s)] - pdp);
+              const T* ks = k.data<T>() + ((b * S + s) * nkv + g) * d;
+              if (dqt)
+                for (int64_t j = 0; j < d; ++j) dqt[j] += T(ds * double(ks[j]));
+              if (dk.defined()) {
+                T* dks = dk.data<T>() + ((b * S + s) * nkv + g) * d;
+                for (int64_t j = 0; j < d; ++j) dks[j] += T(ds * double(qt[j]));
+              }
+              if (dv.defined()) {
+                T* dvs = dv.data<T>() + ((b * S + s) * nkv + g) * d;
+                for (int64_t j = 0; j < d; ++j) dvs[j] += T(p[size_t(s)] * double(go[j]));
+              }
+            }
+          }
+      }
+  });
+}
+
+void CpuOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
+                                    Tensor& dup) {
+  require(gate.numel() == up.numel() && dout.numel() == up.numel(), "gelu_mul_backward sizes");
+  dispatch(gate.dtype(), [&]<class T>() {
+    const int64_t n = gate.numel();
+    const T *g = gate.data<T>(), *u = up.data<T>(), *go = dout.data<T>();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (dgate.defined()) dgate.data<T>()[i] += go[i] * u[i] * gelu_tanh_grad(g[i]);
+      if (dup.defined()) dup.data<T>()[i] += go[i] * gelu_tanh(g[i]);
+    }
+  });
+}
+
+void CpuOps::softcap_backward(const Tensor& y, double cap, Tensor& dy) {
+  dispatch(y.dtype(), [&]<class T>() {
+    const int64_t n = y.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      T t = y.data<T>()[i] / T(cap);
+      dy.data<T>()[i] *= T(1) - t * t;
+    }
+  });
+}
+
+void CpuOps::moe_route_backward(const Tensor& logits, const Tensor& per_expert_scale, const Tensor& idx,
+                                const Tensor& dweights, Tensor& dlogits, Tensor& dscale) {
+  const int64_t n = logits.dim(0), e = logits.dim(1), k = idx.numel() / n;
+  dispatch(logits.dtype(), [&]<class T>() {
+    std::vector<double> pt(static_cast<size_t>(k)), dpt(static_cast<size_t>(k));
+    for (int64_t t = 0; t < n; ++t) {
+      const T* l = logits.data<T>() + t * e;
+      const int32_t* ix = idx.data<int32_t>() + t * k;
+      // p̃ = softmax over the chosen logits (equal to p_k / Σ_top p).
+      double mx = -std::numeric_limits<double>::infinity(), z = 0, dot = 0;
+      for (int64_t j = 0; j < k; ++j) mx = std::max(mx, double(l[ix[j]]));
+      for (int64_t j = 0; j < k; ++j) z += (pt[size_t(j)] = std::exp(double(l[ix[j]]) - mx));
+      for (int64_t j = 0; j < k; ++j) {
+        pt[size_t(j)] /= z;
+        double dw = double(dweights.data<T>()[t * k + j]);
+        dpt[size_t(j)] = dw * double(per_expert_scale.data<T>()[ix[j]]);
+        dot += pt[size_t(j)] * dpt[size_t(j)];
+        if (dscale.defined()) dscale.data<T>()[ix[j]] += T(dw * pt[size_t(j)]);
+      }
+      if (dlogits.defined())
+        for (int64_t j = 0; j < k; ++j)
+          dlogits.data<T>()[t * e + ix[j]] += T(pt[size_t(j)] * (dpt[size_t(j)] - dot));
+    }
+  });
+}
+
+void CpuOps::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
+  const int64_t d = dst.dim(-1), m = rows.numel();
+  require(src.numel() == m * d, "scatter_rows sizes");
+  dispatch(dst.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < m; ++i) {
+      T* out = dst.data<T>() + int64_t(rows.data<int32_t>()[i]) * d;
+      const T* in = src.data<T>() + i * d;
+      for (int64_t j = 0; j < d; ++j) out[j] += in[j];
+    }
+  });
+}
+
+void CpuOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) {
+  const int64_t d = a.dim(-1), m = rows.numel();
+  require(a.numel() == m * d && out.numel() == m, "rowwise_dot sizes");
+  dispatch(a.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < m; ++i) {
+      const T* x = a.data<T>() + i * d;
+      const T* y = b.data<T>() + int64_t(rows.data<int32_t>()[i]) * d;
+      double acc = 0;
+      for (int64_t j = 0; j < d; ++j) acc += double(x[j]) * double(y[j]);
+      out.data<T>()[i] = T(acc);
+    }
+  });
+}
+
+double CpuOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, int64_t& count) {
+  const int64_t n = labels.numel(), v = logits.dim(-1);
+  require(logits.numel() == n * v && dlogits.numel() == n * v, "cross_entropy_backward shapes");
+  double total = 0;
+  count = 0;
+  dispatch(logits.dtype(), [&]<class T>() {
+    for (int64_t t = 0; t < n; ++t) {
+      const int32_t y = labels.data<int32_t>()[t];
+      T* g = dlogits.data<T>() + t * v;
+      const T* l = logits.data<T>() + t * v;
+      if (y == -100) {
+        std::fill(g, g + v, T(0));
+        continue;
+      }
+      if (y < 0 || y >= v) throw std::out_of_range("label " + std::to_string(y) + " outside vocab");
+      double mx = *std::max_element(l, l + v), z = 0;
+      for (int64_t j = 0; j < v; ++j) z += std::exp(double(l[j]) - mx);
+      total += mx + std::log(z) - double(l[y]);
+      ++count;
+      for (int64_t j = 0; j < v; ++j) {
+        double p = std::exp(double(l[j]) - mx) / z - (j == y ? 1.0 : 0.0);
+        double c = cap > 0 ? 1.0 - (double(l[j]) / cap) * (double(l[j]) / cap) : 1.0;
+        g[j] = T(p * grad_scale * c);
+      }
+    }
+  });
+  return total;
+}
+
+}  // namespace tl

@@ -1,0 +1,36 @@
+// Internal helpers of the CPU backend (dtype dispatch, BLAS wrappers).
+#pragma once
+#include <cblas.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace tl::cpu {
+
+inline void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("CpuOps: ") + what);
+}
+
+// Runs f.template operator()<T>() for the activation dtype `t`.
+template <class F>
+void dispatch(DType t, F&& f) {
+  if (t == DType::F32) f.template operator()<float>();
+  else if (t == DType::F64) f.template operator()<double>();
+  else throw std::invalid_argument("CpuOps: activations must be F32 or F64");
+}
+
+// C[m,n] = alpha·op(A)·op(B) + beta·C, row-major.
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n),
+              int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n),
+              int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+}
+
+}  // namespace tl::cpu
