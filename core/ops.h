@@ -58,6 +58,8 @@ class Ops {
   virtual void mul(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // x *= s in place.
   virtual void scale(Tensor& x, double s) = 0;
+  // x[m,:] *= s[m] in place. x: [M, D], s: [M].
+  virtual void scale_rows(Tensor& x, const Tensor& s) = 0;
   // x = cap · tanh(x / cap) in place.
   virtual void softcap_forward(Tensor& x, double cap) = 0;
   // Copy columns: dst[:, dst_col:dst_col+w] = src[:, src_col:src_col+w] for 2-D row-major tensors.

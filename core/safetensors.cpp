@@ -70,11 +70,16 @@ std::string clip(const json& v) {
 
 // Parses the header JSON. nlohmann silently keeps the last of duplicate keys, but the
 // reference reader rejects them, so a parser callback tracks the keys of each open object;
-// it also records the top-level keys in file order (nlohmann::json sorts them).
+// it also records the top-level keys in file order (nlohmann::json sorts them). Nesting is
+// capped like serde_json's recursion limit (128): a real header nests 3 deep, and dumping
+// a deeper value into a message would recurse once per level.
 json parse_header_json(std::string_view text, const std::string& label,
                        std::vector<std::string>* order) {
   std::vector<std::set<std::string>> open;
-  auto cb = [&](int, json::parse_event_t ev, json& parsed) {
+  auto cb = [&](int depth, json::parse_event_t ev, json& parsed) {
+    if ((ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) &&
+        depth > 128)
+      fail(label, "header JSON nests deeper than 128 levels");
     if (ev == json::parse_event_t::object_start) open.emplace_back();
     if (ev == json::parse_event_t::object_end) open.pop_back();
     if (ev == json::parse_event_t::key) {
@@ -153,7 +158,7 @@ SafetensorsFile SafetensorsFile::from_image(std::shared_ptr<void> owner, const u
   if (!doc.is_object()) fail(label, "header is not a JSON object");
 
   for (const std::string& name : order) {
-    const json& v = doc[name];
+    const json& v = doc.at(name);
     if (name == "__metadata__") {
       if (!v.is_object()) fail(label, "__metadata__ is not a map of strings: " + clip(v));
       for (const auto& [k, s] : v.items()) {

@@ -101,33 +101,37 @@ namespace {
 Tensor to_i32(const Tensor& t) { return t.dtype() == DType::I32 ? t : t.to(DType::I32); }
 }  // namespace
 
-// e = EmbedTable[ids] · √H, the scale cast to the weight dtype first (gemma4.md §2.1).
-Tensor Gemma4Model::embed(const Batch& batch, Tensor& ids_dev) {
-  const int64_t n = batch.ids.numel(), H = config_.hidden_size;
-  ids_dev = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
-  Tensor x = ops_.zeros({n, H});
-  // HF keeps √H in an fp32 buffer, so even an fp64 run scales by the fp32-rounded value.
-  ops_.embedding_forward(w_.embed_tokens, ids_dev, double(float(std::sqrt(double(H)))), x);
+// e = EmbedTable[ids] · √H, with √H rounded to fp32 as HF's buffer holds it (gemma4.md §2.1).
+double embed_scale(int64_t width) { return double(float(std::sqrt(double(width)))); }
+
+Tensor Gemma4Model::embed(const Tensor& ids) {
+  Tensor x = ops_.zeros({ids.numel(), config_.hidden_size});
+  ops_.embedding_forward(w_.embed_tokens, ids, embed_scale(config_.hidden_size), x);
   return x;
 }
 
 // PLE (gemma4.md §2.2): ple = (RMSNorm_P(e·W_plmpᵀ · H^-½) + EmbedPLE[ids]·√P) · 2^-½, [N, L·P].
-Tensor Gemma4Model::per_layer_inputs(const Tensor& ids, const Tensor& e) {
+// `ctx_scaled` receives e·W_plmpᵀ·H^-½ (the norm's input) for the backward.
+Tensor Gemma4Model::per_layer_inputs(const Tensor& ids, const Tensor& e, Tensor& ctx_scaled) {
   const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
-  Tensor ctx = ops_.zeros({n, L * P});
-  ops_.linear_forward(e, w_.per_layer_model_projection, ctx);
-  ops_.scale(ctx, 1.0 / std::sqrt(double(config_.hidden_size)));
-  ops_.rmsnorm_forward(ctx, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ctx);
+  ctx_scaled = ops_.zeros({n, L * P});
+  ops_.linear_forward(e, w_.per_layer_model_projection, ctx_scaled);
+  ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
+  Tensor ple = ops_.zeros({n, L * P});
+  ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);
   Tensor tok = ops_.zeros({n, L * P});
-  ops_.embedding_forward(w_.embed_tokens_per_layer, ids, double(float(std::sqrt(double(P)))), tok);
-  ops_.add(ctx, tok, ctx);
-  ops_.scale(ctx, 1.0 / std::sqrt(2.0));
-  return ctx;
+  ops_.embedding_forward(w_.embed_tokens_per_layer, ids, embed_scale(P), tok);
+  ops_.add(ple, tok, ple);
+  ops_.scale(ple, 1.0 / std::sqrt(2.0));
+  return ple;
 }
 
-Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* layer_outputs) {
+void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
+                          std::vector<Tensor>* layer_outputs) {
   if (batch.ids.rank() != 2) throw Error("batch ids must be [B, S]");
   const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
+  st.B = B;
+  st.S = S;
   Tensor positions_host;
   if (batch.positions.defined()) {
     positions_host = to_i32(batch.positions);
@@ -135,169 +139,196 @@ Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* laye
     positions_host = Tensor::zeros({B, S}, DType::I32);
     for (int64_t i = 0; i < n; ++i) positions_host.data<int32_t>()[i] = int32_t(i % S);
   }
-  Tensor positions = ops_.upload(positions_host.view({n}), DType::I32);
+  st.positions = ops_.upload(positions_host.view({n}), DType::I32);
+  st.ids = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
+  if (batch.doc_ids.defined()) st.doc_ids = ops_.upload(to_i32(batch.doc_ids), DType::I32);
+  st.x0 = embed(st.ids);
+  if (config_.has_ple()) st.ple = per_layer_inputs(st.ids, st.x0, st.ple_ctx);
 
-  Tensor ids;
-  Tensor x = embed(batch, ids);
-  Tensor ple;
-  if (config_.has_ple()) ple = per_layer_inputs(ids, x);
+  Tensor x = ops_.zeros({n, config_.hidden_size});
+  ops_.add(st.x0, x, x);  // the stream starts as a copy of the embedding
   if (layer_outputs) layer_outputs->push_back(ops_.download(x));
-
-  std::vector<std::pair<Tensor, Tensor>> kv(size_t(config_.num_hidden_layers));
+  st.kv.assign(size_t(config_.num_hidden_layers), {});
+  st.tapes.assign(keep_tapes ? size_t(config_.num_hidden_layers) : 1, {});
   for (int i = 0; i < config_.num_hidden_layers; ++i) {
-    layer_forward(i, x, batch, positions, ple, kv);
+    LayerTape& tape = st.tapes[keep_tapes ? size_t(i) : 0];
+    tape = {};
+    layer_forward(i, x, st, tape);
     if (layer_outputs) layer_outputs->push_back(ops_.download(x));
   }
-  ops_.rmsnorm_forward(x, w_.norm, config_.hidden_size, config_.rms_norm_eps, x);
-  return x;
+  st.final_in = x;
+  st.hidden = ops_.zeros({n, config_.hidden_size});
+  ops_.rmsnorm_forward(x, w_.norm, config_.hidden_size, config_.rms_norm_eps, st.hidden);
 }
 
-Tensor Gemma4Model::attention(int i, const Tensor& a, const Batch& batch, const Tensor& positions,
-                              std::vector<std::pair<Tensor, Tensor>>& kv) {
+Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* layer_outputs) {
+  ForwardState st;
+  forward(batch, st, false, layer_outputs);
+  return st.hidden;
+}
+
+AttentionMask Gemma4Model::mask_for(int i, const ForwardState& st) const {
+  return {config_.layer(i).type == LayerType::Sliding ? config_.sliding_window : 0,
+          st.doc_ids.defined() ? &st.doc_ids : nullptr};
+}
+
+Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
   const LayerGeometry& g = config_.layer(i);
   const Gemma4LayerWeights& lw = w_.layers[size_t(i)];
-  const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
+  const int64_t n = t.a.dim(0), B = st.B, S = st.S;
   const int64_t nh = config_.num_attention_heads, d = g.head_dim, nkv = g.num_kv_heads;
   const double eps = config_.rms_norm_eps;
 
   // q = RoPE(RMSNorm_d(a·W_qᵀ; q_norm)), per head.
-  Tensor q = ops_.zeros({n, nh * d});
-  ops_.linear_forward(a, lw.q_proj, q);
-  ops_.rmsnorm_forward(q, lw.q_norm, d, eps, q);
-  ops_.rope_forward(q, nh, positions, inv_freq_[size_t(i)]);
+  t.q_raw = ops_.zeros({n, nh * d});
+  ops_.linear_forward(t.a, lw.q_proj, t.q_raw);
+  t.q = ops_.zeros({n, nh * d});
+  ops_.rmsnorm_forward(t.q_raw, lw.q_norm, d, eps, t.q);
+  ops_.rope_forward(t.q, nh, st.positions, inv_freq_[size_t(i)]);
 
   if (g.kv_source < 0) {
-    // k = RoPE(RMSNorm_d(a·W_kᵀ; k_norm)); v = RMSNorm_d(a·W_vᵀ) without weight, where
-    // K=V full layers take v from the same raw k projection.
-    Tensor kraw = ops_.zeros({n, nkv * d});
-    ops_.linear_forward(a, lw.k_proj, kraw);
-    Tensor vraw = kraw;
+    // k = RoPE(RMSNorm_d(a·W_kᵀ; k_norm)); v = RMSNorm_d(a·W_vᵀ) without weight; K=V full
+    // layers take v from the same raw k projection.
+    t.k_raw = ops_.zeros({n, nkv * d});
+    ops_.linear_forward(t.a, lw.k_proj, t.k_raw);
+    t.v_raw = t.k_raw;
     if (!g.k_eq_v) {
-      vraw = ops_.zeros({n, nkv * d});
-      ops_.linear_forward(a, lw.v_proj, vraw);
+      t.v_raw = ops_.zeros({n, nkv * d});
+      ops_.linear_forward(t.a, lw.v_proj, t.v_raw);
     }
-    Tensor k = ops_.zeros({n, nkv * d});
-    ops_.rmsnorm_forward(kraw, lw.k_norm, d, eps, k);
-    ops_.rope_forward(k, nkv, positions, inv_freq_[size_t(i)]);
-    Tensor v = ops_.zeros({n, nkv * d});
-    ops_.rmsnorm_forward(vraw, Tensor(), d, eps, v);
-    kv[size_t(i)] = {k, v};
+    t.k = ops_.zeros({n, nkv * d});
+    ops_.rmsnorm_forward(t.k_raw, lw.k_norm, d, eps, t.k);
+    ops_.rope_forward(t.k, nkv, st.positions, inv_freq_[size_t(i)]);
+    t.v = ops_.zeros({n, nkv * d});
+    ops_.rmsnorm_forward(t.v_raw, Tensor(), d, eps, t.v);
+    st.kv[size_t(i)] = {t.k, t.v};
   }
-  const auto& [k, v] = kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
-
-  Tensor o = ops_.zeros({B, S, nh, d});
-  Tensor doc = batch.doc_ids.defined() ? ops_.upload(to_i32(batch.doc_ids), DType::I32) : Tensor();
-  AttentionMask mask{g.type == LayerType::Sliding ? config_.sliding_window : 0,
-                     doc.defined() ? &doc : nullptr};
-  ops_.attention_forward(q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
-                         v.view({B, S, v.dim(1) / d, d}), mask, o);
-  Tensor out = ops_.zeros({n, config_.hidden_size});
-  ops_.linear_forward(o.view({n, nh * d}), lw.o_proj, out);
-  return out;
+  const auto& [k, v] = st.kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
+  t.attn = ops_.zeros({n, nh * d});
+  ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
+                         v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
+  t.o = ops_.zeros({n, config_.hidden_size});
+  ops_.linear_forward(t.attn, lw.o_proj, t.o);
+  return t.o;
 }
-
-// GeGLU: (gelu_tanh(y·W_gateᵀ) ∘ y·W_upᵀ)·W_downᵀ
-Tensor Gemma4Model::dense_mlp(const Gemma4LayerWeights& lw, const Tensor& y) {
-  const int64_t n = y.dim(0), I = lw.gate_proj.dim(0);
-  Tensor gate = ops_.zeros({n, I}), up = ops_.zeros({n, I});
-  ops_.linear_forward(y, lw.gate_proj, gate);
-  ops_.linear_forward(y, lw.up_proj, up);
-  ops_.gelu_tanh_mul_forward(gate, up, gate);
-  Tensor out = ops_.zeros({n, config_.hidden_size});
-  ops_.linear_forward(gate, lw.down_proj, out);
-  return out;
+// GeGLU: (gelu_tanh(y·W_gateᵀ) ∘ y·W_upᵀ)·W_downᵀ with y = t.m_in.
+Tensor Gemma4Model::dense_mlp(const Gemma4LayerWeights& lw, LayerTape& t) {
+  const int64_t n = t.m_in.dim(0), I = lw.gate_proj.dim(0);
+  t.gate = ops_.zeros({n, I});
+  t.up = ops_.zeros({n, I});
+  ops_.linear_forward(t.m_in, lw.gate_proj, t.gate);
+  ops_.linear_forward(t.m_in, lw.up_proj, t.up);
+  t.h = ops_.zeros({n, I});
+  ops_.gelu_tanh_mul_forward(t.gate, t.up, t.h);
+  t.mlp = ops_.zeros({n, config_.hidden_size});
+  ops_.linear_forward(t.h, lw.down_proj, t.mlp);
+  return t.mlp;
 }
 
 // MoE branch (gemma4.md §3.4): the router and the expert pre-norm both read x1.
-Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, const Tensor& x1) {
-  const int64_t n = x1.dim(0), H = config_.hidden_size, E = config_.num_experts,
+Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, LayerTape& t) {
+  const int64_t n = t.x1.dim(0), H = config_.hidden_size, E = config_.num_experts,
                 K = config_.top_k_experts, I = config_.moe_intermediate_size;
   const double eps = config_.rms_norm_eps;
-  // r = RMSNorm_noscale(x1) ∘ router.scale · H^-½; logits = r·W_routerᵀ
-  // (RMSNorm without weight, then ∘ router.scale, is RMSNorm with router.scale as weight.)
-  Tensor r = ops_.zeros({n, H});
-  ops_.rmsnorm_forward(x1, lw.router_scale, H, eps, r);
-  ops_.scale(r, 1.0 / std::sqrt(double(H)));
-  Tensor logits = ops_.zeros({n, E});
-  ops_.linear_forward(r, lw.router_proj, logits);
-  Tensor weights = ops_.zeros({n, K}), idx = ops_.zeros({n, K}, DType::I32);
-  ops_.moe_route_forward(logits, lw.per_expert_scale, K, weights, idx);
+  // r = RMSNorm_noscale(x1) ∘ router.scale · H^-½ (a norm with router.scale as its weight);
+  // logits = r·W_routerᵀ
+  t.router_in = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(t.x1, lw.router_scale, H, eps, t.router_in);
+  ops_.scale(t.router_in, 1.0 / std::sqrt(double(H)));
+  t.router_logits = ops_.zeros({n, E});
+  ops_.linear_forward(t.router_in, lw.router_proj, t.router_logits);
+  t.route_w = ops_.zeros({n, K});
+  t.route_idx = ops_.zeros({n, K}, DType::I32);
+  ops_.moe_route_forward(t.router_logits, lw.per_expert_scale, K, t.route_w, t.route_idx);
 
-  Tensor y = ops_.zeros({n, H});
-  ops_.rmsnorm_forward(x1, lw.pre_feedforward_layernorm_2, H, eps, y);
-  Tensor out = ops_.zeros({n, H});
-  Tensor idx_host = ops_.download(idx), w_host = ops_.download(weights);
+  t.y2 = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, t.y2);
+  t.m2 = ops_.zeros({n, H});
+  Tensor idx_host = ops_.download(t.route_idx), w_host = ops_.download(t.route_w);
   for (int64_t e = 0; e < E; ++e) {
-    std::vector<int32_t> rows;
-    std::vector<double> scales;
+    std::vector<int32_t> slots;
     for (int64_t j = 0; j < n * K; ++j)
-      if (idx_host.data<int32_t>()[j] == e) {
-        rows.push_back(int32_t(j / K));
-        scales.push_back(w_host.get(j));
-      }
-    if (rows.empty()) continue;
-    const int64_t m = int64_t(rows.size());
+      if (idx_host.data<int32_t>()[j] == e) slots.push_back(int32_t(j));
+    if (slots.empty()) continue;
+    const int64_t m = int64_t(slots.size());
+    ExpertTape x;
+    x.expert = e;
     Tensor rows_host = Tensor::zeros({m}, DType::I32), scale_host = Tensor::zeros({m}, DType::F64);
+    x.slots = Tensor::zeros({m}, DType::I32);
     for (int64_t j = 0; j < m; ++j) {
-      rows_host.data<int32_t>()[j] = rows[size_t(j)];
-      scale_host.data<double>()[j] = scales[size_t(j)];
+      x.slots.data<int32_t>()[j] = slots[size_t(j)];
+      rows_host.data<int32_t>()[j] = int32_t(slots[size_t(j)] / K);
+      scale_host.data<double>()[j] = w_host.get(slots[size_t(j)]);
     }
-    Tensor rows_dev = ops_.upload(rows_host, DType::I32);
-    Tensor ye = ops_.zeros({m, H});
-    ops_.gather_rows(y, rows_dev, ye);
+    x.rows = ops_.upload(rows_host, DType::I32);
+    x.scales = ops_.upload(scale_host, ops_.act_dtype());
+    x.ye = ops_.zeros({m, H});
+    ops_.gather_rows(t.y2, x.rows, x.ye);
     Tensor gu = ops_.zeros({m, 2 * I});
-    ops_.linear_forward(ye, lw.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}), gu);
-    Tensor gate = ops_.zeros({m, I}), up = ops_.zeros({m, I});
-    ops_.copy_columns(gu, 0, gate, 0, I);  // rows [0, I) of gate_up_proj are the gate
-    ops_.copy_columns(gu, I, up, 0, I);
-    ops_.gelu_tanh_mul_forward(gate, up, gate);
-    Tensor oe = ops_.zeros({m, H});
-    ops_.linear_forward(gate, lw.experts_down.slice_rows(e, e + 1).view({H, I}), oe);
-    ops_.scatter_add_rows(oe, rows_dev, ops_.upload(scale_host, ops_.act_dtype()), out);
+    ops_.linear_forward(x.ye, lw.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}), gu);
+    x.gate = ops_.zeros({m, I});
+    x.up = ops_.zeros({m, I});
+    ops_.copy_columns(gu, 0, x.gate, 0, I);  // rows [0, I) of gate_up_proj are the gate
+    ops_.copy_columns(gu, I, x.up, 0, I);
+    x.h = ops_.zeros({m, I});
+    ops_.gelu_tanh_mul_forward(x.gate, x.up, x.h);
+    x.out = ops_.zeros({m, H});
+    ops_.linear_forward(x.h, lw.experts_down.slice_rows(e, e + 1).view({H, I}), x.out);
+    ops_.scatter_add_rows(x.out, x.rows, x.scales, t.m2);
+    t.experts.push_back(std::move(x));
   }
-  return out;
+  return t.m2;
 }
 
-void Gemma4Model::layer_forward(int i, Tensor& x, const Batch& batch, const Tensor& positions,
-                                const Tensor& ple, std::vector<std::pair<Tensor, Tensor>>& kv) {
+void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t) {
   const Gemma4LayerWeights& lw = w_.layers[size_t(i)];
   const int64_t n = x.dim(0), H = config_.hidden_size, P = config_.hidden_size_per_layer_input;
   const double eps = config_.rms_norm_eps;
+  t.x_in = x;
 
   // x1 = x + RMSNorm(Attn(RMSNorm(x)))
-  Tensor a = ops_.zeros({n, H});
-  ops_.rmsnorm_forward(x, lw.input_layernorm, H, eps, a);
-  Tensor attn = attention(i, a, batch, positions, kv);
-  ops_.rmsnorm_forward(attn, lw.post_attention_layernorm, H, eps, attn);
-  ops_.add(x, attn, x);
+  t.a = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(x, lw.input_layernorm, H, eps, t.a);
+  Tensor o = attention(i, st, t);
+  t.x1 = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(o, lw.post_attention_layernorm, H, eps, t.x1);
+  ops_.add(x, t.x1, t.x1);
 
   // x2 = x1 + RMSNorm(MLP(RMSNorm(x1)) [+ MoE branch])
-  Tensor m = ops_.zeros({n, H});
-  ops_.rmsnorm_forward(x, lw.pre_feedforward_layernorm, H, eps, m);
-  m = dense_mlp(lw, m);
+  t.m_in = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm, H, eps, t.m_in);
+  dense_mlp(lw, t);
   if (config_.enable_moe_block) {
-    ops_.rmsnorm_forward(m, lw.post_feedforward_layernorm_1, H, eps, m);
-    Tensor m2 = moe_block(lw, x);
-    ops_.rmsnorm_forward(m2, lw.post_feedforward_layernorm_2, H, eps, m2);
-    ops_.add(m, m2, m);
+    t.m_sum = ops_.zeros({n, H});
+    ops_.rmsnorm_forward(t.mlp, lw.post_feedforward_layernorm_1, H, eps, t.m_sum);
+    moe_block(lw, t);
+    Tensor m2n = ops_.zeros({n, H});
+    ops_.rmsnorm_forward(t.m2, lw.post_feedforward_layernorm_2, H, eps, m2n);
+    ops_.add(t.m_sum, m2n, t.m_sum);
+  } else {
+    t.m_sum = t.mlp;
   }
-  ops_.rmsnorm_forward(m, lw.post_feedforward_layernorm, H, eps, m);
-  ops_.add(x, m, x);
+  t.x2 = ops_.zeros({n, H});
+  ops_.rmsnorm_forward(t.m_sum, lw.post_feedforward_layernorm, H, eps, t.x2);
+  ops_.add(t.x1, t.x2, t.x2);
 
   // x3 = x2 + RMSNorm((gelu(x2·W_gateᵀ) ∘ ple_i)·W_projᵀ)
+  Tensor out = ops_.zeros({n, H});
   if (P > 0) {
-    Tensor g = ops_.zeros({n, P});
-    ops_.linear_forward(x, lw.per_layer_input_gate, g);
-    Tensor ple_i = ops_.zeros({n, P});
-    ops_.copy_columns(ple, int64_t(i) * P, ple_i, 0, P);
-    ops_.gelu_tanh_mul_forward(g, ple_i, g);
-    Tensor proj = ops_.zeros({n, H});
-    ops_.linear_forward(g, lw.per_layer_projection, proj);
-    ops_.rmsnorm_forward(proj, lw.post_per_layer_input_norm, H, eps, proj);
-    ops_.add(x, proj, x);
+    t.g = ops_.zeros({n, P});
+    ops_.linear_forward(t.x2, lw.per_layer_input_gate, t.g);
+    t.ple_i = ops_.zeros({n, P});
+    ops_.copy_columns(st.ple, int64_t(i) * P, t.ple_i, 0, P);
+    t.gh = ops_.zeros({n, P});
+    ops_.gelu_tanh_mul_forward(t.g, t.ple_i, t.gh);
+    t.proj = ops_.zeros({n, H});
+    ops_.linear_forward(t.gh, lw.per_layer_projection, t.proj);
+    ops_.rmsnorm_forward(t.proj, lw.post_per_layer_input_norm, H, eps, out);
   }
+  ops_.add(t.x2, out, out);
   // layer_scalar multiplies the whole stream, residual included.
-  if (lw.layer_scalar != 1.0) ops_.scale(x, lw.layer_scalar);
+  if (lw.layer_scalar != 1.0) ops_.scale(out, lw.layer_scalar);
+  x = out;
 }
 
 Tensor Gemma4Model::logits(const Tensor& hidden) {

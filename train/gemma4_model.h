@@ -39,6 +39,34 @@ struct Batch {
   Tensor doc_ids;
 };
 
+// What one layer's forward keeps for its backward (gemma4.md §3–§4 names).
+struct ExpertTape {
+  int64_t expert = 0;
+  Tensor rows;      // I32 [m] token rows routed to this expert (device)
+  Tensor slots;     // host I32 [m]: index t·K + k into the router outputs
+  Tensor scales;    // [m] routing weight of each row
+  Tensor ye, gate, up, h, out;  // input rows, gate/up pre-activation, gelu(gate)∘up, expert output
+};
+
+struct LayerTape {
+  Tensor x_in, a;                      // layer input; input_layernorm output
+  Tensor q_raw, q;                     // q projection; after q_norm and RoPE
+  Tensor k_raw, v_raw, k, v;           // own K/V only (KV-shared layers read the source's)
+  Tensor attn, o;                      // attention output [n, nh·d]; o_proj output
+  Tensor x1, m_in, gate, up, h, mlp;   // post-attention stream; dense MLP internals; its output
+  // MoE
+  Tensor router_in, router_logits, route_w, route_idx, y2, m2;
+  std::vector<ExpertTape> experts;
+  Tensor m_sum, x2;                    // input of post_feedforward_layernorm; stream after the MLP
+  // PLE
+  Tensor ple_i, g, gh, proj;           // per-layer input slice; gate pre-activation; gelu(g)∘ple_i; projection
+};
+
+// Gradients of every trainable tensor, shaped like Gemma4Weights (undefined = not wanted).
+struct Gemma4Grads {
+  Gemma4Weights w;  // same field names; layer_scalar unused
+};
+
 class Gemma4Model {
  public:
   Gemma4Model(Gemma4Config config, Ops& ops);
@@ -49,6 +77,7 @@ class Gemma4Model {
 
   const Gemma4Config& config() const { return config_; }
   const Gemma4Weights& weights() const { return w_; }
+  Gemma4Weights& mutable_weights() { return w_; }
 
   // Final-normed hidden states [B·S, H]. If `layer_outputs` is given it receives the
   // residual stream before layer 0 and after each layer (HF's hidden_states order,
@@ -65,16 +94,39 @@ class Gemma4Model {
   };
   Loss loss(const Tensor& hidden, const Tensor& labels);
 
+  // Zero gradients for every weight (the full-parameter case, `adapter: full`).
+  Gemma4Grads zero_grads();
+  // One forward and backward pass: adds d(loss_sum · grad_scale)/dθ into `grads` and
+  // returns the summed loss and target count. grad_scale is 1/N for a token mean over N
+  // targets (N may span several micro-batches, as HF's num_items_in_batch).
+  Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
+
  private:
-  Tensor embed(const Batch& batch, Tensor& ids_dev);
-  Tensor per_layer_inputs(const Tensor& ids, const Tensor& embedded);
-  void layer_forward(int i, Tensor& x, const Batch& batch, const Tensor& positions,
-                     const Tensor& ple, std::vector<std::pair<Tensor, Tensor>>& kv);
-  Tensor attention(int i, const Tensor& a, const Batch& batch, const Tensor& positions,
-                   std::vector<std::pair<Tensor, Tensor>>& kv);
-  Tensor dense_mlp(const Gemma4LayerWeights& lw, const Tensor& y);
-  Tensor moe_block(const Gemma4LayerWeights& lw, const Tensor& x1);
+  // The state of one forward pass that the backward needs beyond the layer tapes.
+  struct ForwardState {
+    int64_t B = 0, S = 0;
+    Tensor ids, positions, doc_ids, x0, ple_ctx, ple;
+    std::vector<LayerTape> tapes;
+    std::vector<std::pair<Tensor, Tensor>> kv;
+    Tensor final_in, hidden;
+  };
+  void forward(const Batch& batch, ForwardState& st, bool keep_tapes, std::vector<Tensor>* layer_outputs);
+  Tensor embed(const Tensor& ids);
+  Tensor per_layer_inputs(const Tensor& ids, const Tensor& embedded, Tensor& ctx_scaled);
+  void layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& tape);
+  Tensor attention(int i, ForwardState& st, LayerTape& tape);
+  Tensor dense_mlp(const Gemma4LayerWeights& lw, LayerTape& tape);
+  Tensor moe_block(const Gemma4LayerWeights& lw, LayerTape& tape);
+  AttentionMask mask_for(int i, const ForwardState& st) const;
   Tensor rope_inv_freq(const LayerGeometry& g) const;
+
+  // backward (gemma4_backward.cpp)
+  void layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4LayerWeights& g,
+                      std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& dple);
+  void attention_backward(int i, const Tensor& dattn_out, ForwardState& st, Gemma4LayerWeights& g,
+                          std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& da);
+  void moe_backward(const Gemma4LayerWeights& lw, LayerTape& tape, const Tensor& dm2, Gemma4LayerWeights& g,
+                    Tensor& dx1);
 
   Gemma4Config config_;
   Ops& ops_;

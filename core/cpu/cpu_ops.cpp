@@ -59,7 +59,7 @@ void CpuOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, do
   int64_t rows = x.numel() / d;
   dispatch(x.dtype(), [&]<class T>() {
     const T* wp = w.defined() ? w.data<T>() : nullptr;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(x.numel() >= cpu::kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x.data<T>() + r * d;
       T* yr = y.data<T>() + r * d;
@@ -76,7 +76,7 @@ void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, con
   int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
   require(x.numel() == n * heads * d && inv_freq.dtype() == DType::F64, "rope shapes");
   dispatch(x.dtype(), [&]<class T>() {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(x.numel() >= cpu::kParallelMin)
     for (int64_t t = 0; t < n; ++t) {
       // θ = pos·inv_freq and cos/sin in the activation dtype: fp32 as HF computes them for
       // fp32 and bf16 models; fp64 in our F64 mode (the golden fp64 run lifts HF's too).
@@ -104,7 +104,7 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   int64_t group = nh / nkv;
   const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() : nullptr;
   dispatch(q.dtype(), [&]<class T>() {
-#pragma omp parallel for collapse(2) schedule(dynamic)
+#pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * S >= cpu::kParallelMin)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < nh; ++h) {
         std::vector<double> p(static_cast<size_t>(S));
@@ -143,7 +143,7 @@ void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor&
     const T* u = up.data<T>();
     T* o = out.data<T>();
     int64_t n = gate.numel();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) o[i] = gelu_tanh(g[i]) * u[i];
   });
 }
@@ -172,11 +172,20 @@ void CpuOps::scale(Tensor& x, double s) {
   });
 }
 
+void CpuOps::scale_rows(Tensor& x, const Tensor& s) {
+  const int64_t m = s.numel(), d = m ? x.numel() / m : 0;
+  require(x.numel() == m * d, "scale_rows sizes");
+  dispatch(x.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < d; ++j) x.data<T>()[i * d + j] *= s.data<T>()[i];
+  });
+}
+
 void CpuOps::softcap_forward(Tensor& x, double cap) {
   dispatch(x.dtype(), [&]<class T>() {
     int64_t n = x.numel();
     T* p = x.data<T>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) p[i] = softcap(p[i], T(cap));
   });
 }

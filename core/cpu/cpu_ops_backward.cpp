@@ -48,7 +48,7 @@ void CpuOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, d
     const T* wp = w.defined() ? w.data<T>() : nullptr;
     // Per-thread dw partials, summed at the end (rows are split across threads).
     std::vector<double> dw_acc(dw.defined() ? size_t(d) : 0, 0.0);
-#pragma omp parallel
+#pragma omp parallel if(x.numel() >= cpu::kParallelMin)
     {
       std::vector<double> local(dw_acc.size(), 0.0);
 #pragma omp for schedule(static)
@@ -79,7 +79,7 @@ void CpuOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, c
   const int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
   require(dx.numel() == n * heads * d, "rope_backward shapes");
   dispatch(dx.dtype(), [&]<class T>() {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(dx.numel() >= cpu::kParallelMin)
     for (int64_t t = 0; t < n; ++t) {
       T pos = T(positions.data<int32_t>()[t]);
       for (int64_t i = 0; i < half; ++i) {
@@ -103,7 +103,7 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   dispatch(q.dtype(), [&]<class T>() {
     // One task per (batch, KV head): the query heads of a group and all positions write
     // the same dk/dv rows, so they stay in one thread.
-#pragma omp parallel for collapse(2) schedule(dynamic)
+#pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * S >= cpu::kParallelMin)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t g = 0; g < nkv; ++g) {
         std::vector<double> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
@@ -163,7 +163,7 @@ void CpuOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const 
   dispatch(gate.dtype(), [&]<class T>() {
     const int64_t n = gate.numel();
     const T *g = gate.data<T>(), *u = up.data<T>(), *go = dout.data<T>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
       if (dgate.defined()) dgate.data<T>()[i] += go[i] * u[i] * gelu_tanh_grad(g[i]);
       if (dup.defined()) dup.data<T>()[i] += go[i] * gelu_tanh(g[i]);

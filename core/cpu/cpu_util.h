@@ -9,6 +9,9 @@
 
 namespace tl::cpu {
 
+// Elements below which a loop runs on one thread: waking a team costs more than it saves.
+inline constexpr int64_t kParallelMin = 1 << 16;
+
 inline void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(std::string("CpuOps: ") + what);
 }
