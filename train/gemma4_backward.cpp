@@ -3,6 +3,7 @@
 // source layer's dk/dv before that layer is reached (consumers come later in the forward).
 #include <cmath>
 
+#include "core/weights.h"
 #include "train/gemma4_model.h"
 
 namespace tl {
@@ -15,34 +16,13 @@ Tensor like(Ops& ops, const Tensor& t) { return ops.zeros(t.shape(), t.dtype());
 
 Gemma4Grads Gemma4Model::zero_grads() {
   Gemma4Grads g;
-  auto z = [&](const Tensor& t) { return t.defined() ? like(ops_, t) : Tensor(); };
-  g.w.embed_tokens = z(w_.embed_tokens);
-  g.w.lm_head = config_.tie_word_embeddings ? g.w.embed_tokens : z(w_.lm_head);
-  g.w.embed_tokens_per_layer = z(w_.embed_tokens_per_layer);
-  g.w.per_layer_model_projection = z(w_.per_layer_model_projection);
-  g.w.per_layer_projection_norm = z(w_.per_layer_projection_norm);
-  g.w.norm = z(w_.norm);
-  for (const auto& l : w_.layers) {
-    Gemma4LayerWeights d;
-    for (auto [dst, src] : {std::pair{&d.input_layernorm, &l.input_layernorm},
-                            {&d.post_attention_layernorm, &l.post_attention_layernorm},
-                            {&d.pre_feedforward_layernorm, &l.pre_feedforward_layernorm},
-                            {&d.post_feedforward_layernorm, &l.post_feedforward_layernorm},
-                            {&d.q_proj, &l.q_proj}, {&d.q_norm, &l.q_norm}, {&d.k_proj, &l.k_proj},
-                            {&d.v_proj, &l.v_proj}, {&d.k_norm, &l.k_norm}, {&d.o_proj, &l.o_proj},
-                            {&d.gate_proj, &l.gate_proj}, {&d.up_proj, &l.up_proj}, {&d.down_proj, &l.down_proj},
-                            {&d.router_proj, &l.router_proj}, {&d.router_scale, &l.router_scale},
-                            {&d.per_expert_scale, &l.per_expert_scale}, {&d.experts_gate_up, &l.experts_gate_up},
-                            {&d.experts_down, &l.experts_down},
-                            {&d.pre_feedforward_layernorm_2, &l.pre_feedforward_layernorm_2},
-                            {&d.post_feedforward_layernorm_1, &l.post_feedforward_layernorm_1},
-                            {&d.post_feedforward_layernorm_2, &l.post_feedforward_layernorm_2},
-                            {&d.per_layer_input_gate, &l.per_layer_input_gate},
-                            {&d.per_layer_projection, &l.per_layer_projection},
-                            {&d.post_per_layer_input_norm, &l.post_per_layer_input_norm}})
-      *dst = z(*src);
-    g.w.layers.push_back(d);
+  g.w.layers.resize(w_.layers.size());
+  for (const WeightSpec& s : text_decoder_weights(config_)) {
+    if (!s.is_parameter) continue;
+    Tensor* src = weight_slot(w_, s.name);
+    *weight_slot(g.w, s.name) = like(ops_, *src);
   }
+  g.w.lm_head = config_.tie_word_embeddings ? g.w.embed_tokens : like(ops_, w_.lm_head);
   return g;
 }
 

@@ -8,6 +8,45 @@
 
 namespace tl {
 
+Tensor* weight_slot(Gemma4Weights& w, const std::string& name) {
+  static const std::pair<const char*, Tensor Gemma4Weights::*> globals[] = {
+      {"embed_tokens.weight", &Gemma4Weights::embed_tokens},
+      {"embed_tokens_per_layer.weight", &Gemma4Weights::embed_tokens_per_layer},
+      {"per_layer_model_projection.weight", &Gemma4Weights::per_layer_model_projection},
+      {"per_layer_projection_norm.weight", &Gemma4Weights::per_layer_projection_norm},
+      {"norm.weight", &Gemma4Weights::norm}};
+  for (const auto& [n, member] : globals)
+    if (name == n) return &(w.*member);
+  using L = Gemma4LayerWeights;
+  static const std::pair<const char*, Tensor L::*> per_layer[] = {
+      {"input_layernorm.weight", &L::input_layernorm},
+      {"post_attention_layernorm.weight", &L::post_attention_layernorm},
+      {"pre_feedforward_layernorm.weight", &L::pre_feedforward_layernorm},
+      {"post_feedforward_layernorm.weight", &L::post_feedforward_layernorm},
+      {"self_attn.q_proj.weight", &L::q_proj}, {"self_attn.q_norm.weight", &L::q_norm},
+      {"self_attn.k_proj.weight", &L::k_proj}, {"self_attn.v_proj.weight", &L::v_proj},
+      {"self_attn.k_norm.weight", &L::k_norm}, {"self_attn.o_proj.weight", &L::o_proj},
+      {"mlp.gate_proj.weight", &L::gate_proj}, {"mlp.up_proj.weight", &L::up_proj},
+      {"mlp.down_proj.weight", &L::down_proj}, {"router.proj.weight", &L::router_proj},
+      {"router.scale", &L::router_scale}, {"router.per_expert_scale", &L::per_expert_scale},
+      {"experts.gate_up_proj", &L::experts_gate_up}, {"experts.down_proj", &L::experts_down},
+      {"pre_feedforward_layernorm_2.weight", &L::pre_feedforward_layernorm_2},
+      {"post_feedforward_layernorm_1.weight", &L::post_feedforward_layernorm_1},
+      {"post_feedforward_layernorm_2.weight", &L::post_feedforward_layernorm_2},
+      {"per_layer_input_gate.weight", &L::per_layer_input_gate},
+      {"per_layer_projection.weight", &L::per_layer_projection},
+      {"post_per_layer_input_norm.weight", &L::post_per_layer_input_norm}};
+  if (!name.starts_with("layers.")) return nullptr;
+  size_t dot = name.find('.', 7);
+  if (dot == std::string::npos) return nullptr;
+  size_t layer = std::stoul(name.substr(7, dot - 7));
+  if (layer >= w.layers.size()) return nullptr;
+  std::string rest = name.substr(dot + 1);
+  for (const auto& [n, member] : per_layer)
+    if (rest == n) return &(w.layers[layer].*member);
+  return nullptr;
+}
+
 Gemma4Model::Gemma4Model(Gemma4Config config, Ops& ops) : config_(std::move(config)), ops_(ops) {
   for (const auto& g : config_.layers()) inv_freq_.push_back(rope_inv_freq(g));
 }
@@ -43,43 +82,7 @@ void Gemma4Model::load(const Checkpoint& ckpt) {
       continue;
     }
     Tensor dev = ops_.upload(host, act);
-    if (s.layer < 0) {
-      const std::string& n = s.name;
-      if (n == "embed_tokens.weight") w_.embed_tokens = dev;
-      else if (n == "embed_tokens_per_layer.weight") w_.embed_tokens_per_layer = dev;
-      else if (n == "per_layer_model_projection.weight") w_.per_layer_model_projection = dev;
-      else if (n == "per_layer_projection_norm.weight") w_.per_layer_projection_norm = dev;
-      else if (n == "norm.weight") w_.norm = dev;
-      continue;
-    }
-    Gemma4LayerWeights& lw = w_.layers[size_t(s.layer)];
-    std::string n = s.name.substr(s.name.find('.', 7) + 1);  // strip "layers.{i}."
-    Tensor* slot =
-        n == "input_layernorm.weight"              ? &lw.input_layernorm
-        : n == "post_attention_layernorm.weight"   ? &lw.post_attention_layernorm
-        : n == "pre_feedforward_layernorm.weight"  ? &lw.pre_feedforward_layernorm
-        : n == "post_feedforward_layernorm.weight" ? &lw.post_feedforward_layernorm
-        : n == "self_attn.q_proj.weight"           ? &lw.q_proj
-        : n == "self_attn.q_norm.weight"           ? &lw.q_norm
-        : n == "self_attn.k_proj.weight"           ? &lw.k_proj
-        : n == "self_attn.v_proj.weight"           ? &lw.v_proj
-        : n == "self_attn.k_norm.weight"           ? &lw.k_norm
-        : n == "self_attn.o_proj.weight"           ? &lw.o_proj
-        : n == "mlp.gate_proj.weight"              ? &lw.gate_proj
-        : n == "mlp.up_proj.weight"                ? &lw.up_proj
-        : n == "mlp.down_proj.weight"              ? &lw.down_proj
-        : n == "router.proj.weight"                ? &lw.router_proj
-        : n == "router.scale"                      ? &lw.router_scale
-        : n == "router.per_expert_scale"           ? &lw.per_expert_scale
-        : n == "experts.gate_up_proj"              ? &lw.experts_gate_up
-        : n == "experts.down_proj"                 ? &lw.experts_down
-        : n == "pre_feedforward_layernorm_2.weight"  ? &lw.pre_feedforward_layernorm_2
-        : n == "post_feedforward_layernorm_1.weight" ? &lw.post_feedforward_layernorm_1
-        : n == "post_feedforward_layernorm_2.weight" ? &lw.post_feedforward_layernorm_2
-        : n == "per_layer_input_gate.weight"         ? &lw.per_layer_input_gate
-        : n == "per_layer_projection.weight"         ? &lw.per_layer_projection
-        : n == "post_per_layer_input_norm.weight"    ? &lw.post_per_layer_input_norm
-                                                     : nullptr;
+    Tensor* slot = weight_slot(w_, s.name);
     if (!slot) throw std::logic_error("unmapped weight " + s.name);
     *slot = dev;
   }

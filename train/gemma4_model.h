@@ -30,6 +30,11 @@ struct Gemma4Weights {
   std::vector<Gemma4LayerWeights> layers;
 };
 
+// The tensor of `w` that HF calls `name` (without the "model." prefix, e.g.
+// "layers.3.self_attn.q_proj.weight"); nullptr for names the decoder does not have.
+// layer_scalar is a plain double, not a tensor, and has no slot.
+Tensor* weight_slot(Gemma4Weights& w, const std::string& name);
+
 // A batch of token sequences: ids I32 [B, S] on the host; optional positions (I32 [B, S],
 // default 0..S-1 per row) and document ids (I32 [B, S]; packed sequences never attend
 // across documents).

@@ -228,6 +228,30 @@ def fp64_throughout():
         mg.Gemma4TextRotaryEmbedding.forward = orig_rope
 
 
+def grad_probes(g: torch.Tensor) -> list:
+    """Three numbers that pin a gradient tensor down: Σg, Σg², Σ g_i·cos(0.37·i) over the
+    flat index i (tests/test_golden_grad.cpp computes the same)."""
+    flat = g.detach().double().reshape(-1)
+    c = torch.cos(0.37 * torch.arange(flat.numel(), dtype=torch.float64))
+    return [flat.sum().item(), (flat * flat).sum().item(), (flat * c).sum().item()]
+
+
+def save_grad_probes(model64, ids, labels, outdir: Path):
+    """Gradients of the token-mean loss by transformers' autograd in fp64 (fp32 islands lifted)."""
+    model64.zero_grad(set_to_none=True)
+    with torch.enable_grad(), fp64_throughout():
+        logits = model64(input_ids=ids, use_cache=False).logits
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()
+    probes = {name.removeprefix("model."): grad_probes(p.grad)
+              for name, p in model64.named_parameters() if p.grad is not None}
+    record = {"loss": loss.item(), "probes": "[sum, sum of squares, sum of g_i*cos(0.37*i)]",
+              "grads": probes}
+    (outdir / "grad_probes.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
 def save_forward(model, name: str, outdir: Path, seed: int, checks: dict, input_seed: int):
     cfg = model.config
     ids, labels = make_inputs(cfg.vocab_size, input_seed)
@@ -307,6 +331,7 @@ def save_forward(model, name: str, outdir: Path, seed: int, checks: dict, input_
                                                shifted.reshape(-1), ignore_index=-100)
     tensors["logits_fp64"] = logits64
     tensors["loss_fp64"] = loss64.reshape(1).contiguous()
+    save_grad_probes(model64, ids, labels, outdir)
     fp32_noise = ((logits.double() - logits64).abs().max() / logits64.abs().max()).item()
     info.update(hf_fp32_vs_fp64_logits_rel=fp32_noise, loss_fp64=loss64.item())
     assert fp32_noise <= MAX_FP32_NOISE, f"{name}: fp32 rounding noise {fp32_noise:.3g} too large"
