@@ -69,7 +69,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     ops_.rmsnorm_backward(st.ple_ctx, w_.per_layer_projection_norm, P, config_.rms_norm_eps, dple, dctx,
                           grads.w.per_layer_projection_norm);
     ops_.scale(dctx, 1.0 / std::sqrt(double(H)));
-    ops_.linear_backward(st.x0, w_.per_layer_model_projection, dctx, dx, grads.w.per_layer_model_projection);
+    linear_backward(st, st.x0, w_.per_layer_model_projection, dctx, dx, grads.w.per_layer_model_projection);
   }
   // The pad row (padding_idx) of the embedding gets no lookup gradient, as in PyTorch.
   ops_.embedding_backward(st.ids, dx, embed_scale(H), config_.pad_token_id, grads.w.embed_tokens);
@@ -92,9 +92,9 @@ void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4Laye
   if (P > 0) {
     Tensor dproj = like(ops_, t.proj), dgh = like(ops_, t.gh), dg = like(ops_, t.g), dple_i = like(ops_, t.ple_i);
     ops_.rmsnorm_backward(t.proj, lw.post_per_layer_input_norm, H, eps, dx3, dproj, g.post_per_layer_input_norm);
-    ops_.linear_backward(t.gh, lw.per_layer_projection, dproj, dgh, g.per_layer_projection);
+    linear_backward(st, t.gh, lw.per_layer_projection, dproj, dgh, g.per_layer_projection);
     ops_.gelu_tanh_mul_backward(t.g, t.ple_i, dgh, dg, dple_i);
-    ops_.linear_backward(t.x2, lw.per_layer_input_gate, dg, dx2, g.per_layer_input_gate);
+    linear_backward(st, t.x2, lw.per_layer_input_gate, dg, dx2, g.per_layer_input_gate);
     ops_.copy_columns(dple_i, 0, dple, int64_t(i) * P, P);  // each layer owns its column block
   }
 
@@ -108,14 +108,14 @@ void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4Laye
     ops_.rmsnorm_backward(t.mlp, lw.post_feedforward_layernorm_1, H, eps, dm_sum, dmlp, g.post_feedforward_layernorm_1);
     Tensor dm2 = like(ops_, t.m2);
     ops_.rmsnorm_backward(t.m2, lw.post_feedforward_layernorm_2, H, eps, dm_sum, dm2, g.post_feedforward_layernorm_2);
-    moe_backward(lw, t, dm2, g, dx1);
+    moe_backward(lw, st, t, dm2, g, dx1);
   }
   // Dense GeGLU.
   Tensor dh = like(ops_, t.h), dgate = like(ops_, t.gate), dup = like(ops_, t.up), dm_in = like(ops_, t.m_in);
-  ops_.linear_backward(t.h, lw.down_proj, dmlp, dh, g.down_proj);
+  linear_backward(st, t.h, lw.down_proj, dmlp, dh, g.down_proj);
   ops_.gelu_tanh_mul_backward(t.gate, t.up, dh, dgate, dup);
-  ops_.linear_backward(t.m_in, lw.gate_proj, dgate, dm_in, g.gate_proj);
-  ops_.linear_backward(t.m_in, lw.up_proj, dup, dm_in, g.up_proj);
+  linear_backward(st, t.m_in, lw.gate_proj, dgate, dm_in, g.gate_proj);
+  linear_backward(st, t.m_in, lw.up_proj, dup, dm_in, g.up_proj);
   ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm, H, eps, dm_in, dx1, g.pre_feedforward_layernorm);
 
   // x1 = x + RMSNorm(o), o = Attn(a), a = RMSNorm(x)
@@ -139,7 +139,7 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   const double eps = config_.rms_norm_eps;
 
   Tensor dattn = like(ops_, t.attn);
-  ops_.linear_backward(t.attn, lw.o_proj, d_o, dattn, g.o_proj);
+  linear_backward(st, t.attn, lw.o_proj, d_o, dattn, g.o_proj);
 
   const int src = geo.kv_source < 0 ? i : geo.kv_source;
   const auto& [k, v] = st.kv[size_t(src)];
@@ -158,7 +158,7 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   ops_.rope_backward(dq, nh, st.positions, inv_freq_[size_t(i)]);
   Tensor dq_raw = like(ops_, t.q_raw);
   ops_.rmsnorm_backward(t.q_raw, lw.q_norm, d, eps, dq, dq_raw, g.q_norm);
-  ops_.linear_backward(t.a, lw.q_proj, dq_raw, da, g.q_proj);
+  linear_backward(st, t.a, lw.q_proj, dq_raw, da, g.q_proj);
 
   if (geo.kv_source >= 0) return;  // this layer's K/V gradient went to the source layer
   // Every consumer (later layers) has added into dk/dv by now.
@@ -172,13 +172,13 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   } else {
     Tensor dv_raw = like(ops_, t.v_raw);
     ops_.rmsnorm_backward(t.v_raw, Tensor(), d, eps, dv, dv_raw, none);
-    ops_.linear_backward(t.a, lw.v_proj, dv_raw, da, g.v_proj);
+    linear_backward(st, t.a, lw.v_proj, dv_raw, da, g.v_proj);
   }
-  ops_.linear_backward(t.a, lw.k_proj, dk_raw, da, g.k_proj);
+  linear_backward(st, t.a, lw.k_proj, dk_raw, da, g.k_proj);
 }
 
-void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, LayerTape& t, const Tensor& dm2, Gemma4LayerWeights& g,
-                               Tensor& dx1) {
+void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t, const Tensor& dm2,
+                               Gemma4LayerWeights& g, Tensor& dx1) {
   const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
                 I = config_.moe_intermediate_size;
   const double eps = config_.rms_norm_eps;
@@ -195,14 +195,14 @@ void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, LayerTape& t, const
     ops_.gather_rows(dm2, x.rows, dout);
     ops_.scale_rows(dout, x.scales);
     Tensor dh = like(ops_, x.h), dgate = like(ops_, x.gate), dup = like(ops_, x.up);
-    Tensor down_g = g.experts_down.slice_rows(e, e + 1).view({H, I});
+    Tensor down_g = g.experts_down.defined() ? g.experts_down.slice_rows(e, e + 1).view({H, I}) : Tensor();
     ops_.linear_backward(x.h, lw.experts_down.slice_rows(e, e + 1).view({H, I}), dout, dh, down_g);
     ops_.gelu_tanh_mul_backward(x.gate, x.up, dh, dgate, dup);
     Tensor dgu = ops_.zeros({m, 2 * I});
     ops_.copy_columns(dgate, 0, dgu, 0, I);
     ops_.copy_columns(dup, 0, dgu, I, I);
     Tensor dye = like(ops_, x.ye);
-    Tensor gu_g = g.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H});
+    Tensor gu_g = g.experts_gate_up.defined() ? g.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}) : Tensor();
     ops_.linear_backward(x.ye, lw.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}), dgu, dye, gu_g);
     ops_.scatter_rows(dye, x.rows, dy2);
   }
@@ -213,7 +213,7 @@ void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, LayerTape& t, const
   Tensor dlogits = like(ops_, t.router_logits);
   ops_.moe_route_backward(t.router_logits, lw.per_expert_scale, t.route_idx, dweights, dlogits, g.per_expert_scale);
   Tensor dr = like(ops_, t.router_in);
-  ops_.linear_backward(t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
+  linear_backward(st, t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
   ops_.scale(dr, 1.0 / std::sqrt(double(H)));
   ops_.rmsnorm_backward(t.x1, lw.router_scale, H, eps, dr, dx1, g.router_scale);
 }

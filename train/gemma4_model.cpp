@@ -115,10 +115,11 @@ Tensor Gemma4Model::embed(const Tensor& ids) {
 
 // PLE (gemma4.md §2.2): ple = (RMSNorm_P(e·W_plmpᵀ · H^-½) + EmbedPLE[ids]·√P) · 2^-½, [N, L·P].
 // `ctx_scaled` receives e·W_plmpᵀ·H^-½ (the norm's input) for the backward.
-Tensor Gemma4Model::per_layer_inputs(const Tensor& ids, const Tensor& e, Tensor& ctx_scaled) {
+Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& ctx_scaled) {
+  const Tensor& ids = st.ids;
   const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
   ctx_scaled = ops_.zeros({n, L * P});
-  ops_.linear_forward(e, w_.per_layer_model_projection, ctx_scaled);
+  linear(st, e, w_.per_layer_model_projection, ctx_scaled);
   ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
   Tensor ple = ops_.zeros({n, L * P});
   ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);
@@ -135,6 +136,7 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
   st.B = B;
   st.S = S;
+  st.keep = keep_tapes;
   Tensor positions_host;
   if (batch.positions.defined()) {
     positions_host = to_i32(batch.positions);
@@ -146,7 +148,8 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   st.ids = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
   if (batch.doc_ids.defined()) st.doc_ids = ops_.upload(to_i32(batch.doc_ids), DType::I32);
   st.x0 = embed(st.ids);
-  if (config_.has_ple()) st.ple = per_layer_inputs(st.ids, st.x0, st.ple_ctx);
+  st.lora_saved.clear();
+  if (config_.has_ple()) st.ple = per_layer_inputs(st, st.x0, st.ple_ctx);
 
   Tensor x = ops_.zeros({n, config_.hidden_size});
   ops_.add(st.x0, x, x);  // the stream starts as a copy of the embedding
@@ -184,7 +187,7 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
 
   // q = RoPE(RMSNorm_d(a·W_qᵀ; q_norm)), per head.
   t.q_raw = ops_.zeros({n, nh * d});
-  ops_.linear_forward(t.a, lw.q_proj, t.q_raw);
+  linear(st, t.a, lw.q_proj, t.q_raw);
   t.q = ops_.zeros({n, nh * d});
   ops_.rmsnorm_forward(t.q_raw, lw.q_norm, d, eps, t.q);
   ops_.rope_forward(t.q, nh, st.positions, inv_freq_[size_t(i)]);
@@ -193,11 +196,11 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
     // k = RoPE(RMSNorm_d(a·W_kᵀ; k_norm)); v = RMSNorm_d(a·W_vᵀ) without weight; K=V full
     // layers take v from the same raw k projection.
     t.k_raw = ops_.zeros({n, nkv * d});
-    ops_.linear_forward(t.a, lw.k_proj, t.k_raw);
+    linear(st, t.a, lw.k_proj, t.k_raw);
     t.v_raw = t.k_raw;
     if (!g.k_eq_v) {
       t.v_raw = ops_.zeros({n, nkv * d});
-      ops_.linear_forward(t.a, lw.v_proj, t.v_raw);
+      linear(st, t.a, lw.v_proj, t.v_raw);
     }
     t.k = ops_.zeros({n, nkv * d});
     ops_.rmsnorm_forward(t.k_raw, lw.k_norm, d, eps, t.k);
@@ -211,25 +214,25 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
   ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
                          v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
   t.o = ops_.zeros({n, config_.hidden_size});
-  ops_.linear_forward(t.attn, lw.o_proj, t.o);
+  linear(st, t.attn, lw.o_proj, t.o);
   return t.o;
 }
 // GeGLU: (gelu_tanh(y·W_gateᵀ) ∘ y·W_upᵀ)·W_downᵀ with y = t.m_in.
-Tensor Gemma4Model::dense_mlp(const Gemma4LayerWeights& lw, LayerTape& t) {
+Tensor Gemma4Model::dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t) {
   const int64_t n = t.m_in.dim(0), I = lw.gate_proj.dim(0);
   t.gate = ops_.zeros({n, I});
   t.up = ops_.zeros({n, I});
-  ops_.linear_forward(t.m_in, lw.gate_proj, t.gate);
-  ops_.linear_forward(t.m_in, lw.up_proj, t.up);
+  linear(st, t.m_in, lw.gate_proj, t.gate);
+  linear(st, t.m_in, lw.up_proj, t.up);
   t.h = ops_.zeros({n, I});
   ops_.gelu_tanh_mul_forward(t.gate, t.up, t.h);
   t.mlp = ops_.zeros({n, config_.hidden_size});
-  ops_.linear_forward(t.h, lw.down_proj, t.mlp);
+  linear(st, t.h, lw.down_proj, t.mlp);
   return t.mlp;
 }
 
 // MoE branch (gemma4.md §3.4): the router and the expert pre-norm both read x1.
-Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, LayerTape& t) {
+Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t) {
   const int64_t n = t.x1.dim(0), H = config_.hidden_size, E = config_.num_experts,
                 K = config_.top_k_experts, I = config_.moe_intermediate_size;
   const double eps = config_.rms_norm_eps;
@@ -239,7 +242,7 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, LayerTape& t) {
   ops_.rmsnorm_forward(t.x1, lw.router_scale, H, eps, t.router_in);
   ops_.scale(t.router_in, 1.0 / std::sqrt(double(H)));
   t.router_logits = ops_.zeros({n, E});
-  ops_.linear_forward(t.router_in, lw.router_proj, t.router_logits);
+  linear(st, t.router_in, lw.router_proj, t.router_logits);
   t.route_w = ops_.zeros({n, K});
   t.route_idx = ops_.zeros({n, K}, DType::I32);
   ops_.moe_route_forward(t.router_logits, lw.per_expert_scale, K, t.route_w, t.route_idx);
@@ -300,11 +303,11 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
   // x2 = x1 + RMSNorm(MLP(RMSNorm(x1)) [+ MoE branch])
   t.m_in = ops_.zeros({n, H});
   ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm, H, eps, t.m_in);
-  dense_mlp(lw, t);
+  dense_mlp(lw, st, t);
   if (config_.enable_moe_block) {
     t.m_sum = ops_.zeros({n, H});
     ops_.rmsnorm_forward(t.mlp, lw.post_feedforward_layernorm_1, H, eps, t.m_sum);
-    moe_block(lw, t);
+    moe_block(lw, st, t);
     Tensor m2n = ops_.zeros({n, H});
     ops_.rmsnorm_forward(t.m2, lw.post_feedforward_layernorm_2, H, eps, m2n);
     ops_.add(t.m_sum, m2n, t.m_sum);
@@ -319,13 +322,13 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
   Tensor out = ops_.zeros({n, H});
   if (P > 0) {
     t.g = ops_.zeros({n, P});
-    ops_.linear_forward(t.x2, lw.per_layer_input_gate, t.g);
+    linear(st, t.x2, lw.per_layer_input_gate, t.g);
     t.ple_i = ops_.zeros({n, P});
     ops_.copy_columns(st.ple, int64_t(i) * P, t.ple_i, 0, P);
     t.gh = ops_.zeros({n, P});
     ops_.gelu_tanh_mul_forward(t.g, t.ple_i, t.gh);
     t.proj = ops_.zeros({n, H});
-    ops_.linear_forward(t.gh, lw.per_layer_projection, t.proj);
+    linear(st, t.gh, lw.per_layer_projection, t.proj);
     ops_.rmsnorm_forward(t.proj, lw.post_per_layer_input_norm, H, eps, out);
   }
   ops_.add(t.x2, out, out);

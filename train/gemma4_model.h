@@ -7,6 +7,9 @@
 #include "core/config.h"
 #include "core/ops.h"
 #include "core/safetensors.h"
+#include "train/lora.h"
+
+#include <unordered_map>
 
 namespace tl {
 
@@ -101,10 +104,28 @@ class Gemma4Model {
 
   // Zero gradients for every weight (the full-parameter case, `adapter: full`).
   Gemma4Grads zero_grads();
+  // No base-weight gradients at all (LoRA only; adapters keep their own).
+  Gemma4Grads no_grads() const {
+    Gemma4Grads g;
+    g.w.layers.resize(w_.layers.size());
+    return g;
+  }
   // One forward and backward pass: adds d(loss_sum · grad_scale)/dθ into `grads` and
   // returns the summed loss and target count. grad_scale is 1/N for a token mean over N
   // targets (N may span several micro-batches, as HF's num_items_in_batch).
   Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
+
+  // Attaches a LoRA adapter to the projection HF calls `name` (e.g.
+  // "layers.3.self_attn.q_proj.weight"); A, B are host tensors, uploaded in the activation
+  // dtype. Its gradients (dA, dB) are zeroed and accumulated by forward_backward.
+  LoraAdapter& attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
+                           double dropout = 0.0, uint64_t dropout_seed = 0);
+  std::vector<LoraAdapter*> adapters();  // in the order they were attached
+  // Training mode turns LoRA dropout on; `step` selects the dropout masks of this pass.
+  void set_training(bool on, uint64_t step = 0) {
+    training_ = on;
+    step_ = step;
+  }
 
  private:
   // The state of one forward pass that the backward needs beyond the layer tapes.
@@ -114,14 +135,22 @@ class Gemma4Model {
     std::vector<LayerTape> tapes;
     std::vector<std::pair<Tensor, Tensor>> kv;
     Tensor final_in, hidden;
+    bool keep = false;  // keeping what the backward needs
+    // Per adapted projection: the (dropped-out) input and x·Aᵀ, for the LoRA backward.
+    std::unordered_map<const Tensor*, std::pair<Tensor, Tensor>> lora_saved;
   };
+  Tensor dropout_mask(const LoraAdapter& a, const Shape& shape);
+  // y = x·Wᵀ (+ the LoRA path when W has an adapter).
+  void linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y);
+  // dx += dy·W, dW += dyᵀ·x (when wanted), plus the adapter's dA, dB and its part of dx.
+  void linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw);
   void forward(const Batch& batch, ForwardState& st, bool keep_tapes, std::vector<Tensor>* layer_outputs);
   Tensor embed(const Tensor& ids);
-  Tensor per_layer_inputs(const Tensor& ids, const Tensor& embedded, Tensor& ctx_scaled);
+  Tensor per_layer_inputs(ForwardState& st, const Tensor& embedded, Tensor& ctx_scaled);
   void layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& tape);
   Tensor attention(int i, ForwardState& st, LayerTape& tape);
-  Tensor dense_mlp(const Gemma4LayerWeights& lw, LayerTape& tape);
-  Tensor moe_block(const Gemma4LayerWeights& lw, LayerTape& tape);
+  Tensor dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
+  Tensor moe_block(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   AttentionMask mask_for(int i, const ForwardState& st) const;
   Tensor rope_inv_freq(const LayerGeometry& g) const;
 
@@ -130,13 +159,17 @@ class Gemma4Model {
                       std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& dple);
   void attention_backward(int i, const Tensor& dattn_out, ForwardState& st, Gemma4LayerWeights& g,
                           std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& da);
-  void moe_backward(const Gemma4LayerWeights& lw, LayerTape& tape, const Tensor& dm2, Gemma4LayerWeights& g,
-                    Tensor& dx1);
+  void moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape, const Tensor& dm2,
+                    Gemma4LayerWeights& g, Tensor& dx1);
 
   Gemma4Config config_;
   Ops& ops_;
   Gemma4Weights w_;
   std::vector<Tensor> inv_freq_;  // per layer, host F64
+  std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
+  std::vector<const Tensor*> lora_order_;
+  bool training_ = false;
+  uint64_t step_ = 0;
 };
 
 // Shifted targets as HF builds them: target[b, t] = labels[b, t+1], −100 at the last

@@ -27,6 +27,7 @@ void CpuOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy,
 
 void CpuOps::embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
                                 Tensor& dtable) {
+  if (!dtable.defined()) return;
   const int64_t d = dtable.dim(1), n = ids.numel();
   require(dout.numel() == n * d, "embedding_backward sizes");
   dispatch(dtable.dtype(), [&]<class T>() {

@@ -1,0 +1,100 @@
+// LoRA on the model's projections: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ, and its backward
+//   dB += s·dyᵀ·(drop(x)·Aᵀ);  d(xa) = s·dy·B;  dA += d(xa)ᵀ·drop(x);  dx += drop'(d(xa)·A).
+#include <fmt/format.h>
+
+#include "core/weights.h"
+#include "train/gemma4_model.h"
+
+namespace tl {
+
+LoraAdapter& Gemma4Model::attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
+                                      double dropout, uint64_t dropout_seed) {
+  Tensor* w = weight_slot(w_, name);
+  if (!w || !w->defined() || w->rank() != 2)
+    throw Error(fmt::format("LoRA target '{}' is not a projection of this model", name));
+  if (A.rank() != 2 || B.rank() != 2 || A.dim(1) != w->dim(1) || B.dim(0) != w->dim(0) || B.dim(1) != A.dim(0))
+    throw Error(fmt::format("LoRA '{}': A {} and B {} do not fit the weight {}", name, shape_str(A.shape()),
+                            shape_str(B.shape()), shape_str(w->shape())));
+  if (dropout < 0 || dropout >= 1) throw Error(fmt::format("LoRA '{}': dropout {} not in [0, 1)", name, dropout));
+  LoraAdapter a;
+  a.name = name;
+  a.A = ops_.upload(A, ops_.act_dtype());
+  a.B = ops_.upload(B, ops_.act_dtype());
+  a.dA = ops_.zeros(A.shape());
+  a.dB = ops_.zeros(B.shape());
+  a.scaling = scaling;
+  a.dropout = dropout;
+  a.dropout_seed = dropout_seed;
+  if (!lora_.count(w)) lora_order_.push_back(w);
+  return lora_[w] = std::move(a);
+}
+
+std::vector<LoraAdapter*> Gemma4Model::adapters() {
+  std::vector<LoraAdapter*> out;
+  for (const Tensor* w : lora_order_) out.push_back(&lora_.at(w));
+  return out;
+}
+
+// Inverted dropout: keep with probability 1−p and scale by 1/(1−p). The mask is a pure
+// function of (seed, step, element), so a resumed run draws the same masks.
+Tensor Gemma4Model::dropout_mask(const LoraAdapter& a, const Shape& shape) {
+  Tensor mask = Tensor::zeros(shape, ops_.act_dtype());
+  const uint64_t base = splitmix64(a.dropout_seed ^ splitmix64(step_));
+  for (int64_t i = 0; i < mask.numel(); ++i) {
+    double keep = unit_double(splitmix64(base + uint64_t(i))) >= a.dropout ? 1.0 / (1.0 - a.dropout) : 0.0;
+    if (mask.dtype() == DType::F64) mask.data<double>()[i] = keep;
+    else mask.data<float>()[i] = float(keep);
+  }
+  return ops_.upload(mask, ops_.act_dtype());
+}
+
+void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y) {
+  ops_.linear_forward(x, w, y);
+  auto it = lora_.find(&w);
+  if (it == lora_.end()) return;
+  const LoraAdapter& a = it->second;
+  const int64_t n = y.dim(0);
+  Tensor xd = x;
+  if (training_ && a.dropout > 0) {
+    xd = ops_.zeros(x.shape());
+    ops_.mul(x, dropout_mask(a, x.shape()), xd);
+  }
+  Tensor xa = ops_.zeros({n, a.rank()});
+  ops_.linear_forward(xd, a.A, xa);
+  Tensor delta = ops_.zeros(y.shape());
+  ops_.linear_forward(xa, a.B, delta);
+  ops_.scale(delta, a.scaling);  // PEFT scales after B
+  ops_.add(y, delta, y);
+  if (st.keep) st.lora_saved[&w] = {xd, xa};
+}
+
+void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx,
+                                  Tensor& dw) {
+  ops_.linear_backward(x, w, dy, dx, dw);
+  auto it = lora_.find(&w);
+  if (it == lora_.end()) return;
+  LoraAdapter& a = it->second;
+  const auto& [xd, xa] = st.lora_saved.at(&w);
+  Tensor dys = ops_.zeros(dy.shape());
+  ops_.add(dy, dys, dys);
+  ops_.scale(dys, a.scaling);
+  Tensor dxa = ops_.zeros(xa.shape());
+  ops_.linear_backward(xa, a.B, dys, dxa, a.dB);
+  if (!dx.defined()) {
+    Tensor none;
+    ops_.linear_backward(xd, a.A, dxa, none, a.dA);
+    return;
+  }
+  if (xd.raw() == x.raw()) {  // no dropout: the input gradient goes straight into dx
+    ops_.linear_backward(xd, a.A, dxa, dx, a.dA);
+    return;
+  }
+  // With dropout, dx += d(xd)∘mask (the mask already holds 1/(1−p)); it is regenerated
+  // from its seed rather than kept.
+  Tensor dxd = ops_.zeros(x.shape());
+  ops_.linear_backward(xd, a.A, dxa, dxd, a.dA);
+  ops_.mul(dxd, dropout_mask(a, x.shape()), dxd);
+  ops_.add(dx, dxd, dx);
+}
+
+}  // namespace tl

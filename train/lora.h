@@ -1,0 +1,41 @@
+// LoRA adapters with PEFT's semantics (formats.md §2):
+//   y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ,   A: [r, in], B: [out, r], s = alpha/r (or alpha/√r, rsLoRA)
+// Adapters attach to the model's base projections; the base stays frozen.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace tl {
+
+struct LoraAdapter {
+  std::string name;   // the base weight's HF name, e.g. "layers.3.self_attn.q_proj.weight"
+  Tensor A, B;        // on the backend, in the activation dtype (fp32 master weights)
+  Tensor dA, dB;      // gradients, same shapes
+  double scaling = 1.0;
+  double dropout = 0.0;
+  uint64_t dropout_seed = 0;  // with the step counter, fixes the dropout mask of each pass
+
+  int64_t rank() const { return A.dim(0); }
+};
+
+// PEFT's scaling: alpha/r, or alpha/√r with rsLoRA.
+double lora_scaling(double alpha, int64_t r, bool use_rslora);
+
+// PEFT's default init on the host: A ~ U(−1/√in, 1/√in) (kaiming_uniform with a=√5), B = 0.
+// Deterministic in `seed` (our own generator: PyTorch's stream is not reproduced).
+void lora_init(Tensor& A_host, Tensor& B_host, uint64_t seed);
+
+// SplitMix64: the counter-based generator used for every random draw torchless makes
+// (LoRA init, dropout masks, data shuffling), so runs are reproducible and resumable.
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+// A uniform double in [0, 1) from a 64-bit value.
+inline double unit_double(uint64_t bits) { return double(bits >> 11) * 0x1.0p-53; }
+
+}  // namespace tl
