@@ -79,6 +79,15 @@ class Ops {
   // (double) and sets `count`. logits: [N, V], labels: I32 [N].
   virtual double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) = 0;
 
+  // ---- optimisation ----------------------------------------------------------------------
+  // ‖x‖₂ (accumulated in double).
+  virtual double norm2(const Tensor& x) = 0;
+  // One PyTorch AdamW update of p with gradient g and moments m, v (bc1, bc2 the bias
+  // corrections 1−β^t):  p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+  // p ← p − (lr/bc1)·m / (√v/√bc2 + eps).
+  virtual void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1,
+                            double beta2, double eps, double wd, double bc1, double bc2) = 0;
+
   // ---- backward ------------------------------------------------------------------------
   // Each *_backward takes the forward's inputs and the gradient of its output, and ADDS the
   // gradients of its inputs into the given tensors (so consumers can accumulate: tied

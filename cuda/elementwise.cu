@@ -1,4 +1,5 @@
-// Elementwise ops (add, mul, scale, softcap, gelu_tanh·up) and the column copy.
+// Elementwise ops (add, mul, scale, scale_rows, softcap, gelu_tanh·up, and the backward of the last
+// two) and the column copy.
 // Grid-stride loops over the flat index; each element is read before it is written by the
 // same thread, so outputs may alias inputs as the Ops interface allows.
 #include "core/math.h"
@@ -23,6 +24,12 @@ __global__ void scale_kernel(T* x, T s, int64_t n) {
   TL_GRID_STRIDE(i, n) x[i] *= s;
 }
 
+// x[m, :] *= s[m]; x viewed [M, d].
+template <class T>
+__global__ void scale_rows_kernel(T* x, const T* s, int64_t n, int64_t d) {
+  TL_GRID_STRIDE(i, n) x[i] *= s[i / d];
+}
+
 // x = cap·tanh(x/cap), the shared formula from core/math.h.
 template <class T>
 __global__ void softcap_kernel(T* x, T cap, int64_t n) {
@@ -33,6 +40,25 @@ __global__ void softcap_kernel(T* x, T cap, int64_t n) {
 template <class T>
 __global__ void gelu_tanh_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
   TL_GRID_STRIDE(i, n) out[i] = gelu_tanh(gate[i]) * up[i];
+}
+
+// dgate += dout·up·gelu'(gate), dup += dout·gelu(gate); either may be null (not wanted).
+template <class T>
+__global__ void gelu_tanh_mul_backward_kernel(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
+                                              int64_t n) {
+  TL_GRID_STRIDE(i, n) {
+    if (dgate) dgate[i] += dout[i] * up[i] * gelu_tanh_grad(gate[i]);
+    if (dup) dup[i] += dout[i] * gelu_tanh(gate[i]);
+  }
+}
+
+// Given y = cap·tanh(x/cap): dx = dy·(1 − (y/cap)²), in place on dy.
+template <class T>
+__global__ void softcap_backward_kernel(const T* y, T cap, T* dy, int64_t n) {
+  TL_GRID_STRIDE(i, n) {
+    const T t = y[i] / cap;
+    dy[i] *= T(1) - t * t;
+  }
 }
 
 void require_same(const Tensor& a, const Tensor& b, const Tensor& out, const char* what) {
@@ -76,6 +102,21 @@ void CudaOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor
   });
 }
 
+void CudaOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
+                                     Tensor& dup) {
+  require_same(gate, up, dout, "gelu_mul_backward sizes/dtypes/devices");
+  if (dgate.defined()) require_same(gate, up, dgate, "gelu_mul_backward dgate");
+  if (dup.defined()) require_same(gate, up, dup, "gelu_mul_backward dup");
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  cuda::dispatch(gate.dtype(), [&]<class T>() {
+    gelu_tanh_mul_backward_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(
+        gate.data<T>(), up.data<T>(), dout.data<T>(), dgate.defined() ? dgate.data<T>() : nullptr,
+        dup.defined() ? dup.data<T>() : nullptr, n);
+    TL_CUDA_LAUNCHED("gelu_tanh_mul_backward_kernel");
+  });
+}
+
 void CudaOps::scale(Tensor& x, double s) {
   cuda::require_device(x, "scale x");
   const int64_t n = x.numel();
@@ -86,6 +127,19 @@ void CudaOps::scale(Tensor& x, double s) {
   });
 }
 
+void CudaOps::scale_rows(Tensor& x, const Tensor& s) {
+  const int64_t m = s.numel(), d = m ? x.numel() / m : 0;
+  cuda::require(x.numel() == m * d && s.dtype() == x.dtype(), "scale_rows sizes/dtypes");
+  cuda::require_device(x, "scale_rows x");
+  cuda::require_device(s, "scale_rows s");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  cuda::dispatch(x.dtype(), [&]<class T>() {
+    scale_rows_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), s.data<T>(), n, d);
+    TL_CUDA_LAUNCHED("scale_rows_kernel");
+  });
+}
+
 void CudaOps::softcap_forward(Tensor& x, double cap) {
   cuda::require_device(x, "softcap x");
   const int64_t n = x.numel();
@@ -93,6 +147,16 @@ void CudaOps::softcap_forward(Tensor& x, double cap) {
   cuda::dispatch(x.dtype(), [&]<class T>() {
     softcap_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), T(cap), n);
     TL_CUDA_LAUNCHED("softcap_kernel");
+  });
+}
+
+void CudaOps::softcap_backward(const Tensor& y, double cap, Tensor& dy) {
+  require_same(y, y, dy, "softcap_backward sizes/dtypes/devices");
+  const int64_t n = y.numel();
+  if (n == 0) return;
+  cuda::dispatch(y.dtype(), [&]<class T>() {
+    softcap_backward_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(y.data<T>(), T(cap), dy.data<T>(), n);
+    TL_CUDA_LAUNCHED("softcap_backward_kernel");
   });
 }
 

@@ -1,4 +1,5 @@
-// Cross-entropy summed over the labelled rows: Σ_n −log softmax(logits[n])[label[n]].
+// Cross-entropy over the labelled rows (label −100 = ignored): the loss sum, and the fused
+// soft-capped gradient.
 #include <cmath>
 #include <string>
 
@@ -8,48 +9,70 @@ namespace tl {
 
 namespace {
 
-// One block per row, in double as the reference does:
-//   loss[n] = mx + log Σ_j exp(l_j − mx) − l_y,  mx = max_j l_j
-// Rows labelled −100 get 0. The host adds the rows up in order (deterministic, no atomics).
+// Row statistics in double, as the reference: mx = max_j l_j, z = Σ_j exp(l_j − mx).
+// Every thread of the block gets both.
 template <class T>
-__global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, int64_t v) {
-  const int64_t n = blockIdx.x;
-  const int32_t y = labels[n];
-  if (y == -100) {  // block-uniform, so no thread is left waiting at a barrier
-    if (threadIdx.x == 0) loss[n] = 0;
-    return;
-  }
-  const T* l = logits + n * v;
-  double mx = -INFINITY;
+__device__ void row_softmax_stats(const T* l, int64_t v, double& mx, double& z) {
+  mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = max(mx, double(l[j]));
   mx = cuda::block_reduce(mx, cuda::Max{});
-  double z = 0;
+  z = 0;
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) z += exp(double(l[j]) - mx);
   z = cuda::block_reduce(z, cuda::Sum{});
-  if (threadIdx.x == 0) loss[n] = mx + log(z) - double(l[y]);
 }
 
-}  // namespace
+// One block per row: loss[n] = mx + log z − l_y (0 for ignored rows). When dlogits is given
+// it is set (not added) to
+//   (softmax(l) − onehot(y))·grad_scale·c,  c = 1 − (l/cap)² if cap > 0 else 1
+// (the cap factor is d/dx of cap·tanh(x/cap) expressed through the capped logit l),
+// and to 0 on ignored rows. The host adds the rows' losses in order: deterministic.
+template <class T>
+__global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, T* dlogits,
+                                     double grad_scale, double cap, int64_t v) {
+  const int64_t n = blockIdx.x;
+  const int32_t y = labels[n];
+  const T* l = logits + n * v;
+  T* g = dlogits ? dlogits + n * v : nullptr;
+  if (y == -100) {  // block-uniform, so no thread is left waiting at a barrier
+    if (threadIdx.x == 0) loss[n] = 0;
+    if (g)
+      for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = T(0);
+    return;
+  }
+  double mx, z;
+  row_softmax_stats(l, v, mx, z);
+  if (threadIdx.x == 0) loss[n] = mx + log(z) - double(l[y]);
+  if (!g) return;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const double lj = double(l[j]);
+    const double p = exp(lj - mx) / z - (j == y ? 1.0 : 0.0);
+    const double c = cap > 0 ? 1.0 - (lj / cap) * (lj / cap) : 1.0;
+    g[j] = T(p * grad_scale * c);
+  }
+}
 
-double CudaOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) {
-  const int64_t n = labels.numel(), v = logits.dim(-1);
-  cuda::require(logits.numel() == n * v && labels.dtype() == DType::I32, "cross_entropy shapes");
-  cuda::require_device(logits, "cross_entropy logits");
-  cuda::require(n <= INT32_MAX, "cross_entropy: too many rows");
-  // Labels are checked (and counted) on the host: an out-of-range label would read out
-  // of bounds on the device.
-  count = 0;
+// Checks the labels on the host (an out-of-range label would read out of bounds on the
+// device) and counts the labelled rows.
+int64_t count_labels(const Tensor& labels, int64_t v) {
+  int64_t count = 0;
   for (int32_t y : cuda::host_ints(labels, "cross_entropy labels must be I32")) {
     if (y == -100) continue;
     if (y < 0 || y >= v) throw std::out_of_range("label " + std::to_string(y) + " outside vocab");
     ++count;
   }
-  if (count == 0) return 0.0;
+  return count;
+}
+
+// Runs the kernel over all rows and returns Σ loss rows.
+double run(const Tensor& logits, const Tensor& labels, Tensor* dlogits, double grad_scale, double cap) {
+  const int64_t n = labels.numel(), v = logits.dim(-1);
   cuda::DeviceInts dl = cuda::device_ints(labels, "cross_entropy labels must be I32");
   std::shared_ptr<void> rows = cuda::device_alloc(size_t(n) * sizeof(double));
   cuda::dispatch(logits.dtype(), [&]<class T>() {
     cross_entropy_kernel<T><<<unsigned(n), cuda::kThreads>>>(logits.data<T>(), dl.ptr,
-                                                             static_cast<double*>(rows.get()), v);
+                                                             static_cast<double*>(rows.get()),
+                                                             dlogits ? dlogits->data<T>() : nullptr, grad_scale,
+                                                             cap, v);
     TL_CUDA_LAUNCHED("cross_entropy_kernel");
   });
   std::vector<double> host(static_cast<size_t>(n));
@@ -57,6 +80,34 @@ double CudaOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, in
   double total = 0;
   for (double x : host) total += x;
   return total;
+}
+
+void check_shapes(const Tensor& logits, const Tensor& labels) {
+  cuda::require(logits.rank() >= 1 && logits.numel() == labels.numel() * logits.dim(-1) &&
+                    labels.dtype() == DType::I32,
+                "cross_entropy shapes");
+  cuda::require_device(logits, "cross_entropy logits");
+  cuda::require(labels.numel() <= INT32_MAX, "cross_entropy: too many rows");
+}
+
+}  // namespace
+
+double CudaOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) {
+  check_shapes(logits, labels);
+  count = count_labels(labels, logits.dim(-1));
+  if (count == 0) return 0.0;
+  return run(logits, labels, nullptr, 0.0, 0.0);
+}
+
+double CudaOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                       Tensor& dlogits, int64_t& count) {
+  check_shapes(logits, labels);
+  cuda::require(dlogits.numel() == logits.numel() && dlogits.dtype() == logits.dtype(),
+                "cross_entropy_backward dlogits");
+  cuda::require_device(dlogits, "cross_entropy_backward dlogits");
+  count = count_labels(labels, logits.dim(-1));
+  if (labels.numel() == 0) return 0.0;
+  return run(logits, labels, &dlogits, grad_scale, cap);
 }
 
 }  // namespace tl

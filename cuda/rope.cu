@@ -1,4 +1,4 @@
-// Rotary position embedding (NeoX style), in place.
+// Rotary position embedding (NeoX style), in place: forward rotates by θ, backward by −θ.
 #include <cmath>
 
 #include "cuda/cuda_util.cuh"
@@ -9,18 +9,19 @@ namespace {
 
 // x viewed [n, heads, 2·half]; one thread per (token, head, pair i). The pair (i, i+half)
 // rotates by θ = pos·inv_freq[i]:  (a, b) -> (a·cosθ − b·sinθ,  b·cosθ + a·sinθ).
+// The backward is the transpose, a rotation by −θ, i.e. the same with sinθ negated
+// (exact, so it matches the reference's a·c + b·s, b·c − a·s).
 // θ, cos and sin are computed in T, as the reference (and HF) do; inv_freq[i] = 0 leaves
 // the pair unchanged (cos 0 = 1, sin 0 = 0).
 template <class T>
 __global__ void rope_kernel(T* x, const int32_t* pos, const double* inv_freq, int64_t n, int64_t heads,
-                            int64_t half) {
+                            int64_t half, bool inverse) {
   const int64_t total = n * heads * half;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  TL_GRID_STRIDE(e, total) {
     const int64_t i = e % half, th = e / half;  // th = t·heads + h
     const int64_t t = th / heads;
     const T theta = T(pos[t]) * T(inv_freq[i]);
-    const T c = std::cos(theta), s = std::sin(theta);
+    const T c = std::cos(theta), s = inverse ? -std::sin(theta) : std::sin(theta);
     T* p = x + th * 2 * half;
     const T a = p[i], b = p[i + half];
     p[i] = a * c - b * s;
@@ -28,10 +29,8 @@ __global__ void rope_kernel(T* x, const int32_t* pos, const double* inv_freq, in
   }
 }
 
-}  // namespace
-
-void CudaOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  int64_t half = inv_freq.numel(), n = positions.numel();
+void rope(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq, bool inverse) {
+  const int64_t half = inv_freq.numel(), n = positions.numel();
   cuda::require(x.numel() == n * heads * 2 * half && inv_freq.dtype() == DType::F64, "rope shapes");
   cuda::require_device(x, "rope x");
   if (x.numel() == 0) return;
@@ -46,9 +45,19 @@ void CudaOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, co
   }
   cuda::dispatch(x.dtype(), [&]<class T>() {
     rope_kernel<T><<<cuda::blocks_for(x.numel() / 2), cuda::kThreads>>>(x.data<T>(), pos.ptr, freq, n, heads,
-                                                                       half);
+                                                                       half, inverse);
     TL_CUDA_LAUNCHED("rope_kernel");
   });
+}
+
+}  // namespace
+
+void CudaOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  rope(x, heads, positions, inv_freq, false);
+}
+
+void CudaOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  rope(dx, heads, positions, inv_freq, true);
 }
 
 }  // namespace tl

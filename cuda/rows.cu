@@ -1,4 +1,5 @@
-// Row ops: embedding lookup, gather_rows, scatter_add_rows.
+// Row ops: embedding lookup and its backward, gather_rows, scatter_add_rows, scatter_rows,
+// rowwise_dot.
 #include <string>
 
 #include "cuda/cuda_util.cuh"
@@ -26,15 +27,47 @@ __global__ void gather_kernel(const W* src, const int32_t* rows, W* out, int64_t
   }
 }
 
-// dst[rows[m], :] += scale[m] · src[m, :]. Rows may repeat, so the adds are atomic; with
-// repeated rows the summation order (hence the last bits) is not deterministic.
+// dst[rows[m], :] += scale[m] · src[m, :] (scale == null: 1). Rows may repeat, so the adds
+// are atomic; with repeated rows the summation order (hence the last bits) is not
+// deterministic.
 template <class T>
 __global__ void scatter_add_kernel(const T* src, const int32_t* rows, const T* scale, T* dst, int64_t m,
                                    int64_t d) {
   TL_GRID_STRIDE(e, m * d) {
     const int64_t r = e / d, j = e % d;
-    atomicAdd(dst + int64_t(rows[r]) * d + j, scale[r] * src[e]);
+    atomicAdd(dst + int64_t(rows[r]) * d + j, scale ? scale[r] * src[e] : src[e]);
   }
+}
+
+// dtable[ids[r], :] += scale · dout[r, :], skipping ids equal to `skip`. Atomic, since
+// tokens repeat (same caveat on summation order as above).
+template <class T>
+__global__ void embedding_backward_kernel(const int32_t* ids, const T* dout, T scale, int64_t skip, T* dtable,
+                                          int64_t n, int64_t d) {
+  TL_GRID_STRIDE(e, n * d) {
+    const int64_t r = e / d, j = e % d;
+    const int64_t id = ids[r];
+    if (id != skip) atomicAdd(dtable + id * d + j, scale * dout[e]);
+  }
+}
+
+// out[m] = T(Σ_j a[m,j]·b[rows[m],j]), summed in double; one block per m.
+template <class T>
+__global__ void rowwise_dot_kernel(const T* a, const int32_t* rows, const T* b, T* out, int64_t d) {
+  const T* x = a + int64_t(blockIdx.x) * d;
+  const T* y = b + int64_t(rows[blockIdx.x]) * d;
+  double acc = 0;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) acc += double(x[j]) * double(y[j]);
+  acc = cuda::block_reduce(acc, cuda::Sum{});
+  if (threadIdx.x == 0) out[blockIdx.x] = T(acc);
+}
+
+// Ids are range-checked on the host (a small copy back when they live on the device): an
+// id outside the table would touch memory out of bounds on the device.
+void check_ids(const Tensor& ids, int64_t v, int64_t skip) {
+  for (int32_t id : cuda::host_ints(ids, "embedding ids must be I32"))
+    if (id != skip && (id < 0 || id >= v))
+      throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
 }
 
 }  // namespace
@@ -46,16 +79,30 @@ void CudaOps::embedding_forward(const Tensor& table, const Tensor& ids, double s
   cuda::require_device(table, "embedding table");
   cuda::require_device(out, "embedding out");
   if (n == 0 || d == 0) return;
-  // An id outside the table would read out of bounds on the device; check on the host
-  // like the reference (a small copy back when the ids live on the device).
-  for (int32_t id : cuda::host_ints(ids, "embedding ids must be I32"))
-    if (id < 0 || id >= v)
-      throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
+  check_ids(ids, v, -1);
   cuda::DeviceInts dids = cuda::device_ints(ids, "embedding ids must be I32");
   cuda::dispatch(table.dtype(), [&]<class T>() {
     embedding_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(table.data<T>(), dids.ptr, T(scale),
                                                                      out.data<T>(), n, d);
     TL_CUDA_LAUNCHED("embedding_kernel");
+  });
+}
+
+void CudaOps::embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
+                                 Tensor& dtable) {
+  if (!dtable.defined()) return;  // gradient not wanted (as in the reference)
+  cuda::require(dtable.rank() == 2 && ids.dtype() == DType::I32, "embedding_backward args");
+  const int64_t v = dtable.dim(0), d = dtable.dim(1), n = ids.numel();
+  cuda::require(dout.numel() == n * d && dout.dtype() == dtable.dtype(), "embedding_backward sizes");
+  cuda::require_device(dout, "embedding_backward dout");
+  cuda::require_device(dtable, "embedding_backward dtable");
+  if (n == 0 || d == 0) return;
+  check_ids(ids, v, skip_id);
+  cuda::DeviceInts dids = cuda::device_ints(ids, "embedding ids must be I32");
+  cuda::dispatch(dtable.dtype(), [&]<class T>() {
+    embedding_backward_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(dids.ptr, dout.data<T>(), T(scale),
+                                                                              skip_id, dtable.data<T>(), n, d);
+    TL_CUDA_LAUNCHED("embedding_backward_kernel");
   });
 }
 
@@ -92,6 +139,36 @@ void CudaOps::scatter_add_rows(const Tensor& src, const Tensor& rows, const Tens
     scatter_add_kernel<T><<<cuda::blocks_for(m * d), cuda::kThreads>>>(src.data<T>(), r.ptr, scale.data<T>(),
                                                                        dst.data<T>(), m, d);
     TL_CUDA_LAUNCHED("scatter_add_kernel");
+  });
+}
+
+void CudaOps::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
+  const int64_t d = dst.dim(-1), m = rows.numel();
+  cuda::require(src.numel() == m * d && src.dtype() == dst.dtype(), "scatter_rows sizes/dtypes");
+  cuda::require_device(src, "scatter_rows src");
+  cuda::require_device(dst, "scatter_rows dst");
+  if (m == 0 || d == 0) return;
+  cuda::DeviceInts r = cuda::device_ints(rows, "scatter_rows rows must be I32");
+  cuda::dispatch(dst.dtype(), [&]<class T>() {
+    scatter_add_kernel<T><<<cuda::blocks_for(m * d), cuda::kThreads>>>(src.data<T>(), r.ptr, nullptr,
+                                                                       dst.data<T>(), m, d);
+    TL_CUDA_LAUNCHED("scatter_add_kernel");
+  });
+}
+
+void CudaOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) {
+  const int64_t d = a.dim(-1), m = rows.numel();
+  cuda::require(a.numel() == m * d && out.numel() == m && b.dim(-1) == d, "rowwise_dot sizes");
+  cuda::require(b.dtype() == a.dtype() && out.dtype() == a.dtype(), "rowwise_dot dtypes");
+  cuda::require_device(a, "rowwise_dot a");
+  cuda::require_device(b, "rowwise_dot b");
+  cuda::require_device(out, "rowwise_dot out");
+  cuda::require(m <= INT32_MAX, "rowwise_dot: too many rows");
+  if (m == 0) return;
+  cuda::DeviceInts r = cuda::device_ints(rows, "rowwise_dot rows must be I32");
+  cuda::dispatch(a.dtype(), [&]<class T>() {
+    rowwise_dot_kernel<T><<<unsigned(m), 128>>>(a.data<T>(), r.ptr, b.data<T>(), out.data<T>(), d);
+    TL_CUDA_LAUNCHED("rowwise_dot_kernel");
   });
 }
 

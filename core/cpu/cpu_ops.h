@@ -35,6 +35,10 @@ class CpuOps final : public Ops {
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
 
+  double norm2(const Tensor& x) override;
+  void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                    double eps, double wd, double bc1, double bc2) override;
+
   void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
                           Tensor& dtable) override;

@@ -1,0 +1,70 @@
+// Optimiser primitives on the GPU: the global-norm reduction and the AdamW update
+// (the same formulas as CpuOps, see core/ops.h).
+#include "cuda/cuda_util.cuh"
+
+namespace tl {
+
+using cuda::blocks_for;
+using cuda::dispatch;
+using cuda::kThreads;
+
+namespace {
+
+// Per-block partial sums of x² in double, written to partial[blockIdx.x]; summed on the
+// host in block order so the result does not depend on scheduling.
+template <class T>
+__global__ void sumsq_kernel(const T* x, int64_t n, double* partial) {
+  double acc = 0;
+  TL_GRID_STRIDE(i, n) acc += double(x[i]) * double(x[i]);
+  acc = cuda::block_reduce(acc, cuda::Sum{});
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// p ← p·(1 − lr·wd);  m ← m + (g − m)(1−β1);  v ← β2·v + (1−β2)·g²;
+// p ← p − (lr/bc1)·m / (√v/√bc2 + eps)
+template <class T>
+__global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, T decay, T b1, T b2, T step_size,
+                             T sqrt_bc2, T eps) {
+  TL_GRID_STRIDE(i, n) {
+    T pi = p[i] * decay;
+    T mi = m[i] + (g[i] - m[i]) * (T(1) - b1);
+    T vi = v[i] * b2 + g[i] * g[i] * (T(1) - b2);
+    pi -= step_size * mi / (sqrt(vi) / sqrt_bc2 + eps);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+}  // namespace
+
+double CudaOps::norm2(const Tensor& x) {
+  cuda::require_device(x, "norm2 x");
+  const int64_t n = x.numel();
+  const unsigned blocks = std::min<unsigned>(blocks_for(n), 1024);
+  auto partial = cuda::device_alloc(sizeof(double) * blocks);
+  dispatch(x.dtype(), [&]<class T>() {
+    sumsq_kernel<T><<<blocks, kThreads>>>(x.data<T>(), n, static_cast<double*>(partial.get()));
+    TL_CUDA_LAUNCHED("sumsq_kernel");
+  });
+  std::vector<double> host(blocks);
+  TL_CUDA_CHECK(cudaMemcpy(host.data(), partial.get(), sizeof(double) * blocks, cudaMemcpyDeviceToHost));
+  double sq = 0;
+  for (double s : host) sq += s;
+  return std::sqrt(sq);
+}
+
+void CudaOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                           double eps, double wd, double bc1, double bc2) {
+  cuda::require(p.numel() == g.numel() && m.numel() == p.numel() && v.numel() == p.numel(), "adamw sizes");
+  cuda::require_device(p, "adamw p");
+  const int64_t n = p.numel();
+  dispatch(p.dtype(), [&]<class T>() {
+    adamw_kernel<T><<<blocks_for(n), kThreads>>>(p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), n,
+                                                 T(1.0 - lr * wd), T(beta1), T(beta2), T(lr / bc1),
+                                                 T(std::sqrt(bc2)), T(eps));
+    TL_CUDA_LAUNCHED("adamw_kernel");
+  });
+}
+
+}  // namespace tl
