@@ -79,6 +79,10 @@ class Ops {
   // (double) and sets `count`. logits: [N, V], labels: I32 [N].
   virtual double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) = 0;
 
+  // Rows whose label ≠ −100 and whose argmax logit is the label (token accuracy). The
+  // default copies the logits to the host; backends may do better.
+  virtual int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels);
+
   // ---- optimisation ----------------------------------------------------------------------
   // ‖x‖₂ (accumulated in double).
   virtual double norm2(const Tensor& x) = 0;

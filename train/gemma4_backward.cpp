@@ -45,8 +45,9 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     Tensor lg = logits(h);
     Tensor dlg = ops_.zeros({t1 - t0, V});
     int64_t c = 0;
-    loss.sum += ops_.cross_entropy_backward(lg, ops_.upload(targets.slice_rows(t0, t1), DType::I32), grad_scale,
-                                            cap, dlg, c);
+    Tensor chunk_targets = ops_.upload(targets.slice_rows(t0, t1), DType::I32);
+    loss.correct += ops_.count_argmax_hits(lg, chunk_targets);
+    loss.sum += ops_.cross_entropy_backward(lg, chunk_targets, grad_scale, cap, dlg, c);
     loss.count += c;
     Tensor dh = dhidden.slice_rows(t0, t1);
     ops_.linear_backward(h, w_.lm_head, dlg, dh, grads.w.lm_head);

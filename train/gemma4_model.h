@@ -98,6 +98,7 @@ class Gemma4Model {
   struct Loss {
     double sum = 0;
     int64_t count = 0;
+    int64_t correct = 0;  // targets the argmax predicts (forward_backward only)
     double mean() const { return count ? sum / double(count) : 0.0; }
   };
   Loss loss(const Tensor& hidden, const Tensor& labels);

@@ -1,0 +1,227 @@
+#include "train/train_config.h"
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+
+#include "core/tensor.h"
+
+namespace tl {
+
+namespace {
+
+const std::vector<std::string> kDatasetKeys = {
+    "path", "type", "field", "field_instruction", "field_input", "field_output", "field_messages",
+    "message_field_role", "message_field_content", "roles_to_train"};
+
+size_t levenshtein(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+struct Reader {
+  const std::string& file;
+  template <class T>
+  void operator()(const YAML::Node& n, const char* key, T& out) const {
+    const YAML::Node v = n[key];
+    if (!v || v.IsNull()) return;
+    try {
+      out = v.as<T>();
+    } catch (const YAML::Exception&) {
+      throw Error(fmt::format("{}: key '{}' has the wrong type (got '{}')", file, key, YAML::Dump(v)));
+    }
+  }
+};
+
+void check_keys(const YAML::Node& n, const std::vector<std::string>& valid, const std::string& file,
+                const std::string& where) {
+  for (const auto& kv : n) {
+    const std::string k = kv.first.as<std::string>();
+    if (std::find(valid.begin(), valid.end(), k) == valid.end())
+      throw Error(fmt::format("{}: unknown key '{}'{} (did you mean '{}'?)", file, k, where, nearest_key(k, valid)));
+  }
+}
+
+template <class T>
+void require_in(const std::string& file, const char* key, const T& v, std::initializer_list<T> allowed) {
+  if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
+    std::vector<std::string> names;
+    for (const auto& a : allowed) names.push_back(fmt::format("{}", a));
+    throw Error(fmt::format("{}: {} '{}' is not one of {}", file, key, v, fmt::join(names, ", ")));
+  }
+}
+
+}  // namespace
+
+const std::vector<std::string>& train_config_keys() {
+  static const std::vector<std::string> keys = {
+      "base_model", "adapter", "load_in_4bit", "quant_type", "double_quant", "lora_r", "lora_alpha",
+      "lora_dropout", "lora_target_modules", "lora_target_linear", "use_rslora", "lora_rank_pattern",
+      "lora_alpha_pattern", "full_train_layers", "sequence_len", "sample_packing", "overlong",
+      "datasets", "train_on_inputs", "chat_template", "val_set_size", "micro_batch_size",
+      "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
+      "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
+      "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
+      "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "seed",
+      "resume_from_checkpoint"};
+  return keys;
+}
+
+std::string nearest_key(const std::string& key, const std::vector<std::string>& valid) {
+  std::string best;
+  size_t best_d = SIZE_MAX;
+  for (const auto& v : valid) {
+    size_t d = levenshtein(key, v);
+    if (d < best_d) best_d = d, best = v;
+  }
+  return best;
+}
+
+TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vector<std::string>& overrides) {
+  const std::string file = yaml.string();
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(file);
+  } catch (const YAML::BadFile&) {
+    throw Error(file + ": cannot open");
+  } catch (const YAML::Exception& e) {
+    throw Error(fmt::format("{}: invalid YAML at line {}: {}", file, e.mark.line + 1, e.msg));
+  }
+  if (!root.IsMap()) throw Error(file + ": expected a mapping of keys to values");
+  for (const auto& o : overrides) {
+    auto eq = o.find('=');
+    if (eq == std::string::npos || eq == 0) throw Error(fmt::format("override '{}' is not key=value", o));
+    const std::string k = o.substr(0, eq);
+    const auto& valid = train_config_keys();
+    if (std::find(valid.begin(), valid.end(), k) == valid.end())
+      throw Error(fmt::format("override: unknown key '{}' (did you mean '{}'?)", k, nearest_key(k, valid)));
+    try {
+      root[k] = YAML::Load(o.substr(eq + 1));
+    } catch (const YAML::Exception& e) {
+      throw Error(fmt::format("override '{}': invalid value ({})", o, e.msg));
+    }
+  }
+  check_keys(root, train_config_keys(), file, "");
+  TrainConfig c;
+  c.source = yaml;
+  Reader read{file};
+  read(root, "base_model", c.base_model);
+  if (c.base_model.empty()) throw Error(file + ": missing required key 'base_model'");
+  read(root, "adapter", c.adapter);
+  require_in<std::string>(file, "adapter", c.adapter, {"qlora", "lora", "full"});
+  c.load_in_4bit = c.adapter == "qlora";
+  read(root, "load_in_4bit", c.load_in_4bit);
+  if (c.load_in_4bit && c.adapter != "qlora")
+    throw Error(fmt::format("{}: load_in_4bit needs adapter 'qlora' (got '{}')", file, c.adapter));
+  std::string quant_type = "nf4";
+  read(root, "quant_type", quant_type);
+  require_in<std::string>(file, "quant_type", quant_type, {"nf4"});
+  read(root, "double_quant", c.double_quant);
+
+  read(root, "lora_r", c.lora.r);
+  read(root, "lora_alpha", c.lora.alpha);
+  read(root, "lora_dropout", c.lora.dropout);
+  read(root, "use_rslora", c.lora.use_rslora);
+  read(root, "lora_rank_pattern", c.lora.rank_pattern);
+  read(root, "lora_alpha_pattern", c.lora.alpha_pattern);
+  if (c.lora.r <= 0) throw Error(fmt::format("{}: lora_r must be positive (got {})", file, c.lora.r));
+  if (c.lora.dropout < 0 || c.lora.dropout >= 1) throw Error(fmt::format("{}: lora_dropout must be in [0, 1)", file));
+  bool target_linear = false;
+  read(root, "lora_target_linear", target_linear);
+  if (const YAML::Node t = root["lora_target_modules"]; t && !t.IsNull()) {
+    if (t.IsScalar()) c.lora.target_regex = t.as<std::string>();
+    else read(root, "lora_target_modules", c.lora.target_modules);
+    if (target_linear) throw Error(file + ": give either lora_target_modules or lora_target_linear, not both");
+  } else if (!target_linear && c.adapter != "full") {
+    c.lora.target_modules = {"all-linear"};  // the default, as lora_target_linear: true
+  }
+  read(root, "full_train_layers", c.full_train_layers);
+
+  read(root, "sequence_len", c.sequence_len);
+  if (c.sequence_len < 2) throw Error(file + ": sequence_len must be at least 2");
+  read(root, "sample_packing", c.sample_packing);
+  read(root, "overlong", c.overlong);
+  require_in<std::string>(file, "overlong", c.overlong, {"truncate", "drop"});
+  read(root, "train_on_inputs", c.train_on_inputs);
+  std::string chat_template = "gemma4";
+  read(root, "chat_template", chat_template);
+  require_in<std::string>(file, "chat_template", chat_template, {"gemma4", "tokenizer_default"});
+  read(root, "val_set_size", c.val_set_size);
+  if (c.val_set_size < 0 || c.val_set_size >= 1) throw Error(file + ": val_set_size must be in [0, 1)");
+
+  const YAML::Node ds = root["datasets"];
+  if (!ds || !ds.IsSequence() || ds.size() == 0) throw Error(file + ": 'datasets' must be a non-empty list");
+  for (size_t i = 0; i < ds.size(); ++i) {
+    const YAML::Node d = ds[i];
+    const std::string where = fmt::format(" in datasets[{}]", i);
+    if (!d.IsMap()) throw Error(fmt::format("{}: datasets[{}] must be a mapping with 'path' and 'type'", file, i));
+    check_keys(d, kDatasetKeys, file, where);
+    DatasetConfig dc;
+    read(d, "path", dc.path);
+    if (dc.path.empty()) throw Error(fmt::format("{}: datasets[{}] has no 'path'", file, i));
+    read(d, "type", dc.type);
+    require_in<std::string>(file, "type", dc.type, {"completion", "text", "alpaca", "chat", "chat_template", "sharegpt"});
+    if (dc.type == "sharegpt") {
+      dc.field_messages = "conversations";
+      dc.message_field_role = "from";
+      dc.message_field_content = "value";
+    }
+    read(d, "field", dc.field);
+    read(d, "field_instruction", dc.field_instruction);
+    read(d, "field_input", dc.field_input);
+    read(d, "field_output", dc.field_output);
+    read(d, "field_messages", dc.field_messages);
+    read(d, "message_field_role", dc.message_field_role);
+    read(d, "message_field_content", dc.message_field_content);
+    read(d, "roles_to_train", dc.roles_to_train);
+    // Relative dataset paths are relative to the YAML file.
+    if (std::filesystem::path(dc.path).is_relative()) dc.path = (yaml.parent_path() / dc.path).string();
+    c.datasets.push_back(dc);
+  }
+
+  read(root, "micro_batch_size", c.micro_batch_size);
+  read(root, "gradient_accumulation_steps", c.gradient_accumulation_steps);
+  read(root, "num_epochs", c.num_epochs);
+  read(root, "max_steps", c.max_steps);
+  if (c.micro_batch_size < 1 || c.gradient_accumulation_steps < 1)
+    throw Error(file + ": micro_batch_size and gradient_accumulation_steps must be at least 1");
+  if (c.max_steps <= 0 && c.num_epochs <= 0) throw Error(file + ": set num_epochs or max_steps");
+  read(root, "learning_rate", c.learning_rate);
+  read(root, "lr_scheduler", c.lr_scheduler);
+  require_in<std::string>(file, "lr_scheduler", c.lr_scheduler, {"cosine", "linear", "constant", "constant_with_warmup"});
+  read(root, "warmup_ratio", c.warmup_ratio);
+  read(root, "warmup_steps", c.warmup_steps);
+  read(root, "cosine_min_lr_ratio", c.cosine_min_lr_ratio);
+  read(root, "optimizer", c.optimizer);
+  require_in<std::string>(file, "optimizer", c.optimizer, {"adamw", "adamw_torch", "adamw_torch_fused"});
+  read(root, "weight_decay", c.weight_decay);
+  read(root, "adam_beta1", c.adam_beta1);
+  read(root, "adam_beta2", c.adam_beta2);
+  read(root, "adam_epsilon", c.adam_epsilon);
+  read(root, "max_grad_norm", c.max_grad_norm);
+  read(root, "nan_policy", c.nan_policy);
+  require_in<std::string>(file, "nan_policy", c.nan_policy, {"skip", "stop"});
+  read(root, "gradient_checkpointing", c.gradient_checkpointing);
+  read(root, "bf16", c.bf16);
+  read(root, "output_dir", c.output_dir);
+  if (std::filesystem::path(c.output_dir).is_relative()) c.output_dir = (yaml.parent_path() / c.output_dir).string();
+  read(root, "save_steps", c.save_steps);
+  read(root, "save_total_limit", c.save_total_limit);
+  read(root, "logging_steps", c.logging_steps);
+  read(root, "eval_steps", c.eval_steps);
+  read(root, "seed", c.seed);
+  read(root, "resume_from_checkpoint", c.resume_from_checkpoint);
+  if (std::filesystem::path(c.base_model).is_relative() && std::filesystem::exists(yaml.parent_path() / c.base_model))
+    c.base_model = (yaml.parent_path() / c.base_model).string();
+  return c;
+}
+
+}  // namespace tl

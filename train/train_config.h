@@ -1,0 +1,75 @@
+// heal.yaml: the trainer's configuration, with the axolotl-style keys users know
+// (../shared/docs/users.md §1). Unknown or mistyped keys are errors that suggest the
+// nearest valid key; `key=value` overrides from the command line apply on top.
+#pragma once
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "train/peft_adapter.h"
+
+namespace tl {
+
+struct DatasetConfig {
+  std::string path;
+  std::string type = "completion";  // completion|text, alpaca, chat|chat_template, sharegpt
+  // Field mappings for other shapes of jsonl.
+  std::string field = "text";                   // completion/text
+  std::string field_instruction = "instruction", field_input = "input", field_output = "output";  // alpaca
+  std::string field_messages = "messages";      // chat ("conversations" for sharegpt)
+  std::string message_field_role = "role", message_field_content = "content";
+  std::vector<std::string> roles_to_train{"assistant"};
+};
+
+struct TrainConfig {
+  std::filesystem::path source;  // the YAML file
+  std::string base_model;
+  std::string adapter = "qlora";  // qlora | lora | full
+  bool load_in_4bit = true;
+  bool double_quant = true;
+  LoraSpec lora;
+  std::vector<int> full_train_layers;  // layers trained at full rank beside LoRA (inserted layers)
+
+  int64_t sequence_len = 2048;
+  bool sample_packing = true;
+  std::string overlong = "truncate";  // truncate | drop: sequences longer than sequence_len
+  std::vector<DatasetConfig> datasets;
+  bool train_on_inputs = false;
+  double val_set_size = 0.0;
+
+  int64_t micro_batch_size = 1;
+  int64_t gradient_accumulation_steps = 1;
+  double num_epochs = 1;
+  int64_t max_steps = 0;  // > 0 overrides num_epochs
+
+  double learning_rate = 2e-4;
+  std::string lr_scheduler = "cosine";
+  double warmup_ratio = 0.0;
+  int64_t warmup_steps = 0;
+  double cosine_min_lr_ratio = 0.0;
+  std::string optimizer = "adamw";
+  double weight_decay = 0.0, adam_beta1 = 0.9, adam_beta2 = 0.999, adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;
+  std::string nan_policy = "skip";  // skip | stop: what a non-finite loss or gradient does
+
+  bool gradient_checkpointing = true;
+  bool bf16 = true;
+
+  std::string output_dir = "out";
+  int64_t save_steps = 0;
+  int64_t save_total_limit = 0;
+  int64_t logging_steps = 1;
+  int64_t eval_steps = 0;
+  uint64_t seed = 42;
+  std::string resume_from_checkpoint;  // a checkpoint dir, or "auto" for the newest in output_dir
+
+  // Loads and validates; `overrides` are "key=value" strings (value parsed as YAML).
+  static TrainConfig load(const std::filesystem::path& yaml, const std::vector<std::string>& overrides = {});
+};
+
+// The valid top-level keys, and the nearest one to `key` (Levenshtein), for error messages.
+const std::vector<std::string>& train_config_keys();
+std::string nearest_key(const std::string& key, const std::vector<std::string>& valid);
+
+}  // namespace tl
