@@ -58,8 +58,16 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   ops_.rmsnorm_backward(st.final_in, w_.norm, H, config_.rms_norm_eps, dhidden, dx, grads.w.norm);
   std::vector<std::pair<Tensor, Tensor>> dkv(size_t(config_.num_hidden_layers));
   Tensor dple = config_.has_ple() ? like(ops_, st.ple) : Tensor();
-  for (int i = config_.num_hidden_layers - 1; i >= 0; --i)
+  for (int i = config_.num_hidden_layers - 1; i >= 0; --i) {
+    if (checkpointing_) {
+      // Recompute this layer's forward from its saved input (same weights, same dropout
+      // masks) to rebuild the tape, use it, and drop it before the next layer.
+      Tensor x = st.tapes[size_t(i)].x_in;
+      layer_forward(i, x, st, st.tapes[size_t(i)]);
+    }
     layer_backward(i, dx, st, grads.w.layers[size_t(i)], dkv, dple);
+    if (checkpointing_) st.tapes[size_t(i)] = {};
+  }
 
   // PLE: ple = (RMSNorm_P(ctx) + tok·√P)·2^-½ with ctx = x0·W_plmpᵀ·H^-½.
   if (config_.has_ple()) {

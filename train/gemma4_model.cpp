@@ -160,6 +160,8 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     LayerTape& tape = st.tapes[keep_tapes ? size_t(i) : 0];
     tape = {};
     layer_forward(i, x, st, tape);
+    // Gradient checkpointing: keep only the layer's input; the backward recomputes the rest.
+    if (keep_tapes && checkpointing_) tape = LayerTape{.x_in = tape.x_in};
     if (layer_outputs) layer_outputs->push_back(ops_.download(x));
   }
   st.final_in = x;

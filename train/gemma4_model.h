@@ -122,6 +122,9 @@ class Gemma4Model {
   LoraAdapter& attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
                            double dropout = 0.0, uint64_t dropout_seed = 0);
   std::vector<LoraAdapter*> adapters();  // in the order they were attached
+  // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
+  // backward recomputes the layer before differentiating it.
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
   // Training mode turns LoRA dropout on; `step` selects the dropout masks of this pass.
   void set_training(bool on, uint64_t step = 0) {
     training_ = on;
@@ -170,6 +173,7 @@ class Gemma4Model {
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
   std::vector<const Tensor*> lora_order_;
   bool training_ = false;
+  bool checkpointing_ = false;
   uint64_t step_ = 0;
 };
 
