@@ -9,6 +9,7 @@
 
 #include "core/checkpoint_dir.h"
 #include "core/config.h"
+#include "core/init_model.h"
 #include "core/plan.h"
 #include "core/tensor.h"
 #include "core/weights.h"
@@ -41,6 +42,18 @@ int main(int argc, char** argv) {
                                             "presence and shape");
   check->add_option("dirs", check_dirs, "checkpoint directories")->required();
 
+  std::string init_cfg, init_out, init_copy;
+  uint64_t init_seed = 0;
+  double init_std = 0.02;
+  bool init_force = false;
+  auto* init = app.add_subcommand("init", "Write a freshly initialised checkpoint (bf16) for a config.json");
+  init->add_option("config", init_cfg, "config.json (gemma4 or gemma4_text)")->required()->check(CLI::ExistingFile);
+  init->add_option("out", init_out, "output directory")->required();
+  init->add_option("--seed", init_seed, "random seed");
+  init->add_option("--std", init_std, "standard deviation of projections and embeddings (HF initializer_range)");
+  init->add_option("--copy-from", init_copy, "directory whose tokenizer and template files to copy");
+  init->add_flag("--force", init_force, "replace an existing output directory");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*plan) {
@@ -61,6 +74,14 @@ int main(int argc, char** argv) {
         std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all)\n", dir, n,
                                  ckpt.names().size());
       }
+    }
+    if (*init) {
+      auto cfg = tl::Gemma4Config::load(init_cfg);
+      tl::init_checkpoint(cfg, init_out, init_seed, init_std, init_force);
+      if (!init_copy.empty())
+        for (const auto& f : tl::non_weight_files(init_copy))
+          if (f.filename() != "config.json") fs::copy_file(f, fs::path(init_out) / f.filename(), fs::copy_options::overwrite_existing);
+      std::cout << fmt::format("wrote {}\n", init_out);
     }
     if (*convert) {
       std::optional<tl::DType> dt;

@@ -1,0 +1,14 @@
+// A freshly initialised Gemma 4 text checkpoint from a config alone (HF's _init_weights:
+// projections and embeddings ~ N(0, initializer_range), norm weights, router scales and
+// layer_scalar at 1), deterministic in the seed.
+#pragma once
+#include <filesystem>
+
+#include "core/config.h"
+
+namespace tl {
+
+void init_checkpoint(const Gemma4Config& config, const std::filesystem::path& out, uint64_t seed,
+                     double initializer_range, bool force);
+
+}  // namespace tl

@@ -1,0 +1,254 @@
+#include "train/trainer.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/nf4.h"
+#include "core/plan.h"
+#include "core/weights.h"
+#include "train/peft_adapter.h"
+#include "train/train_step.h"
+
+namespace tl {
+
+namespace fs = std::filesystem;
+
+Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log) : cfg_(std::move(cfg)), ops_(ops), log_(log) {
+  setup_model();
+  setup_data();
+}
+
+void Trainer::setup_model() {
+  if (!fs::is_directory(cfg_.base_model))
+    throw Error(fmt::format("{}: base_model '{}' is not a directory", cfg_.source.string(), cfg_.base_model));
+  Gemma4Config mc = Gemma4Config::load(cfg_.base_model);
+  Checkpoint ckpt = Checkpoint::open(cfg_.base_model);
+  model_ = std::make_unique<Gemma4Model>(mc, ops_);
+  model_->load(ckpt);
+  prefix_ = decoder_prefix(ckpt);
+  total_params_ = plan_model(mc).total_params;
+  const auto specs = text_decoder_weights(mc);
+
+  if (cfg_.load_in_4bit) {
+    // QLoRA: every projection is quantized to NF4 as bitsandbytes does it and computed from
+    // its dequantized values (in the dtype the checkpoint stores, as bnb's quant_state.dtype).
+    for (const WeightSpec& s : specs) {
+      if (!s.is_linear) continue;
+      Tensor* w = weight_slot(model_->mutable_weights(), s.name);
+      const DType stored = ckpt.entry(prefix_ + s.name).dtype;
+      Tensor host = ops_.download(*w).to(stored == DType::F64 ? DType::F32 : stored);
+      *w = ops_.upload(nf4_dequantize(nf4_quantize(host, cfg_.double_quant)), ops_.act_dtype());
+    }
+  }
+
+  std::vector<ParamSlot> slots;
+  if (cfg_.adapter == "full") {
+    grads_ = model_->zero_grads();
+    for (const WeightSpec& s : specs)
+      if (s.is_parameter)
+        slots.push_back({s.name, weight_slot(model_->mutable_weights(), s.name), weight_slot(grads_.w, s.name), {},
+                         {}, s.shape.size() > 1});  // 1-D (norms, scales): HF's no-decay group
+  } else {
+    grads_ = model_->no_grads();
+    for (const std::string& name : select_lora_targets(mc, cfg_.lora, prefix_)) {
+      Tensor* w = weight_slot(model_->mutable_weights(), name);
+      const std::string module = prefix_ + name.substr(0, name.size() - 7);
+      const int64_t r = cfg_.lora.rank_for(module);
+      Tensor A = Tensor::zeros({r, w->dim(1)}, DType::F32), B = Tensor::zeros({w->dim(0), r}, DType::F32);
+      const uint64_t h = splitmix64(std::hash<std::string>{}(name) ^ cfg_.seed);
+      lora_init(A, B, h);
+      model_->attach_lora(name, A, B, cfg_.lora.scaling_for(module), cfg_.lora.dropout, splitmix64(h));
+    }
+    slots = lora_param_slots(*model_, prefix_);
+    for (int layer : cfg_.full_train_layers) {
+      if (layer < 0 || layer >= mc.num_hidden_layers)
+        throw Error(fmt::format("{}: full_train_layers names layer {} but the model has {}", cfg_.source.string(),
+                                layer, mc.num_hidden_layers));
+      for (const WeightSpec& s : specs)
+        if (s.layer == layer && s.is_parameter) {
+          Tensor* w = weight_slot(model_->mutable_weights(), s.name);
+          Tensor* g = weight_slot(grads_.w, s.name);
+          *g = ops_.zeros(w->shape(), w->dtype());
+          slots.push_back({s.name, w, g, {}, {}, s.shape.size() > 1});
+        }
+    }
+  }
+  for (const auto& s : slots) trainable_params_ += s.value->numel();
+  optimizer_ = std::make_unique<AdamW>(
+      AdamWConfig{cfg_.learning_rate, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_epsilon, cfg_.weight_decay}, slots,
+      ops_);
+  model_->set_gradient_checkpointing(cfg_.gradient_checkpointing);
+}
+
+void Trainer::setup_data() {
+  const fs::path tok = fs::path(cfg_.base_model) / "tokenizer.json";
+  if (!fs::exists(tok)) throw Error(fmt::format("{}: no tokenizer.json beside the weights", cfg_.base_model));
+  tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::load(tok.string()));
+  std::vector<Example> train = load_examples(cfg_, *tokenizer_, stats_), val;
+  split_validation(train, val, cfg_.val_set_size, cfg_.seed);
+  train_rows_ = make_rows(train, cfg_.sequence_len, cfg_.sample_packing);
+  val_rows_ = make_rows(val, cfg_.sequence_len, cfg_.sample_packing);
+  const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps;
+  const int64_t total = cfg_.max_steps > 0
+                            ? cfg_.max_steps
+                            : std::max<int64_t>(1, int64_t(std::ceil(cfg_.num_epochs * double(train_rows_.size()) /
+                                                                     double(per_step))));
+  schedule_ = {cfg_.lr_scheduler, total, warmup_steps_for(total, cfg_.warmup_steps, cfg_.warmup_ratio),
+               cfg_.cosine_min_lr_ratio};
+  order_ = epoch_order(int64_t(train_rows_.size()), cfg_.seed, 0);
+}
+
+void Trainer::print_plan(std::ostream& out) const {
+  const double pct = 100.0 * double(trainable_params_) / double(std::max<int64_t>(1, total_params_));
+  const auto& mc = model_->config();
+  ModelPlan plan = plan_model(mc);
+  out << fmt::format("model            {} ({} layers, hidden {})\n", cfg_.base_model, mc.num_hidden_layers, mc.hidden_size);
+  out << fmt::format("adapter          {}{}\n", cfg_.adapter,
+                     cfg_.adapter == "full" ? "" : fmt::format(" (r {}, alpha {}, {} modules)", cfg_.lora.r,
+                                                               cfg_.lora.alpha, model_->adapters().size()));
+  out << fmt::format("parameters       {} / {} ({:.4f}%) trainable\n", trainable_params_, total_params_, pct);
+  const double base = cfg_.load_in_4bit ? plan.bytes_nf4 : plan.bytes_bf16;
+  // Trainable fp32 master weights, their gradients and two Adam moments.
+  const double train_bytes = 16.0 * double(trainable_params_);
+  out << fmt::format("memory           base weights {:.3f} GiB ({}), trainable state {:.3f} GiB\n",
+                     base / double(1ull << 30), cfg_.load_in_4bit ? "NF4" : "bf16", train_bytes / double(1ull << 30));
+  out << fmt::format("data             {} examples, {} tokens ({} trained), {} truncated, {} dropped\n",
+                     stats_.examples, stats_.tokens, stats_.trained_tokens, stats_.truncated, stats_.dropped);
+  out << fmt::format("rows             {} train, {} validation (sequence_len {}, packing {})\n", train_rows_.size(),
+                     val_rows_.size(), cfg_.sequence_len, cfg_.sample_packing ? "on" : "off");
+  out << fmt::format("steps            {} (micro-batch {} × accumulation {}), warmup {}, {} schedule, lr {}\n",
+                     schedule_.total_steps, cfg_.micro_batch_size, cfg_.gradient_accumulation_steps,
+                     schedule_.warmup_steps, cfg_.lr_scheduler, cfg_.learning_rate);
+}
+
+MicroBatch Trainer::next_micro_batch() {
+  const int64_t n = int64_t(train_rows_.size());
+  if (state_.cursor >= n) {
+    ++state_.epoch;
+    state_.cursor = 0;
+    order_ = epoch_order(n, cfg_.seed, state_.epoch);
+  }
+  const int64_t count = std::min(cfg_.micro_batch_size, n - state_.cursor);
+  MicroBatch mb = make_micro_batch(train_rows_, order_, state_.cursor, count);
+  state_.cursor += count;
+  return mb;
+}
+
+double Trainer::evaluate() {
+  if (val_rows_.empty()) return NAN;
+  std::vector<int64_t> order(val_rows_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  model_->set_training(false);
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t b = 0; b < int64_t(order.size()); b += cfg_.micro_batch_size) {
+    const int64_t k = std::min<int64_t>(cfg_.micro_batch_size, int64_t(order.size()) - b);
+    MicroBatch mb = make_micro_batch(val_rows_, order, b, k);
+    auto l = model_->loss(model_->forward_hidden(mb.batch), mb.labels);
+    sum += l.sum;
+    count += l.count;
+  }
+  return count ? sum / double(count) : NAN;
+}
+
+namespace {
+std::string duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = int64_t(s);
+  return t >= 3600 ? fmt::format("{}h{:02}m", t / 3600, t / 60 % 60) : fmt::format("{}m{:02}s", t / 60, t % 60);
+}
+}  // namespace
+
+double Trainer::run() {
+  const fs::path out(cfg_.output_dir);
+  fs::create_directories(out);
+  fs::path resume_dir;
+  if (cfg_.resume_from_checkpoint == "auto") {
+    int64_t best = -1;
+    for (const auto& e : fs::directory_iterator(out)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_directory() && n.starts_with("checkpoint-") && n.find_first_not_of("0123456789", 11) == std::string::npos &&
+          n.size() > 11 && std::stoll(n.substr(11)) > best)
+        best = std::stoll(n.substr(11)), resume_dir = e.path();
+    }
+    if (resume_dir.empty()) log_ << "resume: no checkpoint in " << out.string() << ", starting fresh\n";
+  } else if (!cfg_.resume_from_checkpoint.empty()) {
+    resume_dir = cfg_.resume_from_checkpoint;
+    if (!fs::is_directory(resume_dir))
+      throw Error(fmt::format("resume_from_checkpoint: '{}' is not a directory", resume_dir.string()));
+  }
+  if (!resume_dir.empty()) resume(resume_dir);
+  // metrics.jsonl holds exactly the records of the steps done so far.
+  const fs::path metrics_path = out / "metrics.jsonl";
+  if (fs::exists(metrics_path)) fs::resize_file(metrics_path, uint64_t(state_.metrics_bytes));
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t first = state_.step, total = schedule_.total_steps;
+  double window_loss = 0, window_acc = 0;
+  int64_t window_steps = 0, tokens_done = 0;
+  double last_val = NAN;
+  while (state_.step < total) {
+    std::vector<MicroBatch> micro;
+    for (int64_t m = 0; m < cfg_.gradient_accumulation_steps; ++m) micro.push_back(next_micro_batch());
+    const double lr = cfg_.learning_rate * schedule_.factor(state_.step);
+    model_->set_training(true, uint64_t(state_.step));
+    StepResult r = train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm);
+    ++state_.step;
+    for (const auto& mb : micro) tokens_done += mb.batch.ids.numel();
+    if (r.skipped) {
+      ++state_.skipped_steps;
+      if (cfg_.nan_policy == "stop")
+        throw Error(fmt::format("step {}: loss {} / gradient norm {} is not finite; stopping (nan_policy: stop)",
+                                state_.step, r.loss, r.grad_norm));
+      log_ << fmt::format("step {}: non-finite loss or gradient, update skipped (nan_policy: skip)\n", state_.step);
+    } else {
+      window_loss += r.loss;
+      window_acc += r.targets ? double(r.correct) / double(r.targets) : 0.0;
+      ++window_steps;
+    }
+    const bool last = state_.step == total;
+    nlohmann::json rec;
+    if ((state_.step % std::max<int64_t>(1, cfg_.logging_steps) == 0 || last) && window_steps > 0) {
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double eta = secs / double(state_.step - first) * double(total - state_.step);
+      const double loss = window_loss / double(window_steps), acc = window_acc / double(window_steps);
+      log_ << fmt::format("step {}/{} | loss {:.4f} | acc {:.3f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n",
+                          state_.step, total, loss, acc, lr, r.grad_norm, double(tokens_done) / secs, duration(eta))
+           << std::flush;
+      rec = {{"step", state_.step}, {"epoch", state_.epoch}, {"loss", loss}, {"token_accuracy", acc},
+             {"lr", lr}, {"grad_norm", r.grad_norm}, {"skipped_steps", state_.skipped_steps}};
+      window_loss = window_acc = 0;
+      window_steps = 0;
+    }
+    if (cfg_.eval_steps > 0 && (state_.step % cfg_.eval_steps == 0 || last) && !val_rows_.empty()) {
+      last_val = evaluate();
+      log_ << fmt::format("step {}/{} | eval_loss {:.4f}\n", state_.step, total, last_val) << std::flush;
+      if (rec.is_null()) rec = {{"step", state_.step}};
+      rec["eval_loss"] = last_val;
+    }
+    if (!rec.is_null()) {
+      metrics << rec.dump() << "\n" << std::flush;
+    }
+    state_.metrics_bytes = int64_t(metrics.tellp());
+    if (cfg_.save_steps > 0 && state_.step % cfg_.save_steps == 0 && !last) save_checkpoint();
+    if (stop_after_step > 0 && state_.step == stop_after_step && !last) {
+      if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
+      log_ << fmt::format("stopped after step {} (resume with resume_from_checkpoint: auto)\n", state_.step);
+      return NAN;
+    }
+  }
+  if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
+  write_adapter(out, true);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log_ << fmt::format("done: {} steps in {}, {} skipped; {}{} written to {}\n", total - first, duration(secs),
+                      state_.skipped_steps, std::isnan(last_val) ? "" : fmt::format("eval_loss {:.4f}; ", last_val),
+                      cfg_.adapter == "full" ? "model" : "adapter", out.string());
+  return last_val;
+}
+
+}  // namespace tl

@@ -1,0 +1,73 @@
+// The trainer behind `torchless-train --config heal.yaml`: builds the model (bf16 base,
+// NF4-quantized base for QLoRA, or fully trainable), attaches LoRA adapters, prepares the
+// data, and runs optimizer steps with logging, evaluation, resumable checkpoints and the
+// final PEFT adapter.
+#pragma once
+#include <functional>
+#include <memory>
+#include <ostream>
+
+#include "core/ops.h"
+#include "core/tokenizer.h"
+#include "train/data.h"
+#include "train/gemma4_model.h"
+#include "train/optim.h"
+#include "train/train_config.h"
+
+namespace tl {
+
+// On-disk state of a checkpoint directory besides the adapter (documented in
+// docs/checkpoints.md): what resuming needs to continue exactly where the run stopped.
+struct TrainerState {
+  int64_t step = 0;           // optimizer steps done
+  int64_t adam_t = 0;
+  int64_t epoch = 0, cursor = 0;  // data position: next row of epoch_order(epoch)
+  int64_t metrics_bytes = 0;  // length of metrics.jsonl when the checkpoint was taken
+  int64_t skipped_steps = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(TrainConfig cfg, Ops& ops, std::ostream& log);
+  // Prints the plan (parameters, trainable share, memory, data, steps).
+  void print_plan(std::ostream& out) const;
+  // Runs to the last step; returns the final validation loss (NaN without a split).
+  double run();
+
+  // Test hook: called before each checkpoint save with the step; may throw to simulate a
+  // failed save (disk full, killed process).
+  std::function<void(int64_t)> before_save;
+  // Stop after this many steps (saving a checkpoint first), as an interrupted run would;
+  // 0 runs to the end.
+  int64_t stop_after_step = 0;
+  const TrainerState& state() const { return state_; }
+  const DataStats& data_stats() const { return stats_; }
+
+ private:
+  void setup_model();
+  void setup_data();
+  void save_checkpoint();
+  void resume(const std::filesystem::path& dir);
+  // The LoRA adapter (PEFT format) and trainable.safetensors; with final_output and
+  // adapter: full, a complete model checkpoint in dir/model instead.
+  void write_adapter(const std::filesystem::path& dir, bool final_output) const;
+  double evaluate();
+  MicroBatch next_micro_batch();
+
+  TrainConfig cfg_;
+  Ops& ops_;
+  std::ostream& log_;
+  std::unique_ptr<Gemma4Model> model_;
+  std::string prefix_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  Gemma4Grads grads_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::vector<Row> train_rows_, val_rows_;
+  DataStats stats_;
+  Schedule schedule_;
+  TrainerState state_;
+  std::vector<int64_t> order_;
+  int64_t total_params_ = 0, trainable_params_ = 0;
+};
+
+}  // namespace tl

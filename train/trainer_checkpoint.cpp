@@ -1,0 +1,129 @@
+// Resumable checkpoints: output_dir/checkpoint-<step>/ holds
+//   adapter_config.json, adapter_model.safetensors  the LoRA adapter (PEFT format), if any
+//   trainable.safetensors                          full-rank trained weights (HF decoder names)
+//   optimizer.safetensors                          Adam moments: "<param>.exp_avg", ".exp_avg_sq"
+//   trainer_state.json                             step, Adam's t, data position, metrics length
+// written into a temporary directory and renamed, so a failed save leaves the previous
+// checkpoint as it was and never a half-written one.
+#include <fmt/format.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/checkpoint_dir.h"
+#include "core/weights.h"
+#include "train/peft_adapter.h"
+#include "train/trainer.h"
+
+namespace tl {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+void Trainer::write_adapter(const fs::path& dir, bool final_output) const {
+  auto& model = const_cast<Gemma4Model&>(*model_);
+  if (!model.adapters().empty()) {
+    std::vector<AdapterTensors> ad;
+    for (LoraAdapter* a : model.adapters())
+      ad.push_back({a->name, ops_.download(a->A).to(DType::F32), ops_.download(a->B).to(DType::F32)});
+    LoraSpec spec = cfg_.lora;
+    spec.base_model_name_or_path = cfg_.base_model;
+    write_peft_adapter(dir, spec, ad, prefix_);
+  }
+  if (cfg_.adapter == "full" && final_output) {
+    // A complete checkpoint: every decoder weight as trained, config and tokenizer copied.
+    std::vector<NamedTensor> tensors;
+    for (const auto& s : text_decoder_weights(model.config())) {
+      Tensor host;
+      if (s.is_parameter) {
+        host = ops_.download(*weight_slot(model.mutable_weights(), s.name)).to(DType::F32);
+      } else {
+        host = Tensor::zeros({1}, DType::F32);
+        host.data<float>()[0] = float(model.weights().layers[size_t(s.layer)].layer_scalar);
+      }
+      tensors.push_back(NamedTensor{prefix_ + s.name, host});
+    }
+    const fs::path model_dir = dir / "model";
+    fs::remove_all(model_dir);
+    fs::create_directories(model_dir);
+    write_checkpoint(model_dir, tensors, 5'000'000'000ull);
+    for (const fs::path& f : non_weight_files(cfg_.base_model)) fs::copy_file(f, model_dir / f.filename());
+    return;
+  }
+  // Full-rank trained weights (adapter: full, or layers trained beside LoRA).
+  std::vector<NamedTensor> full;
+  for (auto& p : optimizer_->params())
+    if (!p.name.starts_with("base_model."))
+      full.push_back(NamedTensor{prefix_ + p.name, ops_.download(*p.value).to(DType::F32)});
+  if (!full.empty()) write_safetensors(dir / "trainable.safetensors", full);
+}
+
+void Trainer::save_checkpoint() {
+  const fs::path dir = fs::path(cfg_.output_dir) / fmt::format("checkpoint-{}", state_.step);
+  write_checkpoint_dir(dir, true, [&](const fs::path& tmp) {
+    if (before_save) before_save(state_.step);
+    write_adapter(tmp, false);
+    std::vector<NamedTensor> moments;
+    for (auto& p : optimizer_->params()) {
+      moments.push_back({p.name + ".exp_avg", ops_.download(p.m)});
+      moments.push_back({p.name + ".exp_avg_sq", ops_.download(p.v)});
+    }
+    write_safetensors(tmp / "optimizer.safetensors", moments);
+    json st = {{"format", "torchless-trainer-state/1"}, {"step", state_.step}, {"adam_t", optimizer_->t()},
+               {"epoch", state_.epoch}, {"cursor", state_.cursor}, {"metrics_bytes", state_.metrics_bytes},
+               {"skipped_steps", state_.skipped_steps}, {"seed", cfg_.seed},
+               {"total_steps", schedule_.total_steps}};
+    write_file_atomic(tmp / "trainer_state.json", st.dump(2) + "\n");
+  });
+  log_ << fmt::format("saved {}\n", dir.string());
+  if (cfg_.save_total_limit > 0) {
+    std::vector<std::pair<int64_t, fs::path>> all;
+    for (const auto& e : fs::directory_iterator(cfg_.output_dir)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_directory() && n.starts_with("checkpoint-") && n.size() > 11 &&
+          n.find_first_not_of("0123456789", 11) == std::string::npos)
+        all.push_back({std::stoll(n.substr(11)), e.path()});
+    }
+    std::sort(all.begin(), all.end());
+    for (size_t i = 0; i + size_t(cfg_.save_total_limit) < all.size(); ++i) fs::remove_all(all[i].second);
+  }
+}
+
+void Trainer::resume(const fs::path& dir) {
+  std::ifstream in(dir / "trainer_state.json");
+  if (!in) throw Error(fmt::format("{}: not a torchless checkpoint (no trainer_state.json)", dir.string()));
+  json st;
+  try {
+    st = json::parse(in);
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("{}/trainer_state.json: invalid JSON ({})", dir.string(), e.what()));
+  }
+  if (st.value("seed", cfg_.seed) != cfg_.seed || st.value("total_steps", schedule_.total_steps) != schedule_.total_steps)
+    throw Error(fmt::format("{}: checkpoint was made with another seed or step count than this config", dir.string()));
+  state_.step = st.at("step");
+  state_.epoch = st.at("epoch");
+  state_.cursor = st.at("cursor");
+  state_.metrics_bytes = st.at("metrics_bytes");
+  state_.skipped_steps = st.value("skipped_steps", int64_t(0));
+  optimizer_->set_t(st.at("adam_t"));
+  order_ = epoch_order(int64_t(train_rows_.size()), cfg_.seed, state_.epoch);
+
+  // Trainable values: LoRA tensors from the adapter file, full-rank ones from trainable.
+  std::optional<SafetensorsFile> adapter, full;
+  if (fs::exists(dir / "adapter_model.safetensors")) adapter = SafetensorsFile::open(dir / "adapter_model.safetensors");
+  if (fs::exists(dir / "trainable.safetensors")) full = SafetensorsFile::open(dir / "trainable.safetensors");
+  auto moments = SafetensorsFile::open(dir / "optimizer.safetensors");
+  for (auto& p : optimizer_->params()) {
+    const bool lora = p.name.starts_with("base_model.");
+    const std::string key = lora ? p.name : prefix_ + p.name;
+    const auto& file = lora ? adapter : full;
+    if (!file || !file->contains(key))
+      throw Error(fmt::format("{}: checkpoint has no tensor '{}' (trained with another adapter setup?)", dir.string(), key));
+    *p.value = ops_.upload(file->get(key), ops_.act_dtype());
+    p.m = ops_.upload(moments.get(p.name + ".exp_avg"), ops_.act_dtype());
+    p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), ops_.act_dtype());
+  }
+  log_ << fmt::format("resumed from {} at step {}\n", dir.string(), state_.step);
+}
+
+}  // namespace tl
