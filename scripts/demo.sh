@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The main job, until the trainer lands: installs dependencies, builds, plans the four
-# released Gemma 4 configs, and runs the forward pass of the tiny E2B-shaped model on the
-# CPU next to transformers' recorded logits and loss.
+# The main job: installs dependencies, builds, and heals the project's tiny Gemma-4 model
+# (models/tiny) with QLoRA on chat data (configs/demo-heal.yaml), printing the plan, a
+# progress line per logging step and the validation loss as it falls; the PEFT adapter
+# lands in build/demo-heal/. Also plans the four released Gemma 4 configs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
-models=../shared/models
-if [ -d "$models" ]; then
-  ./build/torchless-surgery plan "$models"/gemma-4-*/config.json
+if [ -d ../shared/models ]; then
+  ./build/torchless-surgery plan ../shared/models/gemma-4-*/config.json
 fi
-for v in e2b e4b dense_kv moe; do
-  ./build/torchless-forward --model tests/golden/$v --input tests/golden/$v/forward.safetensors
-done
+rm -rf build/demo-heal
+./build/torchless-train --config configs/demo-heal.yaml
+echo
+echo "metrics:  build/demo-heal/metrics.jsonl"
+echo "adapter:  build/demo-heal/adapter_config.json, build/demo-heal/adapter_model.safetensors"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the training-step benchmark for torchless and for transformers+PEFT (the peer) on the
+# same checkpoints in the same run, and prints the ratios. The peer needs the Python packages
+# of scripts/golden/requirements.txt; PYTHON selects the interpreter (default python3).
+#   bash bench/run_train_step.sh [MODEL_DIR ...]     (default: models/tiny and a larger init)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+models=("$@")
+if [ ${#models[@]} -eq 0 ]; then
+  ./build/torchless-surgery init bench/larger-model.json build/bench-larger --seed 1 --copy-from models/tiny --force >/dev/null
+  models=(models/tiny build/bench-larger)
+fi
+for m in "${models[@]}"; do
+  ours=$(./build/bench/bench_train_step "$m" 256 4 5)
+  peer=$("$py" bench/peer_train_step.py "$m" 256 4 5 2>/dev/null | tail -1)
+  echo "$ours"
+  echo "$peer"
+  "$py" - "$ours" "$peer" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"{a['model']}: tokens/s torchless/peer = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+      f"peak RSS torchless/peer = {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
+PY
+done
