@@ -4,6 +4,7 @@
 #include "core/safetensors.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,12 +14,10 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
-
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 namespace tl {
 
@@ -29,7 +28,8 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference reader's MAX
 
 // Keeps every message on one line, whatever bytes a file or a JSON error puts in it.
 [[noreturn]] void fail(const std::string& label, std::string what) {
-  std::replace_if(what.begin(), what.end(), [](char c) { return c == '\n' || c == '\r'; }, ' ');
+  std::replace_if(
+      what.begin(), what.end(), [](char c) { return c == '\n' || c == '\r'; }, ' ');
   throw Error(label + ": " + what);
 }
 
@@ -57,9 +57,12 @@ bool valid_utf8(const std::string& s) {
 
 // A JSON value that is a non-negative integer fitting in `max`.
 bool as_uint(const json& v, uint64_t max, uint64_t* out) {
-  if (v.is_number_unsigned()) *out = v.get<uint64_t>();
-  else if (v.is_number_integer() && v.get<int64_t>() >= 0) *out = uint64_t(v.get<int64_t>());
-  else return false;
+  if (v.is_number_unsigned())
+    *out = v.get<uint64_t>();
+  else if (v.is_number_integer() && v.get<int64_t>() >= 0)
+    *out = uint64_t(v.get<int64_t>());
+  else
+    return false;
   return *out <= max;
 }
 
@@ -125,7 +128,8 @@ TensorEntry parse_entry(const std::string& name, const json& v, const std::strin
   uint64_t b = 0, en = 0;
   if (!off->is_array() || off->size() != 2 || !as_uint((*off)[0], UINT64_MAX, &b) ||
       !as_uint((*off)[1], UINT64_MAX, &en))
-    fail(label, who + ": data_offsets must be [begin, end] non-negative integers, got " + clip(*off));
+    fail(label,
+         who + ": data_offsets must be [begin, end] non-negative integers, got " + clip(*off));
   if (en < b) fail(label, who + ": data_offsets " + clip(*off) + " end before they begin");
   e.begin = b;
   e.end = en;
@@ -151,7 +155,8 @@ SafetensorsFile SafetensorsFile::from_image(std::shared_ptr<void> owner, const u
   if (8 + n > size)
     fail(label, fmt::format("header length {} runs past the end of the file (size {})", n, size));
   std::string_view text(reinterpret_cast<const char*>(p + 8), n);
-  if (text.empty() || text[0] != '{') fail(label, "header is not a JSON object (does not start with '{')");
+  if (text.empty() || text[0] != '{')
+    fail(label, "header is not a JSON object (does not start with '{')");
   SafetensorsFile f;
   std::vector<std::string> order;
   json doc = parse_header_json(text, label, &order);
@@ -183,14 +188,16 @@ SafetensorsFile SafetensorsFile::from_image(std::shared_ptr<void> owner, const u
   for (const TensorEntry* e : sorted) {
     if (e->begin > at && !prev)
       fail(label, fmt::format("gap in the data buffer: bytes [0, {}) before tensor {} belong to "
-                              "no tensor", e->begin, show(e->name)));
+                              "no tensor",
+                              e->begin, show(e->name)));
     if (e->begin > at)
       fail(label, fmt::format("gap in the data buffer between tensor {} (ends at {}) and tensor "
-                              "{} (begins at {})", show(prev->name), at, show(e->name), e->begin));
+                              "{} (begins at {})",
+                              show(prev->name), at, show(e->name), e->begin));
     if (e->begin < at)
-      fail(label, fmt::format("tensors {} [{}, {}) and {} [{}, {}) overlap in the data buffer",
-                              show(prev->name), prev->begin, prev->end, show(e->name), e->begin,
-                              e->end));
+      fail(label,
+           fmt::format("tensors {} [{}, {}) and {} [{}, {}) overlap in the data buffer",
+                       show(prev->name), prev->begin, prev->end, show(e->name), e->begin, e->end));
     at = e->end;
     prev = e;
   }
@@ -201,7 +208,8 @@ SafetensorsFile SafetensorsFile::from_image(std::shared_ptr<void> owner, const u
                             show(prev->name), at, have, size));
   if (at < have)
     fail(label, fmt::format("{} trailing bytes after the data buffer (data ends at file byte {}, "
-                            "file size {})", have - at, 8 + n + at, size));
+                            "file size {})",
+                            have - at, 8 + n + at, size));
   f.owner_ = std::move(owner);
   f.data_ = p + 8 + n;
   return f;
@@ -236,7 +244,8 @@ SafetensorsFile SafetensorsFile::parse(std::shared_ptr<const std::vector<uint8_t
                                        const std::string& label) {
   const uint8_t* p = bytes->data();
   size_t size = bytes->size();
-  SafetensorsFile f = from_image(std::const_pointer_cast<std::vector<uint8_t>>(bytes), p, size, label);
+  SafetensorsFile f =
+      from_image(std::const_pointer_cast<std::vector<uint8_t>>(bytes), p, size, label);
   f.path_ = label;
   return f;
 }
@@ -264,7 +273,7 @@ Tensor SafetensorsFile::get(const std::string& name) const {
 namespace {
 
 struct Prepared {
-  std::string head;  // 8-byte length + padded JSON header
+  std::string head;                                  // 8-byte length + padded JSON header
   std::vector<std::pair<const void*, size_t>> data;  // tensor bytes in file order
 };
 
@@ -286,7 +295,8 @@ Prepared prepare(const std::vector<NamedTensor>& tensors,
       fail(label, "metadata entry " + show(k) + " is not valid UTF-8");
   // Rust `prepare`: dtype descending in enum order, then name ascending (bytewise).
   std::sort(order.begin(), order.end(), [](const NamedTensor* a, const NamedTensor* b) {
-    int ra = dtype_safetensors_rank(a->tensor.dtype()), rb = dtype_safetensors_rank(b->tensor.dtype());
+    int ra = dtype_safetensors_rank(a->tensor.dtype()),
+        rb = dtype_safetensors_rank(b->tensor.dtype());
     return ra != rb ? ra > rb : a->name < b->name;
   });
   // An empty map writes no "__metadata__" key, like Python's save_file(metadata=None).
@@ -294,7 +304,8 @@ Prepared prepare(const std::vector<NamedTensor>& tensors,
   if (!metadata.empty()) {
     h += "\"__metadata__\":{";
     for (auto it = metadata.begin(); it != metadata.end(); ++it)
-      h += (it == metadata.begin() ? "" : ",") + json_quote(it->first) + ":" + json_quote(it->second);
+      h += (it == metadata.begin() ? "" : ",") + json_quote(it->first) + ":" +
+           json_quote(it->second);
     h += "}";
   }
   Prepared out;
@@ -319,7 +330,8 @@ Prepared prepare(const std::vector<NamedTensor>& tensors,
 }
 
 // Writes to `path.tmp`, fsyncs, renames over `path`, then fsyncs the directory so the
-// rename itself is durable. On failure the tmp file is removed.
+// rename itself is durable. On failure the tmp file is removed. Readers never see a partial
+// file, and existing mappings of the old file stay valid (its inode lives on).
 void write_atomic(const fs::path& path, const std::vector<std::pair<const void*, size_t>>& chunks) {
   fs::path tmp = path;
   tmp += ".tmp";

@@ -1,15 +1,15 @@
 // Sharded checkpoints: `model.safetensors.index.json` + shards, as transformers and
 // huggingface_hub read and write them (formats.md §4.2).
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
-
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include "core/safetensors.h"
 
@@ -20,7 +20,8 @@ namespace {
 using json = nlohmann::json;
 
 [[noreturn]] void fail(const std::string& label, std::string what) {
-  std::replace_if(what.begin(), what.end(), [](char c) { return c == '\n' || c == '\r'; }, ' ');
+  std::replace_if(
+      what.begin(), what.end(), [](char c) { return c == '\n' || c == '\r'; }, ' ');
   throw Error(label + ": " + what);
 }
 
@@ -50,6 +51,7 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
   Checkpoint c;
   c.dir_ = dir;
   std::error_code ec;
+  if (!fs::exists(dir, ec)) fail(dir.string(), "no such checkpoint directory");
   if (!fs::is_directory(dir, ec)) fail(dir.string(), "not a directory");
   fs::path index = dir / kIndex;
   if (!fs::exists(index, ec)) {
@@ -104,7 +106,8 @@ bool Checkpoint::contains(const std::string& name) const { return where_.count(n
 
 const TensorEntry& Checkpoint::entry(const std::string& name) const {
   auto it = where_.find(name);
-  if (it == where_.end()) fail(dir_.string(), "no tensor named " + show(name) + " in the checkpoint");
+  if (it == where_.end())
+    fail(dir_.string(), "no tensor named " + show(name) + " in the checkpoint");
   return files_[it->second].entry(name);
 }
 
@@ -169,8 +172,10 @@ void write_checkpoint(const fs::path& dir, const std::vector<NamedTensor>& tenso
     // sort_keys would order them bytewise; JSON readers do not care, humans reading it do.
     std::sort(map.begin(), map.end(),
               [](const auto& a, const auto& b) { return natural_less(*a.first, *b.first); });
-    std::string s = fmt::format("{{\n  \"metadata\": {{\n    \"total_size\": {}\n  }},\n"
-                                "  \"weight_map\": {{\n", total);
+    std::string s = fmt::format(
+        "{{\n  \"metadata\": {{\n    \"total_size\": {}\n  }},\n"
+        "  \"weight_map\": {{\n",
+        total);
     for (size_t i = 0; i < map.size(); ++i)
       s += "    " + py_json_quote(*map[i].first) + ": " + py_json_quote(map[i].second) +
            (i + 1 < map.size() ? ",\n" : "\n");

@@ -20,9 +20,8 @@ class ScratchDir : public ::testing::Test {
  protected:
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::temp_directory_path() /
-          (std::string("tl_st_") + info->test_suite_name() + "_" + info->name() + "_" +
-           std::to_string(::getpid()));
+    dir = fs::temp_directory_path() / (std::string("tl_st_") + info->test_suite_name() + "_" +
+                                       info->name() + "_" + std::to_string(::getpid()));
     fs::remove_all(dir);
     fs::create_directories(dir);
   }
@@ -64,7 +63,8 @@ void expect_error(Fn&& fn, const std::vector<std::string>& parts) {
   } catch (const tl::Error& e) {
     std::string msg = e.what();
     EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+    for (const auto& p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
   }
 }
 

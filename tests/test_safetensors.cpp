@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/half.h"
 #include "core/safetensors.h"
@@ -91,7 +91,9 @@ TEST_F(Safetensors, NamesAreEscapedAndMetadataIsOptional) {
   auto bytes = serialize_safetensors({{odd, t}}, {});
   std::string all(bytes.begin(), bytes.end());
   EXPECT_EQ(all.find("__metadata__"), std::string::npos);
-  EXPECT_NE(all.find(R"("q\"uote\\back\nline\u0001 )" "\xc3\xa9\xf0\x9f\x98\x80\""), std::string::npos);
+  EXPECT_NE(all.find(R"("q\"uote\\back\nline\u0001 )"
+                     "\xc3\xa9\xf0\x9f\x98\x80\""),
+            std::string::npos);
   auto f = SafetensorsFile::parse(std::make_shared<const std::vector<uint8_t>>(bytes), "odd");
   EXPECT_TRUE(f.metadata().empty());
   EXPECT_TRUE(same_bytes(f.get(odd), t));
@@ -99,8 +101,11 @@ TEST_F(Safetensors, NamesAreEscapedAndMetadataIsOptional) {
 
 TEST_F(Safetensors, WriterRejectsDuplicatesAndBadNames) {
   Tensor t = pattern({1}, DType::F32, 0);
-  expect_error([&] { serialize_safetensors({{"a", t}, {"a", t.to(DType::BF16)}}); },
-               {"duplicate tensor name", "\"a\""});
+  expect_error(
+      [&] {
+        serialize_safetensors({{"a", t}, {"a", t.to(DType::BF16)}});
+      },
+      {"duplicate tensor name", "\"a\""});
   expect_error([&] { serialize_safetensors({{"__metadata__", t}}); }, {"__metadata__"});
   expect_error([&] { serialize_safetensors({{"bad\xff", t}}); }, {"not valid UTF-8"});
   expect_error([&] { serialize_safetensors({{"u", Tensor()}}); }, {"\"u\"", "undefined"});
@@ -121,16 +126,22 @@ TEST_F(Safetensors, EntriesKeepHeaderOrderAndLookupFailsClearly) {
 
 TEST_F(Safetensors, WriteIntoMissingDirectoryFailsAndLeavesNothing) {
   fs::path p = dir / "no" / "such" / "x.safetensors";
-  expect_error([&] { write_safetensors(p, {{"a", pattern({1}, DType::F32, 0)}}); },
-               {p.string(), "No such file or directory"});
+  expect_error(
+      [&] {
+        write_safetensors(p, {{"a", pattern({1}, DType::F32, 0)}});
+      },
+      {p.string(), "No such file or directory"});
   EXPECT_FALSE(fs::exists(dir / "no"));
 }
 
 TEST_F(Safetensors, FailedRenameRemovesTheTmpFile) {
   fs::path p = dir / "x.safetensors";
   fs::create_directories(p / "occupied");  // a non-empty directory cannot be renamed over
-  expect_error([&] { write_safetensors(p, {{"a", pattern({1}, DType::F32, 0)}}); },
-               {p.string(), "rename"});
+  expect_error(
+      [&] {
+        write_safetensors(p, {{"a", pattern({1}, DType::F32, 0)}});
+      },
+      {p.string(), "rename"});
   EXPECT_FALSE(fs::exists(dir / "x.safetensors.tmp"));
 }
 
@@ -179,7 +190,8 @@ TEST_F(Safetensors, ShardSplitFollowsHuggingfaceHub) {
   auto t = [](int64_t n) { return pattern({n}, DType::U8, 0); };
   // limit 100: a,b fill shard 1; c would tip it, so it closes; d (oversized) becomes its
   // own shard immediately, ahead of the shard c and e are filling.
-  write_checkpoint(dir, {{"a", t(40)}, {"b", t(40)}, {"c", t(40)}, {"d", t(200)}, {"e", t(10)}}, 100);
+  write_checkpoint(dir, {{"a", t(40)}, {"b", t(40)}, {"c", t(40)}, {"d", t(200)}, {"e", t(10)}},
+                   100);
   Checkpoint c = Checkpoint::open(dir);
   auto file_of = [&](const std::string& n) {
     for (const auto& f : c.files())
@@ -218,21 +230,37 @@ std::vector<NamedTensor> mixed_tensors() {
   std::vector<NamedTensor> v;
   // Given in reverse of the file's order: the writer must do the sorting.
   v.push_back({"empty_f32", Tensor::zeros({0, 3}, DType::F32)});
-  v.push_back({"scalar_f32", make({}, DType::F32, [](Tensor& t, int64_t) { t.data<float>()[0] = 3.5f; })});
-  v.push_back({"bool", make({7}, DType::BOOL, [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = i % 3 == 0; })});
-  v.push_back({"u8", make({3, 4}, DType::U8, [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = uint8_t(i * 21); })});
-  v.push_back({"i8", make({8}, DType::I8, [](Tensor& t, int64_t i) { t.data<int8_t>()[i] = int8_t(i * 31 - 120); })});
-  v.push_back({"i32", make({2, 3}, DType::I32, [](Tensor& t, int64_t i) { t.data<int32_t>()[i] = int32_t(i * 100000 - 250000); })});
-  v.push_back({"i64", make({5}, DType::I64, [](Tensor& t, int64_t i) { t.data<int64_t>()[i] = (i - 2) * (int64_t(1) << 40) + i; })});
+  v.push_back(
+      {"scalar_f32", make({}, DType::F32, [](Tensor& t, int64_t) { t.data<float>()[0] = 3.5f; })});
+  v.push_back({"bool", make({7}, DType::BOOL,
+                            [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = i % 3 == 0; })});
+  v.push_back({"u8", make({3, 4}, DType::U8,
+                          [](Tensor& t, int64_t i) { t.data<uint8_t>()[i] = uint8_t(i * 21); })});
+  v.push_back({"i8", make({8}, DType::I8, [](Tensor& t, int64_t i) {
+                 t.data<int8_t>()[i] = int8_t(i * 31 - 120);
+               })});
+  v.push_back({"i32", make({2, 3}, DType::I32, [](Tensor& t, int64_t i) {
+                 t.data<int32_t>()[i] = int32_t(i * 100000 - 250000);
+               })});
+  v.push_back({"i64", make({5}, DType::I64, [](Tensor& t, int64_t i) {
+                 t.data<int64_t>()[i] = (i - 2) * (int64_t(1) << 40) + i;
+               })});
   v.push_back({"bf16_rounded", make({6}, DType::BF16, [](Tensor& t, int64_t i) {
                  volatile float third = float(i) / 3.0f;  // fp32 steps, as torch does them
                  t.data<uint16_t>()[i] = float_to_bf16(1.0f + third);
                })});
-  v.push_back({"bf16", make({4, 2}, DType::BF16, [](Tensor& t, int64_t i) { t.data<uint16_t>()[i] = float_to_bf16(float(i) * 0.5f - 2.0f); })});
-  v.push_back({"f16", make({2, 2, 3}, DType::F16, [](Tensor& t, int64_t i) { t.data<uint16_t>()[i] = float_to_f16(float(i) * 0.5f - 3.0f); })});
-  v.push_back({"f32", make({3, 5}, DType::F32, [](Tensor& t, int64_t i) { t.data<float>()[i] = float(i) * 0.25f - 1.0f; })});
+  v.push_back({"bf16", make({4, 2}, DType::BF16, [](Tensor& t, int64_t i) {
+                 t.data<uint16_t>()[i] = float_to_bf16(float(i) * 0.5f - 2.0f);
+               })});
+  v.push_back({"f16", make({2, 2, 3}, DType::F16, [](Tensor& t, int64_t i) {
+                 t.data<uint16_t>()[i] = float_to_f16(float(i) * 0.5f - 3.0f);
+               })});
+  v.push_back({"f32", make({3, 5}, DType::F32, [](Tensor& t, int64_t i) {
+                 t.data<float>()[i] = float(i) * 0.25f - 1.0f;
+               })});
   v.push_back({"f64", make({2, 3}, DType::F64, [](Tensor& t, int64_t i) {
-                 volatile double scaled = double(i) * 0.1;  // no fused multiply-add: numpy rounds twice
+                 volatile double scaled =
+                     double(i) * 0.1;  // no fused multiply-add: numpy rounds twice
                  t.data<double>()[i] = scaled - 0.25;
                })});
   return v;

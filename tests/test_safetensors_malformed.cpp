@@ -66,19 +66,23 @@ TEST_F(Malformed, HeaderLengthOverTheLimit) {
 }
 
 TEST_F(Malformed, DataShorterThanTheOffsets) {
-  expect_bad(kAB, 31, {"data buffer is shorter than the offsets", "\"b\"", "ends at data byte 32",
-                       "holds 31"});
+  expect_bad(
+      kAB, 31,
+      {"data buffer is shorter than the offsets", "\"b\"", "ends at data byte 32", "holds 31"});
 }
 
-TEST_F(Malformed, TrailingBytes) {
-  expect_bad(kAB, 33, {"1 trailing bytes"});
-}
+TEST_F(Malformed, TrailingBytes) { expect_bad(kAB, 33, {"1 trailing bytes"}); }
 
 TEST_F(Malformed, HeaderNotJson) {
   expect_bad("{not json}", 0, {"header is not valid JSON"});
   expect_bad(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]})", 4, {"not valid JSON"});
   expect_bad("{\"a\xff\":1}", 0, {"not valid JSON"});  // invalid UTF-8
   expect_bad("", 0, {"not a JSON object"});
+}
+
+TEST_F(Malformed, DeepNestingIsRefused) {
+  std::string deep = "{\"w\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  expect_bad(deep, 0, {"nests deeper than 128 levels"});
 }
 
 TEST_F(Malformed, HeaderNotAnObject) {
@@ -115,8 +119,9 @@ TEST_F(Malformed, MissingFieldsAndBadOffsets) {
 }
 
 TEST_F(Malformed, SizeDoesNotMatchShapeTimesDtype) {
-  expect_bad(R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", 20,
-             {"tensor \"w\"", "shape [2, 3] of F32 needs 24 bytes", "data_offsets [0, 20] span 20"});
+  expect_bad(
+      R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", 20,
+      {"tensor \"w\"", "shape [2, 3] of F32 needs 24 bytes", "data_offsets [0, 20] span 20"});
 }
 
 TEST_F(Malformed, HugeShapesOverflowWithoutCrashing) {
@@ -125,29 +130,32 @@ TEST_F(Malformed, HugeShapesOverflowWithoutCrashing) {
   expect_bad(R"({"w":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0,
              {"tensor \"w\"", "overflows the byte count"});
   // Zero anywhere after a representable prefix is a valid empty tensor, as in Rust.
-  write_bytes(dir / "z.safetensors",
-              raw_file(R"({"w":{"dtype":"F32","shape":[9223372036854775807,0],"data_offsets":[0,0]}})", 0));
+  write_bytes(
+      dir / "z.safetensors",
+      raw_file(R"({"w":{"dtype":"F32","shape":[9223372036854775807,0],"data_offsets":[0,0]}})", 0));
   EXPECT_EQ(SafetensorsFile::open(dir / "z.safetensors").get("w").numel(), 0);
 }
 
 TEST_F(Malformed, OverlappingOffsets) {
   expect_bad(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12,
-             {"tensors \"a\" [0, 8) and \"b\" [4, 12) overlap"});
+             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+             12, {"tensors \"a\" [0, 8) and \"b\" [4, 12) overlap"});
 }
 
 TEST_F(Malformed, GapInTheBuffer) {
-  expect_bad(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})", 20,
-             {"gap in the data buffer between tensor \"a\" (ends at 8) and tensor \"b\" (begins at 12)"});
+  expect_bad(
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
+      20,
+      {"gap in the data buffer between tensor \"a\" (ends at 8) and tensor \"b\" (begins at 12)"});
   expect_bad(R"({"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12,
              {"gap in the data buffer: bytes [0, 4) before tensor \"b\""});
 }
 
 TEST_F(Malformed, DuplicateKeys) {
   expect_bad(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-             R"("a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16,
-             {"duplicate key \"a\""});
+             R"("a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+             16, {"duplicate key \"a\""});
   expect_bad(R"({"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8,
              {"duplicate key \"dtype\""});
 }
@@ -168,11 +176,15 @@ TEST_F(Malformed, NotAFile) {
 TEST_F(Malformed, DirectoryWithoutWeights) {
   expect_error([&] { Checkpoint::open(dir); },
                {dir.string(), "no model.safetensors or model.safetensors.index.json"});
-  expect_error([&] { Checkpoint::open(dir / "absent"); }, {"absent", "not a directory"});
+  expect_error([&] { Checkpoint::open(dir / "absent"); },
+               {"absent", "no such checkpoint directory"});
+  write_file_atomic(dir / "file", "x");
+  expect_error([&] { Checkpoint::open(dir / "file"); }, {"file", "not a directory"});
 }
 
 TEST_F(Malformed, IndexNamesAMissingShard) {
-  write_checkpoint(dir, {{"x", Tensor::zeros({4}, DType::F32)}, {"y", Tensor::zeros({4}, DType::F32)}}, 16);
+  write_checkpoint(
+      dir, {{"x", Tensor::zeros({4}, DType::F32)}, {"y", Tensor::zeros({4}, DType::F32)}}, 16);
   fs::remove(dir / "model-00002-of-00002.safetensors");
   expect_error([&] { Checkpoint::open(dir); },
                {"model.safetensors.index.json", "shard \"model-00002-of-00002.safetensors\"",
@@ -181,7 +193,8 @@ TEST_F(Malformed, IndexNamesAMissingShard) {
 
 TEST_F(Malformed, IndexNamesATensorItsShardLacks) {
   write_checkpoint(dir, {{"x", Tensor::zeros({4}, DType::F32)}}, 100);
-  std::string idx = R"({"metadata":{},"weight_map":{"x":"model.safetensors","ghost":"model.safetensors"}})";
+  std::string idx =
+      R"({"metadata":{},"weight_map":{"x":"model.safetensors","ghost":"model.safetensors"}})";
   write_file_atomic(dir / "model.safetensors.index.json", idx);
   expect_error([&] { Checkpoint::open(dir); },
                {"model.safetensors.index.json", "tensor \"ghost\"", "does not contain it"});
@@ -192,7 +205,8 @@ TEST_F(Malformed, IndexNotJsonOrWithoutWeightMap) {
   expect_error([&] { Checkpoint::open(dir); }, {"model.safetensors.index.json", "not valid JSON"});
   write_file_atomic(dir / "model.safetensors.index.json", "{\"metadata\": {}}");
   expect_error([&] { Checkpoint::open(dir); }, {"model.safetensors.index.json", "weight_map"});
-  write_file_atomic(dir / "model.safetensors.index.json", R"({"weight_map":{"x":"../m.safetensors"}})");
+  write_file_atomic(dir / "model.safetensors.index.json",
+                    R"({"weight_map":{"x":"../m.safetensors"}})");
   expect_error([&] { Checkpoint::open(dir); }, {"not a plain file name"});
 }
 

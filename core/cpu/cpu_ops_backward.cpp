@@ -114,7 +114,10 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
             const T* go = dout.data<T>() + ((b * S + t) * nh + h) * d;
             const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
             double mx = -std::numeric_limits<double>::infinity();
-            auto allowed = [&](int64_t s) { return !doc || doc[b * S + s] == doc[b * S + t]; };
+            // Explicit captures: clang rejects a default capture of `doc` from the enclosing
+            // function inside an OpenMP region.
+            const int32_t* row_doc = doc ? doc + b * S : nullptr;
+            auto allowed = [row_doc, t](int64_t s) { return !row_doc || row_doc[s] == row_doc[t]; };
             for (int64_t s = s0; s <= t; ++s) {
               if (!allowed(s)) continue;
               const T* ks = k.data<T>() + ((b * S + s) * nkv + g) * d;
