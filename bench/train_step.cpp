@@ -27,11 +27,8 @@ int main(int argc, char** argv) {
   tl::Gemma4Model model(cfg, ops);
   model.load(ckpt);
   const std::string prefix = tl::decoder_prefix(ckpt);
-  for (const auto& s : tl::text_decoder_weights(cfg))
-    if (s.is_linear) {  // QLoRA numerics: NF4 round trip of every projection
-      tl::Tensor* w = tl::weight_slot(model.mutable_weights(), s.name);
-      *w = ops.upload(tl::nf4_dequantize(tl::nf4_quantize(ops.download(*w).to(tl::DType::BF16), true)), tl::DType::F32);
-    }
+  for (const auto& s : tl::text_decoder_weights(cfg))  // QLoRA: projections held in NF4
+    if (s.is_linear) model.quantize_nf4(s.name, tl::DType::BF16, true);
   tl::LoraSpec spec;
   spec.r = 16;
   spec.alpha = 32;

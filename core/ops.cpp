@@ -1,5 +1,7 @@
 #include "core/ops.h"
 
+#include "core/nf4.h"
+
 namespace tl {
 
 int64_t Ops::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
@@ -15,6 +17,47 @@ int64_t Ops::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
     hits += best == target;
   }
   return hits;
+}
+
+namespace {
+// Rows per dequantized tile: enough for an efficient GEMM, small next to the whole weight.
+constexpr int64_t kNf4TileRows = 256;
+
+// Rows [r0, r1) of W as an activation-dtype tensor on this backend ([rows, in]), or its
+// transpose ([in, rows]).
+Tensor nf4_tile(Ops& ops, const Nf4Tensor& w, int64_t r0, int64_t r1, bool transposed = false) {
+  const int64_t in = w.shape[1], rows = r1 - r0;
+  Tensor host = Tensor::zeros({rows, in}, DType::F32);
+  nf4_dequantize_rows(w, r0, r1, host.data<float>(), w.orig_dtype);
+  if (transposed) {
+    Tensor t = Tensor::zeros({in, rows}, DType::F32);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < in; ++c) t.data<float>()[c * rows + r] = host.data<float>()[r * in + c];
+    host = t;
+  }
+  return ops.upload(host, ops.act_dtype());
+}
+}  // namespace
+
+void Ops::linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) {
+  const int64_t out = w.shape[0], n = y.dim(0);
+  for (int64_t r0 = 0; r0 < out; r0 += kNf4TileRows) {
+    const int64_t r1 = std::min(out, r0 + kNf4TileRows);
+    Tensor part = zeros({n, r1 - r0});
+    linear_forward(x, nf4_tile(*this, w, r0, r1), part);  // y[:, r0:r1] = x·W[r0:r1]ᵀ
+    copy_columns(part, 0, y, r0, r1 - r0);
+  }
+}
+
+void Ops::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) {
+  const int64_t out = w.shape[0], n = dy.dim(0);
+  for (int64_t r0 = 0; r0 < out; r0 += kNf4TileRows) {
+    const int64_t r1 = std::min(out, r0 + kNf4TileRows);
+    Tensor dy_part = zeros({n, r1 - r0});
+    copy_columns(dy, r0, dy_part, 0, r1 - r0);
+    // dx += dy[:, r0:r1]·W[r0:r1] = dy_part·(W[r0:r1]ᵀ)ᵀ
+    linear_forward(dy_part, nf4_tile(*this, w, r0, r1, true), dx, true);
+  }
 }
 
 }  // namespace tl

@@ -9,6 +9,8 @@
 
 namespace tl {
 
+struct Nf4Tensor;
+
 // Which keys a query may attend to: causal, optionally limited to a window of `window`
 // keys (itself included), and never across a document boundary when `doc_ids` is given.
 struct AttentionMask {
@@ -78,6 +80,13 @@ class Ops {
   // Σ over rows with label ≠ -100 of −log softmax(logits[n])[label[n]]; returns the sum
   // (double) and sets `count`. logits: [N, V], labels: I32 [N].
   virtual double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) = 0;
+
+  // Linear layers whose frozen weight is held in NF4 (QLoRA): W is dequantized a tile of
+  // rows at a time, in the weight's original dtype as bitsandbytes does, and never whole.
+  //   y = x·Wᵀ;  dx += dy·W (no weight gradient: the base is frozen).
+  // The defaults build on the primitives above; backends may fuse them.
+  virtual void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y);
+  virtual void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx);
 
   // Rows whose label ≠ −100 and whose argmax logit is the label (token accuracy). The
   // default copies the logits to the host; backends may do better.

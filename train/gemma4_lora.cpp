@@ -10,8 +10,7 @@ namespace tl {
 LoraAdapter& Gemma4Model::attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
                                       double dropout, uint64_t dropout_seed) {
   Tensor* w = weight_slot(w_, name);
-  if (!w || !w->defined() || w->rank() != 2)
-    throw Error(fmt::format("LoRA target '{}' is not a projection of this model", name));
+  if (!w || w->rank() != 2) throw Error(fmt::format("LoRA target '{}' is not a projection of this model", name));
   if (A.rank() != 2 || B.rank() != 2 || A.dim(1) != w->dim(1) || B.dim(0) != w->dim(0) || B.dim(1) != A.dim(0))
     throw Error(fmt::format("LoRA '{}': A {} and B {} do not fit the weight {}", name, shape_str(A.shape()),
                             shape_str(B.shape()), shape_str(w->shape())));
@@ -48,8 +47,23 @@ Tensor Gemma4Model::dropout_mask(const LoraAdapter& a, const Shape& shape) {
   return ops_.upload(mask, ops_.act_dtype());
 }
 
+void Gemma4Model::quantize_nf4(const std::string& name, DType stored, bool double_quant) {
+  Tensor* w = weight_slot(w_, name);
+  if (!w || w->rank() != 2) throw Error(fmt::format("NF4: '{}' is not a projection of this model", name));
+  Tensor host = ops_.download(*w).to(stored == DType::F64 ? DType::F32 : stored);
+  nf4_[w] = nf4_quantize(host, double_quant);
+  *w = Tensor::wrap(nullptr, nullptr, w->shape(), w->dtype(), w->device());  // shape only
+}
+
+const Nf4Tensor* Gemma4Model::nf4(const std::string& name) {
+  Tensor* w = weight_slot(w_, name);
+  auto it = w ? nf4_.find(w) : nf4_.end();
+  return it == nf4_.end() ? nullptr : &it->second;
+}
+
 void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y) {
-  ops_.linear_forward(x, w, y);
+  if (auto q = nf4_.find(&w); q != nf4_.end()) ops_.linear_nf4_forward(x, q->second, y);
+  else ops_.linear_forward(x, w, y);
   auto it = lora_.find(&w);
   if (it == lora_.end()) return;
   const LoraAdapter& a = it->second;
@@ -70,7 +84,12 @@ void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Ten
 
 void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx,
                                   Tensor& dw) {
-  ops_.linear_backward(x, w, dy, dx, dw);
+  if (auto q = nf4_.find(&w); q != nf4_.end()) {
+    if (dw.defined()) throw Error("a weight held in NF4 is frozen and has no gradient");
+    if (dx.defined()) ops_.linear_nf4_backward(dy, q->second, dx);
+  } else {
+    ops_.linear_backward(x, w, dy, dx, dw);
+  }
   auto it = lora_.find(&w);
   if (it == lora_.end()) return;
   LoraAdapter& a = it->second;

@@ -6,6 +6,7 @@
 
 #include "core/config.h"
 #include "core/ops.h"
+#include "core/nf4.h"
 #include "core/safetensors.h"
 #include "train/lora.h"
 
@@ -122,6 +123,11 @@ class Gemma4Model {
   LoraAdapter& attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
                            double dropout = 0.0, uint64_t dropout_seed = 0);
   std::vector<LoraAdapter*> adapters();  // in the order they were attached
+  // QLoRA: holds the projection HF calls `name` in NF4 (quantized from its values rounded
+  // to `stored`, the checkpoint's dtype, as bitsandbytes quantizes the loaded weight) and
+  // frees the dense copy; the shape stays. Forward and backward dequantize it by tiles.
+  void quantize_nf4(const std::string& name, DType stored, bool double_quant);
+  const Nf4Tensor* nf4(const std::string& name);
   // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
   // backward recomputes the layer before differentiating it.
   void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
@@ -171,6 +177,7 @@ class Gemma4Model {
   Gemma4Weights w_;
   std::vector<Tensor> inv_freq_;  // per layer, host F64
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
+  std::unordered_map<const Tensor*, Nf4Tensor> nf4_;     // frozen NF4 bases, same keys
   std::vector<const Tensor*> lora_order_;
   bool training_ = false;
   bool checkpointing_ = false;

@@ -36,13 +36,9 @@ void Trainer::setup_model() {
   if (cfg_.load_in_4bit) {
     // QLoRA: every projection is quantized to NF4 as bitsandbytes does it and computed from
     // its dequantized values (in the dtype the checkpoint stores, as bnb's quant_state.dtype).
-    for (const WeightSpec& s : specs) {
-      if (!s.is_linear) continue;
-      Tensor* w = weight_slot(model_->mutable_weights(), s.name);
-      const DType stored = ckpt.entry(prefix_ + s.name).dtype;
-      Tensor host = ops_.download(*w).to(stored == DType::F64 ? DType::F32 : stored);
-      *w = ops_.upload(nf4_dequantize(nf4_quantize(host, cfg_.double_quant)), ops_.act_dtype());
-    }
+    // Held in NF4 from here on; forward and backward dequantize by tiles.
+    for (const WeightSpec& s : specs)
+      if (s.is_linear) model_->quantize_nf4(s.name, ckpt.entry(prefix_ + s.name).dtype, cfg_.double_quant);
   }
 
   std::vector<ParamSlot> slots;
