@@ -112,6 +112,8 @@ std::vector<ChatSegment> render_chat_segments(const std::vector<ChatMessage>& me
     if (!continues) emit("<turn|>", model), emit("\n", false);
   }
   if (options.add_generation_prompt) emit("<|turn>model\n", false);
+  if (options.add_generation_prompt && options.empty_thought_in_prompt && !options.enable_thinking)
+    emit("<|channel>thought\n<channel|>", false);
   return out;
 }
 

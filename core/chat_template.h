@@ -31,6 +31,9 @@ struct ChatMessage {
 struct ChatOptions {
   bool add_generation_prompt = false;  // end with "<|turn>model\n"
   bool enable_thinking = false;        // "<|think|>\n" at the top of a (possibly empty) system turn
+  // The 31B / 26B-A4B templates: without enable_thinking, the generation prompt also holds an
+  // empty thought block, "<|turn>model\n<|channel>thought\n<channel|>". (E2B/E4B: no block.)
+  bool empty_thought_in_prompt = false;
 };
 
 // The rendering cut where training starts and stops. A model turn's trainable span is

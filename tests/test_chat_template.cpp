@@ -88,6 +88,16 @@ TEST(ChatTemplate, LossMaskCoversExactlyTheModelTurns) {
   EXPECT_EQ(trained_text(p), "Hello.<turn|>Bye.<turn|>");
 }
 
+// As Google's 31B template renders it (checked with make_tokenizer_golden.py --check-against).
+TEST(ChatTemplate, LargeModelPromptHasAnEmptyThoughtBlock) {
+  std::vector<ChatMessage> msgs = {{"user", "Tell me a joke.", ""}};
+  EXPECT_EQ(render_chat(msgs, {.add_generation_prompt = true, .empty_thought_in_prompt = true}),
+            "<bos><|turn>user\nTell me a joke.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
+  EXPECT_EQ(render_chat(msgs, {.add_generation_prompt = true, .enable_thinking = true,
+                               .empty_thought_in_prompt = true}),
+            "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nTell me a joke.<turn|>\n<|turn>model\n");
+}
+
 TEST(ChatTemplate, TrimsLikePython) {
   // U+2003 and U+205F are Python whitespace; U+200B (zero-width space) is not.
   std::vector<ChatMessage> msgs = {{"user", "\xE2\x80\x83 x \xE2\x81\x9F", ""},

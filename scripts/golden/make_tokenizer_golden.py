@@ -7,7 +7,10 @@ fixtures.
         --corpus /tmp/jargon/usr/share/doc/jargon-text/jargon.txt.gz
 
 writes models/tiny/{tokenizer.json, tokenizer_config.json, chat_template.jinja} and
-tests/golden/tokenizer/{encode,decode,chats}.json. Two runs give byte-identical files.
+tests/golden/tokenizer/{encode,decode,variants,chats,VERSIONS}.json (see the README there).
+Two runs give byte-identical files (tokenizers 0.23.3, transformers 5.23.0, jinja2 3.1.6).
+`--check-against GEMMA4_TEMPLATE.jinja` also asserts that a reference Gemma 4 chat template
+renders every fixture chat exactly like models/tiny/chat_template.jinja.
 
 How the tokenizer is built (see models/tiny/SOURCE.md for the why):
   1. pieces: the `tokenizers` BPE trainer, on words split the way Gemma's SentencePiece model
@@ -256,7 +259,7 @@ def variants() -> dict[str, list[dict]]:
             split(SP, "MergedWithNext"), split("er", "Removed")]})],
         "ignore_merges": [rep("/model/ignore_merges", True)],
         "no_decoder_added_plain": [rep("/decoder", None), added(4096, "kludge"), added(4097, "klu")],
-        "repeated_merge": [{"op": "add", "path": "/model/merges/-", "value": [SP, "t"]}],
+        "repeated_merge": [{"op": "add", "path": "/model/merges/-", "value": [SP, SP]}],
         "space_inside_token": [{"op": "add", "path": f"/model/vocab/e{SP}", "value": 4096},
                                {"op": "add", "path": "/model/merges/0", "value": ["e", SP]}],
     }
@@ -384,15 +387,32 @@ def make_fixtures(text: str, tiny: Path, golden: Path) -> None:
         "corpus": "Debian jargon-text 4.4.7-4.1, jargon.txt sha256 " + CORPUS_SHA256}))
 
 
+def check_against(tiny: Path, reference: str) -> None:
+    """Asserts that a reference Gemma 4 template (e.g. Google's chat_template.jinja) renders every
+    fixture chat exactly like ours; it is read, never copied."""
+    auto = AutoTokenizer.from_pretrained(str(tiny))
+    ref = Path(reference).read_text()
+    for case in chat_cases():
+        kw = {"add_generation_prompt": case.get("add_generation_prompt", False),
+              "enable_thinking": case.get("enable_thinking", False)}
+        ours = auto.apply_chat_template(case["messages"], tokenize=False, **kw)
+        theirs = auto.apply_chat_template(case["messages"], tokenize=False, chat_template=ref, **kw)
+        assert ours == theirs, (case["name"], ours, theirs)
+    print(f"{reference}: renders all {len(chat_cases())} fixture chats identically")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", default=CORPUS_DEFAULT)
     ap.add_argument("--tiny", default=str(TINY))
     ap.add_argument("--golden", default=str(GOLDEN))
+    ap.add_argument("--check-against", metavar="JINJA", help="a Gemma 4 chat_template.jinja to compare")
     args = ap.parse_args()
     text = read_corpus(args.corpus)
     build_tokenizer(text, Path(args.tiny))
     make_fixtures(text, Path(args.tiny), Path(args.golden))
+    if args.check_against:
+        check_against(Path(args.tiny), args.check_against)
     print(f"wrote {args.tiny} and {args.golden}")
 
 
