@@ -1,0 +1,34 @@
+// torchless-merge: merge a PEFT LoRA adapter (from torchless or PEFT) into its base.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <iostream>
+
+#include "train/merge.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"torchless-merge: base checkpoint + PEFT LoRA adapter → merged safetensors checkpoint"};
+  std::string base, adapter, out, dtype = "base";
+  bool force = false;
+  app.add_option("--base", base, "base checkpoint directory")->required();
+  app.add_option("--adapter", adapter, "adapter directory (adapter_config.json + adapter_model.safetensors)")->required();
+  app.add_option("--out", out, "output directory (must not exist unless --force)")->required();
+  app.add_option("--dtype", dtype, "bf16, f16, f32, or base (keep each tensor's dtype)")
+      ->check(CLI::IsMember({"bf16", "f16", "f32", "base"}));
+  app.add_flag("--force", force, "replace an existing output directory");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    tl::MergeOptions o;
+    o.force = force;
+    if (dtype == "bf16") o.out_dtype = tl::DType::BF16;
+    else if (dtype == "f16") o.out_dtype = tl::DType::F16;
+    else if (dtype == "f32") o.out_dtype = tl::DType::F32;
+    auto r = tl::merge_adapter(base, adapter, out, o);
+    std::cout << fmt::format("merged {} modules into {} tensors in {} shard(s): {}\n", r.merged_modules, r.tensors,
+                             r.shards, out);
+  } catch (const std::exception& e) {
+    std::cerr << "torchless-merge: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,117 @@
+#include "train/merge.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "core/checkpoint_dir.h"
+#include "core/config.h"
+#include "core/safetensors.h"
+#include "core/weights.h"
+#include "train/peft_adapter.h"
+
+namespace tl {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// delta[o, i] = s·Σ_r B[o, r]·A[r, i] in fp32 (PEFT casts bf16/fp16 adapters up on the CPU).
+Tensor lora_delta(const AdapterTensors& a, double scaling) {
+  Tensor A = a.A.to(DType::F32), B = a.B.to(DType::F32);
+  const int64_t out = B.dim(0), r = B.dim(1), in = A.dim(1);
+  Tensor d = Tensor::zeros({out, in}, DType::F32);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < r; ++k) {
+      const float b = B.data<float>()[o * r + k];
+      const float* ar = A.data<float>() + k * in;
+      float* dr = d.data<float>() + o * in;
+      // One fused multiply-add per rank step, in rank order, as BLAS kernels accumulate.
+      for (int64_t i = 0; i < in; ++i) dr[i] = std::fma(b, ar[i], dr[i]);
+    }
+  const float s = float(scaling);
+  for (int64_t i = 0; i < d.numel(); ++i) d.data<float>()[i] *= s;
+  return d;
+}
+
+}  // namespace
+
+MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, const fs::path& out,
+                          const MergeOptions& options) {
+  const Gemma4Config cfg = Gemma4Config::load(base);
+  Checkpoint ckpt = Checkpoint::open(base);
+  const std::string prefix = decoder_prefix(ckpt);
+  PeftAdapter ad = read_peft_adapter(adapter_dir);
+  const std::string adapter_file = (adapter_dir / "adapter_model.safetensors").string();
+
+  // Every adapted module must exist in the base with shapes that fit, before anything is written.
+  std::map<std::string, const AdapterTensors*> by_tensor;
+  for (const auto& a : ad.adapters) {
+    const std::string full = prefix + a.weight;
+    if (!ckpt.contains(full))
+      throw Error(fmt::format("{}: adapts '{}', which the base {} does not have (adapter made for another model?)",
+                              adapter_file, full, base.string()));
+    const Shape& w = ckpt.entry(full).shape;
+    if (w.size() != 2 || a.A.rank() != 2 || a.B.rank() != 2 || a.A.dim(1) != w[1] || a.B.dim(0) != w[0] ||
+        a.A.dim(0) != a.B.dim(1))
+      throw Error(fmt::format("{}: '{}' has lora_A {} and lora_B {}, which do not fit the base weight {}",
+                              adapter_file, full, shape_str(a.A.shape()), shape_str(a.B.shape()), shape_str(w)));
+    by_tensor[full] = &a;
+  }
+  (void)cfg;
+
+  MergeReport report;
+  write_checkpoint_dir(out, options.force, [&](const fs::path& tmp) {
+    nlohmann::json weight_map = nlohmann::json::object();
+    uint64_t total = 0;
+    const bool sharded = ckpt.files().size() > 1;
+    for (const SafetensorsFile& shard : ckpt.files()) {
+      std::vector<NamedTensor> tensors;
+      for (const TensorEntry& e : shard.entries()) {
+        Tensor t = shard.get(e.name);
+        // Merge in the output dtype, as PEFT merges in the dtype the model was loaded in.
+        if (options.out_dtype && dtype_is_float(t.dtype()) && t.dtype() != *options.out_dtype) t = t.to(*options.out_dtype);
+        if (auto it = by_tensor.find(e.name); it != by_tensor.end()) {
+          const AdapterTensors& a = *it->second;
+          const std::string module = e.name.substr(0, e.name.size() - 7);
+          // PEFT's get_delta_weight returns the delta in the ADAPTER's dtype (fp32 adapters:
+          // no rounding); W += delta then rounds once to W's dtype.
+          Tensor delta = lora_delta(a, ad.spec.scaling_for(module)).to(a.A.dtype());
+          Tensor w32 = t.to(DType::F32), d32 = delta.to(DType::F32);
+          for (int64_t i = 0; i < w32.numel(); ++i) w32.data<float>()[i] += d32.data<float>()[i];
+          t = w32.to(t.dtype());
+          ++report.merged_modules;
+        }
+        total += t.nbytes();
+        weight_map[e.name] = shard.path().filename().string();
+        tensors.push_back({e.name, t});
+        ++report.tensors;
+      }
+      write_safetensors(tmp / shard.path().filename(), tensors);
+      ++report.shards;
+    }
+    if (sharded) {
+      // Same layout as the base; weight_map in natural (numeric) order, as write_checkpoint.
+      std::vector<std::string> names;
+      for (auto& [k, v] : weight_map.items()) names.push_back(k);
+      std::sort(names.begin(), names.end(), natural_less);
+      std::string text = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total) + "\n  },\n  \"weight_map\": {\n";
+      for (size_t i = 0; i < names.size(); ++i)
+        text += "    " + nlohmann::json(names[i]).dump() + ": " + weight_map[names[i]].dump() + (i + 1 < names.size() ? ",\n" : "\n");
+      text += "  }\n}\n";
+      write_file_atomic(tmp / "model.safetensors.index.json", text);
+    }
+    for (const fs::path& f : non_weight_files(base)) fs::copy_file(f, tmp / f.filename());
+    nlohmann::json record = {{"tool", "torchless-merge"}, {"base", base.string()}, {"adapter", adapter_dir.string()},
+                             {"merged_modules", report.merged_modules}};
+    std::ofstream(tmp / "torchless_merge.json") << record.dump(2) << "\n";
+  });
+  if (by_tensor.size() != size_t(report.merged_modules))
+    throw Error(fmt::format("{}: merged {} of {} adapted modules", adapter_file, report.merged_modules, by_tensor.size()));
+  return report;
+}
+
+}  // namespace tl
