@@ -183,7 +183,7 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
     read(d, "message_field_content", dc.message_field_content);
     read(d, "roles_to_train", dc.roles_to_train);
     // Relative dataset paths are relative to the YAML file.
-    if (std::filesystem::path(dc.path).is_relative()) dc.path = (yaml.parent_path() / dc.path).string();
+    if (std::filesystem::path(dc.path).is_relative()) dc.path = (yaml.parent_path() / dc.path).lexically_normal().string();
     c.datasets.push_back(dc);
   }
 
@@ -212,7 +212,8 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "gradient_checkpointing", c.gradient_checkpointing);
   read(root, "bf16", c.bf16);
   read(root, "output_dir", c.output_dir);
-  if (std::filesystem::path(c.output_dir).is_relative()) c.output_dir = (yaml.parent_path() / c.output_dir).string();
+  if (std::filesystem::path(c.output_dir).is_relative())
+    c.output_dir = (yaml.parent_path() / c.output_dir).lexically_normal().string();
   read(root, "save_steps", c.save_steps);
   read(root, "save_total_limit", c.save_total_limit);
   read(root, "logging_steps", c.logging_steps);
@@ -220,7 +221,7 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "seed", c.seed);
   read(root, "resume_from_checkpoint", c.resume_from_checkpoint);
   if (std::filesystem::path(c.base_model).is_relative() && std::filesystem::exists(yaml.parent_path() / c.base_model))
-    c.base_model = (yaml.parent_path() / c.base_model).string();
+    c.base_model = (yaml.parent_path() / c.base_model).lexically_normal().string();
   return c;
 }
 

@@ -183,6 +183,13 @@ double Trainer::run() {
   if (fs::exists(metrics_path)) fs::resize_file(metrics_path, uint64_t(state_.metrics_bytes));
   std::ofstream metrics(metrics_path, std::ios::app);
 
+  if (state_.step == 0 && cfg_.eval_steps > 0 && !val_rows_.empty()) {
+    // The baseline the run improves on.
+    const double base_loss = evaluate();
+    log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
+    metrics << nlohmann::json{{"step", 0}, {"eval_loss", base_loss}}.dump() << "\n" << std::flush;
+    state_.metrics_bytes = int64_t(metrics.tellp());
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t first = state_.step, total = schedule_.total_steps;
   double window_loss = 0, window_acc = 0;
