@@ -95,47 +95,6 @@ void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, con
   });
 }
 
-void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                               const AttentionMask& mask, Tensor& out) {
-  require(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention expects [B,S,heads,d]");
-  int64_t B = q.dim(0), S = q.dim(1), nh = q.dim(2), d = q.dim(3), nkv = k.dim(2);
-  require(k.dim(0) == B && k.dim(1) == S && k.dim(3) == d && v.numel() == k.numel(), "attention k/v shape");
-  require(nh % nkv == 0 && out.numel() == q.numel(), "attention heads");
-  int64_t group = nh / nkv;
-  const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() : nullptr;
-  dispatch(q.dtype(), [&]<class T>() {
-#pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * S >= cpu::kParallelMin)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < nh; ++h) {
-        std::vector<double> p(static_cast<size_t>(S));
-        int64_t g = h / group;
-        for (int64_t t = 0; t < S; ++t) {
-          const T* qt = q.data<T>() + ((b * S + t) * nh + h) * d;
-          int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
-          double mx = -std::numeric_limits<double>::infinity();
-          for (int64_t s = s0; s <= t; ++s) {
-            if (doc && doc[b * S + s] != doc[b * S + t]) { p[size_t(s)] = -INFINITY; continue; }
-            const T* ks = k.data<T>() + ((b * S + s) * nkv + g) * d;
-            double acc = 0;
-            for (int64_t j = 0; j < d; ++j) acc += double(qt[j]) * double(ks[j]);
-            p[size_t(s)] = double(T(acc));
-            mx = std::max(mx, p[size_t(s)]);
-          }
-          double z = 0;
-          for (int64_t s = s0; s <= t; ++s) z += (p[size_t(s)] = std::exp(p[size_t(s)] - mx));
-          T* o = out.data<T>() + ((b * S + t) * nh + h) * d;
-          std::vector<double> acc(static_cast<size_t>(d), 0.0);
-          for (int64_t s = s0; s <= t; ++s) {
-            double w = double(T(p[size_t(s)] / z));
-            const T* vs = v.data<T>() + ((b * S + s) * nkv + g) * d;
-            for (int64_t j = 0; j < d; ++j) acc[size_t(j)] += w * double(vs[j]);
-          }
-          for (int64_t j = 0; j < d; ++j) o[j] = T(acc[size_t(j)]);
-        }
-      }
-  });
-}
-
 void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
   require(gate.numel() == up.numel() && out.numel() == up.numel(), "gelu_mul sizes");
   dispatch(gate.dtype(), [&]<class T>() {

@@ -1,0 +1,117 @@
+// Attention on the CPU as GEMMs per (batch, head): scores = Q·Kᵀ (scale 1.0), masked
+// softmax per row, O = P·V; and the backward
+//   dP = dO·Vᵀ;  dS = P∘(dP − rowsum(P∘dP));  dQ = dS·K;  dK = dSᵀ·Q;  dV = Pᵀ·dO.
+// Scores and softmax are in the activation dtype (fp32 like HF's eager attention, or fp64).
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/cpu/cpu_ops.h"
+#include "core/cpu/cpu_util.h"
+
+namespace tl {
+
+using cpu::dispatch;
+using cpu::require;
+
+namespace {
+
+struct Geometry {
+  int64_t B, S, nh, d, nkv, group;
+};
+
+Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
+  require(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention expects [B,S,heads,d]");
+  Geometry g{q.dim(0), q.dim(1), q.dim(2), q.dim(3), k.dim(2), 0};
+  require(k.dim(0) == g.B && k.dim(1) == g.S && k.dim(3) == g.d && v.numel() == k.numel(), "attention k/v shape");
+  require(g.nh % g.nkv == 0, "attention heads");
+  g.group = g.nh / g.nkv;
+  return g;
+}
+
+// P[t, :] = softmax over the keys query t may see (causal, window, same document) of
+// Q_h·K_gᵀ; masked entries are 0. P is [S, S], row-major.
+template <class T>
+void probabilities(const Geometry& g, const T* qh, const T* kg, const AttentionMask& mask, const int32_t* doc,
+                   T* P) {
+  const int64_t S = g.S;
+  cpu::gemm(false, true, S, S, g.d, T(1), qh, g.nh * g.d, kg, g.nkv * g.d, T(0), P, S);
+  for (int64_t t = 0; t < S; ++t) {
+    T* row = P + t * S;
+    const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t s = 0; s < S; ++s) {
+      const bool ok = s >= s0 && s <= t && (!doc || doc[s] == doc[t]);
+      if (!ok) row[s] = -std::numeric_limits<T>::infinity();
+      else mx = std::max(mx, row[s]);
+    }
+    T z = 0;
+    for (int64_t s = 0; s < S; ++s) z += (row[s] = std::isinf(row[s]) ? T(0) : std::exp(row[s] - mx));
+    for (int64_t s = 0; s < S; ++s) row[s] /= z;
+  }
+}
+
+}  // namespace
+
+void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                               Tensor& out) {
+  const Geometry g = check(q, k, v);
+  require(out.numel() == q.numel(), "attention out");
+  dispatch(q.dtype(), [&]<class T>() {
+#pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.nh; ++h) {
+        std::vector<T> P(static_cast<size_t>(g.S * g.S));
+        const int64_t kv = h / g.group;
+        const T* qh = q.data<T>() + (b * g.S * g.nh + h) * g.d;
+        const T* kg = k.data<T>() + (b * g.S * g.nkv + kv) * g.d;
+        const T* vg = v.data<T>() + (b * g.S * g.nkv + kv) * g.d;
+        const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
+        probabilities(g, qh, kg, mask, doc, P.data());
+        T* oh = out.data<T>() + (b * g.S * g.nh + h) * g.d;
+        cpu::gemm(false, false, g.S, g.d, g.S, T(1), P.data(), g.S, vg, g.nkv * g.d, T(0), oh, g.nh * g.d);
+      }
+  });
+}
+
+void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                                const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const Geometry g = check(q, k, v);
+  dispatch(q.dtype(), [&]<class T>() {
+    // One task per (batch, KV head): its query heads all add into the same dk/dv rows.
+#pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t kv = 0; kv < g.nkv; ++kv) {
+        const size_t SS = static_cast<size_t>(g.S * g.S);
+        std::vector<T> P(SS), dS(SS);
+        const T* kg = k.data<T>() + (b * g.S * g.nkv + kv) * g.d;
+        const T* vg = v.data<T>() + (b * g.S * g.nkv + kv) * g.d;
+        const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
+        const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
+        for (int64_t h = kv * g.group; h < (kv + 1) * g.group; ++h) {
+          const T* qh = q.data<T>() + (b * g.S * g.nh + h) * g.d;
+          const T* doh = dout.data<T>() + (b * g.S * g.nh + h) * g.d;
+          probabilities(g, qh, kg, mask, doc, P.data());
+          cpu::gemm(false, true, g.S, g.S, g.d, T(1), doh, ldq, vg, ldk, T(0), dS.data(), g.S);  // dP
+          for (int64_t t = 0; t < g.S; ++t) {
+            T* prow = P.data() + t * g.S;
+            T* drow = dS.data() + t * g.S;
+            T dot = 0;
+            for (int64_t s = 0; s < g.S; ++s) dot += prow[s] * drow[s];
+            for (int64_t s = 0; s < g.S; ++s) drow[s] = prow[s] * (drow[s] - dot);
+          }
+          if (dq.defined())
+            cpu::gemm(false, false, g.S, g.d, g.S, T(1), dS.data(), g.S, kg, ldk, T(1),
+                      dq.data<T>() + (b * g.S * g.nh + h) * g.d, ldq);
+          if (dk.defined())
+            cpu::gemm(true, false, g.S, g.d, g.S, T(1), dS.data(), g.S, qh, ldq, T(1),
+                      dk.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
+          if (dv.defined())
+            cpu::gemm(true, false, g.S, g.d, g.S, T(1), P.data(), g.S, doh, ldq, T(1),
+                      dv.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
+        }
+      }
+  });
+}
+
+}  // namespace tl
