@@ -1,6 +1,7 @@
 // torchless-surgery: inspect and reshape Gemma 4 checkpoints.
 //   plan     parameter counts and weight memory, from a checkpoint directory or a config.json
 //   convert  copy a checkpoint to another dtype and/or shard size
+//   expand   identity layer inserts / block duplication;  upscale  passthrough slices
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -10,6 +11,7 @@
 #include "core/checkpoint_dir.h"
 #include "core/config.h"
 #include "core/init_model.h"
+#include "core/surgery.h"
 #include "core/plan.h"
 #include "core/tensor.h"
 #include "core/weights.h"
@@ -54,6 +56,27 @@ int main(int argc, char** argv) {
   init->add_option("--copy-from", init_copy, "directory whose tokenizer and template files to copy");
   init->add_flag("--force", init_force, "replace an existing output directory");
 
+  std::string ex_src, ex_out, ex_dup, ex_every, ex_mode = "zero-out";
+  bool ex_force = false;
+  auto* expand = app.add_subcommand("expand", "Insert layers that start as exact identities (block duplication or "
+                                              "identity inserts); logits are unchanged until healed");
+  expand->add_option("src", ex_src, "source checkpoint directory")->required();
+  expand->add_option("out", ex_out, "output directory")->required();
+  expand->add_option("--duplicate", ex_dup, "BEGIN:END: insert identity copies of layers [BEGIN, END) after END-1");
+  expand->add_option("--insert-identity", ex_every, "every=N: an identity copy after every N layers");
+  expand->add_option("--identity-mode", ex_mode, "zero-out (o_proj, down_proj, experts' down_proj, "
+                                                 "per_layer_projection = 0) or zero-postnorm (post-norm weights = 0)")
+      ->check(CLI::IsMember({"zero-out", "zero-postnorm"}));
+  expand->add_flag("--force", ex_force, "replace an existing output directory");
+
+  std::string up_src, up_out, up_slices;
+  bool up_force = false;
+  auto* upscale = app.add_subcommand("upscale", "Passthrough re-sequencing of layer slices (PLE widened along)");
+  upscale->add_option("src", up_src, "source checkpoint directory")->required();
+  upscale->add_option("out", up_out, "output directory")->required();
+  upscale->add_option("--slices", up_slices, "e.g. 0:18,10:26,18:34,26:42 (each BEGIN:END, END exclusive)")->required();
+  upscale->add_flag("--force", up_force, "replace an existing output directory");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*plan) {
@@ -82,6 +105,31 @@ int main(int argc, char** argv) {
         for (const auto& f : tl::non_weight_files(init_copy))
           if (f.filename() != "config.json") fs::copy_file(f, fs::path(init_out) / f.filename(), fs::copy_options::overwrite_existing);
       std::cout << fmt::format("wrote {}\n", init_out);
+    }
+    if (*expand) {
+      auto cfg = tl::Gemma4Config::load(ex_src);
+      const int n = int(cfg.num_hidden_layers);
+      if (ex_dup.empty() == ex_every.empty()) throw tl::Error("expand: give exactly one of --duplicate or --insert-identity");
+      tl::LayerMap map;
+      if (!ex_dup.empty()) {
+        auto colon = ex_dup.find(':');
+        if (colon == std::string::npos) throw tl::Error("--duplicate " + ex_dup + ": expected BEGIN:END");
+        map = tl::duplicate_block(n, std::stoi(ex_dup.substr(0, colon)), std::stoi(ex_dup.substr(colon + 1)), true);
+      } else {
+        if (!ex_every.starts_with("every=")) throw tl::Error("--insert-identity " + ex_every + ": expected every=N");
+        map = tl::insert_identity_every(n, std::stoi(ex_every.substr(6)));
+      }
+      auto r = tl::apply_layer_map(ex_src, ex_out, map,
+                                   ex_mode == "zero-out" ? tl::IdentityMode::ZeroOut : tl::IdentityMode::ZeroPostnorm,
+                                   true, ex_force);
+      std::cout << fmt::format("{} → {} layers ({} identity) written to {}\n", r.layers_in, r.layers_out,
+                               r.identity_layers, ex_out);
+    }
+    if (*upscale) {
+      auto cfg = tl::Gemma4Config::load(up_src);
+      auto map = tl::slices_map(int(cfg.num_hidden_layers), up_slices);
+      auto r = tl::apply_layer_map(up_src, up_out, map, tl::IdentityMode::None, false, up_force);
+      std::cout << fmt::format("{} → {} layers written to {}\n", r.layers_in, r.layers_out, up_out);
     }
     if (*convert) {
       std::optional<tl::DType> dt;

@@ -1,0 +1,74 @@
+// Surgery: identity expansion leaves the logits bit for bit unchanged on every variant in
+// both identity modes; maps that break KV sharing or leave the model are refused.
+#include "core/cpu/cpu_ops.h"
+#include "core/surgery.h"
+#include "golden_util.h"
+#include "train/gemma4_model.h"
+
+namespace tl {
+namespace {
+
+namespace fs = std::filesystem;
+
+Tensor logits_of(const fs::path& dir) {
+  CpuOps ops(DType::F32);
+  Gemma4Model m(Gemma4Config::load(dir), ops);
+  m.load(Checkpoint::open(dir));
+  auto rec = SafetensorsFile::open(test::golden("e2b/forward.safetensors"));
+  return m.logits(m.forward_hidden({rec.get("input_ids"), {}, {}}));
+}
+
+struct Case {
+  std::string variant;
+  int begin, end;  // the duplicated block, before each KV producer
+};
+
+class Expand : public ::testing::TestWithParam<std::tuple<Case, IdentityMode>> {};
+
+TEST_P(Expand, IdentityLayersLeaveLogitsBitIdentical) {
+  const auto& [c, mode] = GetParam();
+  const fs::path src = test::golden(c.variant);
+  const fs::path out = fs::temp_directory_path() / ("tl_expand_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  auto cfg = Gemma4Config::load(src);
+  auto r = apply_layer_map(src, out, duplicate_block(int(cfg.num_hidden_layers), c.begin, c.end, true), mode, true, false);
+  EXPECT_EQ(r.layers_out, r.layers_in + (c.end - c.begin));
+  auto ncfg = Gemma4Config::load(out);
+  EXPECT_EQ(ncfg.num_hidden_layers, r.layers_out);
+  EXPECT_EQ(ncfg.num_kv_shared_layers, cfg.num_kv_shared_layers);
+  auto d = test::compare(logits_of(out), logits_of(src));
+  EXPECT_EQ(d.max_abs, 0.0);
+  fs::remove_all(out);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, Expand,
+    ::testing::Combine(::testing::Values(Case{"dense_kv", 1, 3}, Case{"e2b", 1, 4}, Case{"e4b", 2, 5}, Case{"moe", 2, 4}),
+                       ::testing::Values(IdentityMode::ZeroOut, IdentityMode::ZeroPostnorm)),
+    [](const auto& info) {
+      return std::get<0>(info.param).variant +
+             (std::get<1>(info.param) == IdentityMode::ZeroOut ? "_zero_out" : "_zero_postnorm");
+    });
+
+void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(SurgeryErrors, SlicesOutOfRangeAndMapsThatBreakKvSharing) {
+  auto e2b = Gemma4Config::load(test::golden("e2b"));  // 10 layers; 6–9 KV-shared; producers 4 (full), 5 (sliding)
+  expect_error([&] { slices_map(10, "0:6,4:12"); }, "4:12 is outside the model's 10 layers");
+  expect_error([&] { slices_map(10, "0:6,x"); }, "'x' is not BEGIN:END");
+  // A shared layer moved in front of non-shared ones.
+  expect_error([&] { map_config(e2b, slices_map(10, "0:4,6:8,4:6,8:10"), false); }, "KV-shared layers must stay at the end");
+  // An identity copy of layer 5 after layer 5 would become the sliding producer.
+  expect_error([&] { map_config(e2b, duplicate_block(10, 5, 6, true), true); }, "would become the last sliding_attention layer");
+  expect_error([&] { duplicate_block(10, 8, 12, true); }, "outside the model's 10 layers");
+}
+
+}  // namespace
+}  // namespace tl
