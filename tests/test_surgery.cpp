@@ -50,6 +50,24 @@ INSTANTIATE_TEST_SUITE_P(
              (std::get<1>(info.param) == IdentityMode::ZeroOut ? "_zero_out" : "_zero_postnorm");
     });
 
+TEST(Upscale, MatchesPythonResequencing) {
+  // tests/golden/upscale: the same slices applied independently in Python and run by
+  // transformers (scripts/golden/make_upscale_golden.py).
+  const fs::path out = fs::temp_directory_path() / ("tl_upscale_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  apply_layer_map(test::golden("e4b"), out, slices_map(12, "0:6,2:8,8:12"), IdentityMode::None, false, false);
+  auto cfg = Gemma4Config::load(out);
+  EXPECT_EQ(cfg.num_hidden_layers, 16);
+  EXPECT_EQ(cfg.num_kv_shared_layers, 4);
+  CpuOps ops(DType::F32);
+  Gemma4Model m(cfg, ops);
+  m.load(Checkpoint::open(out));
+  auto rec = SafetensorsFile::open(test::golden("upscale/logits.safetensors"));
+  auto d = test::compare(m.logits(m.forward_hidden({rec.get("input_ids"), {}, {}})), rec.get("logits"));
+  EXPECT_LE(d.max_abs, 1e-5 * d.max_ref) << "max|diff| " << d.max_abs;
+  fs::remove_all(out);
+}
+
 void expect_error(const std::function<void()>& f, const std::string& needle) {
   try {
     f();
