@@ -2,6 +2,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <malloc.h>
+#include <sys/resource.h>
+
 #include <iostream>
 
 #include "train/merge.h"
@@ -17,6 +20,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bf16", "f16", "f32", "base"}));
   app.add_flag("--force", force, "replace an existing output directory");
   CLI11_PARSE(app, argc, argv);
+  // Large buffers (a shard's tensors, its serialised bytes) always come from mmap and go back
+  // to the system when freed; glibc's adaptive threshold would otherwise keep them on the heap
+  // and resident memory would grow shard after shard.
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   try {
     tl::MergeOptions o;
     o.force = force;
@@ -24,8 +31,10 @@ int main(int argc, char** argv) {
     else if (dtype == "f16") o.out_dtype = tl::DType::F16;
     else if (dtype == "f32") o.out_dtype = tl::DType::F32;
     auto r = tl::merge_adapter(base, adapter, out, o);
-    std::cout << fmt::format("merged {} modules into {} tensors in {} shard(s): {}\n", r.merged_modules, r.tensors,
-                             r.shards, out);
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    std::cout << fmt::format("merged {} modules into {} tensors in {} shard(s): {} (peak RSS {:.1f} MiB)\n",
+                             r.merged_modules, r.tensors, r.shards, out, double(ru.ru_maxrss) / 1024.0);
   } catch (const std::exception& e) {
     std::cerr << "torchless-merge: " << e.what() << "\n";
     return 1;

@@ -63,12 +63,18 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, con
   }
   (void)cfg;
 
+  // Stream: each shard is mapped, merged, written and unmapped before the next, so resident
+  // memory stays near the largest shard (the Checkpoint above only read headers).
+  std::vector<fs::path> shard_paths;
+  for (const SafetensorsFile& f : ckpt.files()) shard_paths.push_back(f.path());
+  ckpt = Checkpoint();
   MergeReport report;
   write_checkpoint_dir(out, options.force, [&](const fs::path& tmp) {
     nlohmann::json weight_map = nlohmann::json::object();
     uint64_t total = 0;
-    const bool sharded = ckpt.files().size() > 1;
-    for (const SafetensorsFile& shard : ckpt.files()) {
+    const bool sharded = shard_paths.size() > 1;
+    for (const fs::path& shard_path : shard_paths) {
+      const SafetensorsFile shard = SafetensorsFile::open(shard_path);
       std::vector<NamedTensor> tensors;
       for (const TensorEntry& e : shard.entries()) {
         Tensor t = shard.get(e.name);
