@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 
 #include "core/tensor.h"
@@ -28,6 +29,17 @@ inline Diff compare(const Tensor& got, const Tensor& ref) {
     d.max_ref = std::max(d.max_ref, std::abs(r));
   }
   return d;
+}
+
+// f must throw tl::Error whose one-line message contains `needle`.
+inline void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << "error must be one line: " << e.what();
+  }
 }
 
 }  // namespace tl::test

@@ -71,14 +71,7 @@ TEST(Merge, Fp32EqualsPeftMergeAndUnload) {
   expect_matches_peft(t.dir / "out", "f32");
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::expect_error;
 
 TEST(MergeErrors, AdapterForAnotherBaseOrShapes) {
   Tmp t;

@@ -68,14 +68,7 @@ TEST(Upscale, MatchesPythonResequencing) {
   fs::remove_all(out);
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::expect_error;
 
 TEST(SurgeryErrors, SlicesOutOfRangeAndMapsThatBreakKvSharing) {
   auto e2b = Gemma4Config::load(test::golden("e2b"));  // 10 layers; 6–9 KV-shared; producers 4 (full), 5 (sliding)

@@ -96,14 +96,7 @@ TEST(Trainer, ValidationLossFalls) {
   EXPECT_LT(evals.back(), evals.front()) << log;
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected: " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::expect_error;
 
 TEST(TrainerErrors, UnknownKeySuggestsTheNearest) {
   Workspace w("key");
