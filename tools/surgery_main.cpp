@@ -12,6 +12,9 @@
 #include "core/config.h"
 #include "core/init_model.h"
 #include "core/surgery.h"
+#include "core/safetensors.h"
+#include "train/data.h"
+#include "train/prune.h"
 #include "core/plan.h"
 #include "core/tensor.h"
 #include "core/weights.h"
@@ -77,6 +80,21 @@ int main(int argc, char** argv) {
   upscale->add_option("--slices", up_slices, "e.g. 0:18,10:26,18:34,26:42 (each BEGIN:END, END exclusive)")->required();
   upscale->add_flag("--force", up_force, "replace an existing output directory");
 
+  std::string pr_src, pr_out, pr_jsonl, pr_ids, pr_type = "chat", pr_method = "coverage";
+  int64_t pr_keep = 0, pr_protect = 16, pr_max_tokens = 4096;
+  bool pr_force = false;
+  auto* prune = app.add_subcommand("prune", "Prune MoE experts by their contribution on calibration data");
+  prune->add_option("src", pr_src, "source checkpoint directory")->required();
+  prune->add_option("out", pr_out, "output directory")->required();
+  prune->add_option("--keep", pr_keep, "experts kept per layer")->required();
+  prune->add_option("--protect", pr_protect, "experts protected per calibration sample and layer (coverage)");
+  prune->add_option("--method", pr_method, "coverage, reap or frequency")->check(CLI::IsMember({"coverage", "reap", "frequency"}));
+  prune->add_option("--calibration", pr_jsonl, "calibration jsonl (prompt + reference answer), tokenized with the model's tokenizer.json");
+  prune->add_option("--type", pr_type, "calibration jsonl type: chat, alpaca, sharegpt or completion");
+  prune->add_option("--calibration-ids", pr_ids, "pre-tokenized calibration: safetensors with input_ids [N, S]");
+  prune->add_option("--max-tokens", pr_max_tokens, "truncate each calibration sample to this many tokens");
+  prune->add_flag("--force", pr_force, "replace an existing output directory");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*plan) {
@@ -130,6 +148,36 @@ int main(int argc, char** argv) {
       auto map = tl::slices_map(int(cfg.num_hidden_layers), up_slices);
       auto r = tl::apply_layer_map(up_src, up_out, map, tl::IdentityMode::None, false, up_force);
       std::cout << fmt::format("{} → {} layers written to {}\n", r.layers_in, r.layers_out, up_out);
+    }
+    if (*prune) {
+      if (pr_jsonl.empty() == pr_ids.empty()) throw tl::Error("prune: give exactly one of --calibration or --calibration-ids");
+      std::vector<std::vector<int32_t>> calib;
+      if (!pr_ids.empty()) {
+        tl::Tensor ids = tl::SafetensorsFile::open(pr_ids).get("input_ids").to(tl::DType::I32);
+        if (ids.rank() != 2) throw tl::Error(pr_ids + ": input_ids must be [N, S]");
+        for (int64_t r = 0; r < ids.dim(0); ++r)
+          calib.emplace_back(ids.data<int32_t>() + r * ids.dim(1), ids.data<int32_t>() + (r + 1) * ids.dim(1));
+      } else {
+        tl::TrainConfig tc;
+        tc.datasets = {tl::DatasetConfig{}};
+        tc.datasets[0].path = pr_jsonl;
+        tc.datasets[0].type = pr_type;
+        if (pr_type == "sharegpt") {
+          tc.datasets[0].field_messages = "conversations";
+          tc.datasets[0].message_field_role = "from";
+          tc.datasets[0].message_field_content = "value";
+        }
+        tc.sequence_len = pr_max_tokens;
+        tc.overlong = "truncate";
+        tl::DataStats stats;
+        auto tok = tl::Tokenizer::load((fs::path(pr_src) / "tokenizer.json").string());
+        for (auto& e : tl::load_examples(tc, tok, stats)) calib.push_back(std::move(e.ids));
+      }
+      tl::PruneOptions po{pr_keep, pr_protect, pr_method, pr_force};
+      auto r = tl::prune_experts(pr_src, pr_out, calib, po);
+      std::cout << fmt::format("pruned to {} experts per layer from {} samples ({} routed tokens, {} skipped as "
+                               "non-finite); drop map in {}/expert_drop_map.json\n",
+                               pr_keep, r.samples, r.routed_tokens, r.skipped_tokens, pr_out);
     }
     if (*convert) {
       std::optional<tl::DType> dt;

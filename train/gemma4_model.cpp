@@ -283,6 +283,7 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
     x.out = ops_.zeros({m, H});
     ops_.linear_forward(x.h, lw.experts_down.slice_rows(e, e + 1).view({H, I}), x.out);
     ops_.scatter_add_rows(x.out, x.rows, x.scales, t.m2);
+    if (moe_observer) moe_observer(t.layer, e, x.rows, x.scales, x.out);
     t.experts.push_back(std::move(x));
   }
   return t.m2;
@@ -293,6 +294,7 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
   const int64_t n = x.dim(0), H = config_.hidden_size, P = config_.hidden_size_per_layer_input;
   const double eps = config_.rms_norm_eps;
   t.x_in = x;
+  t.layer = i;
 
   // x1 = x + RMSNorm(Attn(RMSNorm(x)))
   t.a = ops_.zeros({n, H});

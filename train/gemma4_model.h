@@ -10,6 +10,7 @@
 #include "core/safetensors.h"
 #include "train/lora.h"
 
+#include <functional>
 #include <unordered_map>
 
 namespace tl {
@@ -58,6 +59,7 @@ struct ExpertTape {
 };
 
 struct LayerTape {
+  int layer = 0;
   Tensor x_in, a;                      // layer input; input_layernorm output
   Tensor q_raw, q;                     // q projection; after q_norm and RoPE
   Tensor k_raw, v_raw, k, v;           // own K/V only (KV-shared layers read the source's)
@@ -131,6 +133,11 @@ class Gemma4Model {
   // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
   // backward recomputes the layer before differentiating it.
   void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  // Called in every MoE layer's forward for each expert that received tokens: the layer, the
+  // expert, the token rows (I32 [m]), their routing weights ([m]) and the expert's outputs
+  // ([m, H]) before weighting. Used by expert pruning to score experts.
+  std::function<void(int layer, int64_t expert, const Tensor& rows, const Tensor& weights, const Tensor& out)>
+      moe_observer;
   // Training mode turns LoRA dropout on; `step` selects the dropout masks of this pass.
   void set_training(bool on, uint64_t step = 0) {
     training_ = on;
