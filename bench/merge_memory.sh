@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Peak memory of torchless-merge against the largest shard of the base (issue: it must stay
-# under 2x): a larger E2B-shaped init in bf16 split into 8 MB shards, a LoRA adapter trained
-# on it for one step, then the merge.
+# Peak memory of torchless-merge against the largest shard of the base (it must stay under
+# 2x): an init of MODEL_JSON in bf16 split into SHARD-sized shards, a LoRA adapter trained on
+# it for one step, then the merge.
+#   bash bench/merge_memory.sh [MODEL_JSON [SHARD]]     (default: bench/merge-model.json, 200MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+model=${1:-bench/merge-model.json}
+shard=${2:-200MB}
 w=build/bench-merge
 rm -rf "$w" && mkdir -p "$w"
-./build/torchless-surgery init bench/larger-model.json "$w/init" --seed 2 --copy-from models/tiny >/dev/null
-./build/torchless-surgery convert "$w/init" "$w/base" --dtype bf16 --max-shard-size 8MB >/dev/null
+./build/torchless-surgery init "$model" "$w/init" --seed 2 --copy-from models/tiny >/dev/null
+./build/torchless-surgery convert "$w/init" "$w/base" --dtype bf16 --max-shard-size "$shard" >/dev/null
+rm -rf "$w/init"
 cat >"$w/heal.yaml" <<YAML
 base_model: base
 adapter: lora
-lora_r: 16
+lora_r: 8
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
 datasets:
   - path: ../../data/demo/heal.jsonl
     type: chat
 max_steps: 1
-sequence_len: 128
+sequence_len: 64
+micro_batch_size: 1
 output_dir: adapter
 YAML
 ./build/torchless-train --config "$w/heal.yaml" >/dev/null

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -275,17 +276,19 @@ namespace {
 struct Prepared {
   std::string head;                                  // 8-byte length + padded JSON header
   std::vector<std::pair<const void*, size_t>> data;  // tensor bytes in file order
+  std::vector<size_t> order;                         // file order as indices into the input
 };
 
 Prepared prepare(const std::vector<NamedTensor>& tensors,
-                 const std::map<std::string, std::string>& metadata, const std::string& label) {
+                 const std::map<std::string, std::string>& metadata, const std::string& label,
+                 bool shapes_only = false) {
   std::vector<const NamedTensor*> order;
   std::set<std::string_view> names;
   for (const NamedTensor& t : tensors) {
     if (!names.insert(t.name).second) fail(label, "duplicate tensor name " + show(t.name));
     if (t.name == "__metadata__") fail(label, "\"__metadata__\" cannot name a tensor");
     if (!valid_utf8(t.name)) fail(label, "tensor name " + show(t.name) + " is not valid UTF-8");
-    if (!t.tensor.defined()) fail(label, "tensor " + show(t.name) + " is undefined");
+    if (!t.tensor.defined() && !shapes_only) fail(label, "tensor " + show(t.name) + " is undefined");
     if (t.tensor.device() != Device::CPU)
       fail(label, "tensor " + show(t.name) + " is not in host memory");
     order.push_back(&t);
@@ -320,6 +323,7 @@ Prepared prepare(const std::vector<NamedTensor>& tensors,
                      offset, offset + n);
     offset += n;
     out.data.emplace_back(x.raw(), n);
+    out.order.push_back(size_t(t - tensors.data()));
   }
   h += "}";
   h.append((8 - h.size() % 8) % 8, ' ');
@@ -387,6 +391,43 @@ void write_safetensors(const fs::path& path, const std::vector<NamedTensor>& ten
   for (auto c : p.data)
     if (c.second) chunks.push_back(c);
   write_atomic(path, chunks);
+}
+
+void write_safetensors_streamed(const fs::path& path, const std::vector<NamedTensor>& specs,
+                                const std::function<Tensor(size_t)>& produce,
+                                const std::map<std::string, std::string>& metadata) {
+  Prepared p = prepare(specs, metadata, path.string(), true);
+  fs::path tmp = path;
+  tmp += ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) fail(path.string(), "cannot create " + tmp.string() + ": " + std::strerror(errno));
+  auto abort = [&](const std::string& what) {
+    int err = errno;
+    std::fclose(f);
+    ::unlink(tmp.c_str());
+    fail(path.string(), what + ": " + std::strerror(err));
+  };
+  if (std::fwrite(p.head.data(), 1, p.head.size(), f) != p.head.size()) abort("cannot write " + tmp.string());
+  for (size_t k = 0; k < p.order.size(); ++k) {
+    const size_t i = p.order[k];
+    Tensor t;
+    try {
+      t = produce(i);
+    } catch (...) {
+      std::fclose(f);
+      ::unlink(tmp.c_str());
+      throw;
+    }
+    if (t.dtype() != specs[i].tensor.dtype() || t.shape() != specs[i].tensor.shape() || t.device() != Device::CPU)
+      abort("produced tensor " + show(specs[i].name) + " does not match its declared dtype and shape");
+    if (t.nbytes() && std::fwrite(t.raw(), 1, t.nbytes(), f) != t.nbytes()) abort("cannot write " + tmp.string());
+  }
+  if (std::fflush(f) != 0 || ::fsync(::fileno(f)) != 0) abort("cannot flush " + tmp.string());
+  if (std::fclose(f) != 0) fail(path.string(), "cannot close " + tmp.string());
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    fail(path.string(), "cannot rename " + tmp.string() + " over it: " + std::strerror(errno));
+  }
 }
 
 void write_file_atomic(const fs::path& path, std::string_view bytes) {

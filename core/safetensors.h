@@ -4,6 +4,7 @@
 // one line naming the file and the fault.
 #pragma once
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -71,6 +72,14 @@ std::vector<uint8_t> serialize_safetensors(const std::vector<NamedTensor>& tenso
 // An empty `metadata` writes no "__metadata__" key (Python's metadata=None).
 void write_safetensors(const fs::path& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+// As write_safetensors, for tensors made one at a time: `specs` give each tensor's name,
+// dtype and shape (their Tensor may be shape-only); `produce(i)` returns tensor i's values
+// when the writer reaches it, so only one produced tensor is alive at a time. Same bytes as
+// write_safetensors of the produced tensors.
+void write_safetensors_streamed(const fs::path& path, const std::vector<NamedTensor>& specs,
+                                const std::function<Tensor(size_t)>& produce,
+                                const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 // Writes `bytes` to `path.tmp`, fsyncs, renames over `path`; on failure removes the tmp
 // file and throws Error naming `path` and the system error.

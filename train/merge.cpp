@@ -75,28 +75,33 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, con
     const bool sharded = shard_paths.size() > 1;
     for (const fs::path& shard_path : shard_paths) {
       const SafetensorsFile shard = SafetensorsFile::open(shard_path);
-      std::vector<NamedTensor> tensors;
+      // Declare the shard's tensors, then produce each (merged where adapted) as the writer
+      // reaches it: one merged tensor in memory at a time.
+      std::vector<NamedTensor> specs;
       for (const TensorEntry& e : shard.entries()) {
-        Tensor t = shard.get(e.name);
-        // Merge in the output dtype, as PEFT merges in the dtype the model was loaded in.
-        if (options.out_dtype && dtype_is_float(t.dtype()) && t.dtype() != *options.out_dtype) t = t.to(*options.out_dtype);
-        if (auto it = by_tensor.find(e.name); it != by_tensor.end()) {
-          const AdapterTensors& a = *it->second;
-          const std::string module = e.name.substr(0, e.name.size() - 7);
-          // PEFT's get_delta_weight returns the delta in the ADAPTER's dtype (fp32 adapters:
-          // no rounding); W += delta then rounds once to W's dtype.
-          Tensor delta = lora_delta(a, ad.spec.scaling_for(module)).to(a.A.dtype());
-          Tensor w32 = t.to(DType::F32), d32 = delta.to(DType::F32);
-          for (int64_t i = 0; i < w32.numel(); ++i) w32.data<float>()[i] += d32.data<float>()[i];
-          t = w32.to(t.dtype());
-          ++report.merged_modules;
-        }
-        total += t.nbytes();
+        const DType dt = options.out_dtype && dtype_is_float(e.dtype) ? *options.out_dtype : e.dtype;
+        specs.push_back({e.name, Tensor::wrap(nullptr, nullptr, e.shape, dt)});
+        total += uint64_t(shape_numel(e.shape)) * dtype_size(dt);
         weight_map[e.name] = shard.path().filename().string();
-        tensors.push_back({e.name, t});
         ++report.tensors;
       }
-      write_safetensors(tmp / shard.path().filename(), tensors);
+      write_safetensors_streamed(tmp / shard.path().filename(), specs, [&](size_t i) {
+        const std::string& name = specs[i].name;
+        Tensor t = shard.get(name);
+        // Merge in the output dtype, as PEFT merges in the dtype the model was loaded in.
+        if (t.dtype() != specs[i].tensor.dtype()) t = t.to(specs[i].tensor.dtype());
+        auto it = by_tensor.find(name);
+        if (it == by_tensor.end()) return t;
+        const AdapterTensors& a = *it->second;
+        const std::string module = name.substr(0, name.size() - 7);
+        // PEFT's get_delta_weight returns the delta in the ADAPTER's dtype (fp32 adapters:
+        // no rounding); W += delta then rounds once to W's dtype.
+        Tensor delta = lora_delta(a, ad.spec.scaling_for(module)).to(a.A.dtype()).to(DType::F32);
+        Tensor w32 = t.to(DType::F32);
+        for (int64_t k = 0; k < w32.numel(); ++k) w32.data<float>()[k] += delta.data<float>()[k];
+        ++report.merged_modules;
+        return w32.to(t.dtype());
+      });
       ++report.shards;
     }
     if (sharded) {
