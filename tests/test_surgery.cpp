@@ -4,11 +4,13 @@
 #include "core/surgery.h"
 #include "golden_util.h"
 #include "train/gemma4_model.h"
+#include "train/inspect.h"
 
 namespace tl {
 namespace {
 
 namespace fs = std::filesystem;
+const fs::path kPeftRoundTrip = fs::path(TL_SOURCE_DIR) / "tests/golden/peft_roundtrip";
 
 Tensor logits_of(const fs::path& dir) {
   CpuOps ops(DType::F32);
@@ -65,6 +67,28 @@ TEST(Upscale, MatchesPythonResequencing) {
   auto rec = SafetensorsFile::open(test::golden("upscale/logits.safetensors"));
   auto d = test::compare(m.logits(m.forward_hidden({rec.get("input_ids"), {}, {}})), rec.get("logits"));
   EXPECT_LE(d.max_abs, 1e-5 * d.max_ref) << "max|diff| " << d.max_abs;
+  fs::remove_all(out);
+}
+
+TEST(Inspect, MarksInsertedIdentityLayersAndMeasuresTheirContribution) {
+  const fs::path base = fs::path(TL_SOURCE_DIR) / "models/tiny";
+  const fs::path out = fs::temp_directory_path() / ("tl_inspect_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  apply_layer_map(base, out, duplicate_block(6, 0, 2, true), IdentityMode::ZeroOut, true, false);  // new layers 2, 3
+  auto layers = inspect_model(out, kPeftRoundTrip, {{2, 300, 301, 302, 303, 304, 305, 306}});
+  ASSERT_EQ(layers.size(), 8u);
+  for (const auto& l : layers) {
+    const bool inserted = l.layer == 2 || l.layer == 3;
+    EXPECT_EQ(l.inserted, inserted) << l.layer;
+    if (inserted) {
+      EXPECT_EQ(l.o_proj_norm, 0.0);
+      EXPECT_EQ(l.down_proj_norm, 0.0);
+      EXPECT_EQ(l.residual_contribution, 0.0) << "an identity layer changes nothing";
+    } else {
+      EXPECT_GT(l.o_proj_norm, 0.0);
+      EXPECT_GT(l.residual_contribution, 1e-4) << l.layer;
+    }
+  }
   fs::remove_all(out);
 }
 

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "core/checkpoint_dir.h"
@@ -14,6 +15,7 @@
 #include "core/surgery.h"
 #include "core/safetensors.h"
 #include "train/data.h"
+#include "train/inspect.h"
 #include "train/prune.h"
 #include "core/plan.h"
 #include "core/tensor.h"
@@ -94,6 +96,13 @@ int main(int argc, char** argv) {
   prune->add_option("--calibration-ids", pr_ids, "pre-tokenized calibration: safetensors with input_ids [N, S]");
   prune->add_option("--max-tokens", pr_max_tokens, "truncate each calibration sample to this many tokens");
   prune->add_flag("--force", pr_force, "replace an existing output directory");
+
+  std::string in_model, in_adapter, in_text;
+  auto* inspect = app.add_subcommand("inspect", "Per-layer diagnostics of a (healed) model: inserted layers, "
+                                                "norms of weights that started at zero, LoRA |B|, residual contribution");
+  inspect->add_option("model", in_model, "checkpoint directory")->required();
+  inspect->add_option("--adapter", in_adapter, "a PEFT LoRA adapter for the model (LoRA |B| per module)");
+  inspect->add_option("--text", in_text, "sample text, one sample per line, for ‖out − in‖ / ‖in‖ per layer");
 
   CLI11_PARSE(app, argc, argv);
   try {
@@ -178,6 +187,23 @@ int main(int argc, char** argv) {
       std::cout << fmt::format("pruned to {} experts per layer from {} samples ({} routed tokens, {} skipped as "
                                "non-finite); drop map in {}/expert_drop_map.json\n",
                                pr_keep, r.samples, r.routed_tokens, r.skipped_tokens, pr_out);
+    }
+    if (*inspect) {
+      std::vector<std::vector<int32_t>> samples;
+      if (!in_text.empty()) {
+        auto tok = tl::Tokenizer::load((fs::path(in_model) / "tokenizer.json").string());
+        std::ifstream in(in_text);
+        if (!in) throw tl::Error(in_text + ": cannot open");
+        std::string line;
+        while (std::getline(in, line))
+          if (!line.empty()) {
+            std::vector<int32_t> ids{tok.token_id("<bos>")};
+            auto body = tok.encode(line);
+            ids.insert(ids.end(), body.begin(), body.end());
+            samples.push_back(std::move(ids));
+          }
+      }
+      std::cout << tl::format_inspection(tl::inspect_model(in_model, in_adapter, samples)) << std::flush;
     }
     if (*convert) {
       std::optional<tl::DType> dt;
