@@ -3,6 +3,7 @@
 //   convert  copy a checkpoint to another dtype and/or shard size
 //   expand   identity layer inserts / block duplication;  upscale  passthrough slices
 #include <CLI/CLI.hpp>
+#include <yaml-cpp/yaml.h>
 #include <fmt/format.h>
 
 #include <filesystem>
@@ -30,7 +31,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> plan_inputs;
   auto* plan = app.add_subcommand("plan", "Print parameter counts by component and weight memory "
                                           "(bf16 and NF4) for checkpoints or config.json files");
-  plan->add_option("inputs", plan_inputs, "checkpoint directories or config.json files")->required();
+  std::string plan_recipe;
+  plan->add_option("inputs", plan_inputs, "checkpoint directories or config.json files");
+  plan->add_option("--recipe", plan_recipe, "a surgery recipe (configs/recipe-*.yaml): plan the model it makes");
 
   std::string conv_src, conv_out, conv_dtype = "keep", conv_shard = "5GB";
   bool conv_force = false;
@@ -106,6 +109,30 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   try {
+    if (*plan && !plan_recipe.empty()) {
+      YAML::Node r = YAML::LoadFile(plan_recipe);
+      const fs::path base_cfg = fs::path(plan_recipe).parent_path() / r["base_config"].as<std::string>();
+      auto cfg = tl::Gemma4Config::load(base_cfg);
+      const std::string op = r["operation"].as<std::string>();
+      tl::Gemma4Config out = cfg;
+      const int n = int(cfg.num_hidden_layers);
+      if (op == "expand" && r["duplicate"]) {
+        auto d = r["duplicate"].as<std::vector<int>>();
+        out = tl::map_config(cfg, tl::duplicate_block(n, d.at(0), d.at(1), true), true);
+      } else if (op == "expand" && r["insert_identity_every"]) {
+        out = tl::map_config(cfg, tl::insert_identity_every(n, r["insert_identity_every"].as<int>()), true);
+      } else if (op == "upscale") {
+        out = tl::map_config(cfg, tl::slices_map(n, r["slices"].as<std::string>()), false);
+      } else if (op == "prune") {
+        out.num_experts = r["keep"].as<int64_t>();
+        out.finalize(plan_recipe);
+      } else {
+        throw tl::Error(plan_recipe + ": operation '" + op + "' is not expand, upscale or prune");
+      }
+      std::cout << tl::format_plan(cfg, tl::plan_model(cfg), "before: " + base_cfg.lexically_normal().string())
+                << tl::format_plan(out, tl::plan_model(out), "after " + op + ": " + plan_recipe) << std::flush;
+    }
+    if (*plan && plan_recipe.empty() && plan_inputs.empty()) throw tl::Error("plan: give config files, directories or --recipe");
     if (*plan) {
       for (const auto& in : plan_inputs) {
         fs::path p(in);

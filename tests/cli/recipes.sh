@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Each full-scale recipe in configs/ plans without weights (the released configs in shared/).
+# usage: recipes.sh BUILD_DIR SOURCE_DIR
+set -u
+build=$1 src=$2
+fails=0
+check() {  # recipe, expected text in the "after" plan
+  local out
+  out=$("$build/torchless-surgery" plan --recipe "$src/configs/$1" 2>&1) || { echo "FAIL $1: $out"; fails=$((fails + 1)); return; }
+  grep -qF -- "$2" <<<"$(sed -n '/^after/,$p' <<<"$out")" || { echo "FAIL $1: no '$2' in:"; echo "$out"; fails=$((fails + 1)); }
+}
+check recipe-31b-duplicate.yaml "layers            68 (56 sliding, 12 full; 0 KV-shared)"
+check recipe-26b-prune.yaml "experts           109 (top 8, width 704)"
+echo "recipes: $((2 - fails)) passed, $fails failed"
+[ "$fails" -eq 0 ]
