@@ -24,6 +24,21 @@
 
 namespace fs = std::filesystem;
 
+namespace {
+// The layer map a recipe (configs/recipe-*.yaml) describes: `duplicate: [BEGIN, END]`,
+// `insert_identity_every: N` or `slices: "A:B,C:D"`.
+tl::LayerMap recipe_layer_map(const YAML::Node& r, int n, const std::string& file) {
+  if (r["duplicate"]) {
+    auto d = r["duplicate"].as<std::vector<int>>();
+    if (d.size() != 2) throw tl::Error(file + ": duplicate must be [BEGIN, END]");
+    return tl::duplicate_block(n, d[0], d[1], true);
+  }
+  if (r["insert_identity_every"]) return tl::insert_identity_every(n, r["insert_identity_every"].as<int>());
+  if (r["slices"]) return tl::slices_map(n, r["slices"].as<std::string>());
+  throw tl::Error(file + ": no layer map (duplicate, insert_identity_every or slices)");
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"torchless-surgery: plan, expand, upscale and prune Gemma 4 checkpoints"};
   app.require_subcommand(1);
@@ -76,13 +91,17 @@ int main(int argc, char** argv) {
                                                  "per_layer_projection = 0) or zero-postnorm (post-norm weights = 0)")
       ->check(CLI::IsMember({"zero-out", "zero-postnorm"}));
   expand->add_flag("--force", ex_force, "replace an existing output directory");
+  std::string ex_recipe;
+  expand->add_option("--recipe", ex_recipe, "a recipe YAML with duplicate / insert_identity_every (and identity_mode)");
 
   std::string up_src, up_out, up_slices;
   bool up_force = false;
   auto* upscale = app.add_subcommand("upscale", "Passthrough re-sequencing of layer slices (PLE widened along)");
   upscale->add_option("src", up_src, "source checkpoint directory")->required();
   upscale->add_option("out", up_out, "output directory")->required();
-  upscale->add_option("--slices", up_slices, "e.g. 0:18,10:26,18:34,26:42 (each BEGIN:END, END exclusive)")->required();
+  std::string up_recipe;
+  upscale->add_option("--slices", up_slices, "e.g. 0:18,10:26,18:34,26:42 (each BEGIN:END, END exclusive)");
+  upscale->add_option("--recipe", up_recipe, "a recipe YAML with slices");
   upscale->add_flag("--force", up_force, "replace an existing output directory");
 
   std::string pr_src, pr_out, pr_jsonl, pr_ids, pr_type = "chat", pr_method = "coverage";
@@ -116,13 +135,8 @@ int main(int argc, char** argv) {
       const std::string op = r["operation"].as<std::string>();
       tl::Gemma4Config out = cfg;
       const int n = int(cfg.num_hidden_layers);
-      if (op == "expand" && r["duplicate"]) {
-        auto d = r["duplicate"].as<std::vector<int>>();
-        out = tl::map_config(cfg, tl::duplicate_block(n, d.at(0), d.at(1), true), true);
-      } else if (op == "expand" && r["insert_identity_every"]) {
-        out = tl::map_config(cfg, tl::insert_identity_every(n, r["insert_identity_every"].as<int>()), true);
-      } else if (op == "upscale") {
-        out = tl::map_config(cfg, tl::slices_map(n, r["slices"].as<std::string>()), false);
+      if (op == "expand" || op == "upscale") {
+        out = tl::map_config(cfg, recipe_layer_map(r, n, plan_recipe), op == "expand");
       } else if (op == "prune") {
         out.num_experts = r["keep"].as<int64_t>();
         out.finalize(plan_recipe);
@@ -163,9 +177,16 @@ int main(int argc, char** argv) {
     if (*expand) {
       auto cfg = tl::Gemma4Config::load(ex_src);
       const int n = int(cfg.num_hidden_layers);
-      if (ex_dup.empty() == ex_every.empty()) throw tl::Error("expand: give exactly one of --duplicate or --insert-identity");
+      if (int(!ex_dup.empty()) + int(!ex_every.empty()) + int(!ex_recipe.empty()) != 1)
+        throw tl::Error("expand: give exactly one of --duplicate, --insert-identity or --recipe");
       tl::LayerMap map;
-      if (!ex_dup.empty()) {
+      if (!ex_recipe.empty()) {
+        YAML::Node r = YAML::LoadFile(ex_recipe);
+        map = recipe_layer_map(r, n, ex_recipe);
+        if (r["identity_mode"]) ex_mode = r["identity_mode"].as<std::string>();
+        if (ex_mode != "zero-out" && ex_mode != "zero-postnorm")
+          throw tl::Error(ex_recipe + ": identity_mode '" + ex_mode + "' is not zero-out or zero-postnorm");
+      } else if (!ex_dup.empty()) {
         auto colon = ex_dup.find(':');
         if (colon == std::string::npos) throw tl::Error("--duplicate " + ex_dup + ": expected BEGIN:END");
         map = tl::duplicate_block(n, std::stoi(ex_dup.substr(0, colon)), std::stoi(ex_dup.substr(colon + 1)), true);
@@ -181,7 +202,9 @@ int main(int argc, char** argv) {
     }
     if (*upscale) {
       auto cfg = tl::Gemma4Config::load(up_src);
-      auto map = tl::slices_map(int(cfg.num_hidden_layers), up_slices);
+      if (up_slices.empty() == up_recipe.empty()) throw tl::Error("upscale: give exactly one of --slices or --recipe");
+      auto map = up_recipe.empty() ? tl::slices_map(int(cfg.num_hidden_layers), up_slices)
+                                   : recipe_layer_map(YAML::LoadFile(up_recipe), int(cfg.num_hidden_layers), up_recipe);
       auto r = tl::apply_layer_map(up_src, up_out, map, tl::IdentityMode::None, false, up_force);
       std::cout << fmt::format("{} → {} layers written to {}\n", r.layers_in, r.layers_out, up_out);
     }

@@ -11,5 +11,13 @@ check() {  # recipe, expected text in the "after" plan
 }
 check recipe-31b-duplicate.yaml "layers            68 (56 sliding, 12 full; 0 KV-shared)"
 check recipe-26b-prune.yaml "experts           109 (top 8, width 704)"
-echo "recipes: $((2 - fails)) passed, $fails failed"
+# A recipe and the equivalent flags make the same checkpoint, byte for byte.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+printf 'operation: expand\nduplicate: [0, 2]\nidentity_mode: zero-out\n' >"$tmp/r.yaml"
+"$build/torchless-surgery" expand "$src/models/tiny" "$tmp/a" --recipe "$tmp/r.yaml" >/dev/null &&
+  "$build/torchless-surgery" expand "$src/models/tiny" "$tmp/b" --duplicate 0:2 --identity-mode zero-out >/dev/null &&
+  cmp -s "$tmp/a/model.safetensors" "$tmp/b/model.safetensors" && cmp -s "$tmp/a/config.json" "$tmp/b/config.json" ||
+  { echo "FAIL: --recipe and --duplicate differ"; fails=$((fails + 1)); }
+echo "recipes: $((3 - fails)) passed, $fails failed"
 [ "$fails" -eq 0 ]
