@@ -76,6 +76,18 @@ void set_config_dtype(const fs::path& path, DType dtype) {
 }
 }  // namespace
 
+void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool force,
+                              const std::vector<NamedTensor>& tensors, const std::string& config_text,
+                              const std::string& record_name, const std::string& record_text) {
+  write_checkpoint_dir(out, force, [&](const fs::path& tmp) {
+    write_checkpoint(tmp, tensors, 5'000'000'000ull);
+    for (const fs::path& f : non_weight_files(src))
+      if (f.filename() != "config.json" && f.filename() != record_name) fs::copy_file(f, tmp / f.filename());
+    write_file_atomic(tmp / "config.json", config_text);
+    write_file_atomic(tmp / record_name, record_text);
+  });
+}
+
 void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
                         uint64_t max_shard_bytes, bool force) {
   Checkpoint ckpt = Checkpoint::open(src);

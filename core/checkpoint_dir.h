@@ -23,6 +23,13 @@ std::vector<fs::path> non_weight_files(const fs::path& dir);
 void write_checkpoint_dir(const fs::path& out, bool force,
                           const std::function<void(const fs::path& tmp_dir)>& fill);
 
+// A checkpoint derived from `src` (surgery, pruning): `tensors` sharded as usual, the
+// source's non-weight files copied, config.json replaced by `config_text`, and a record of
+// how it was made written as `record_name`; atomically, as write_checkpoint_dir.
+void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool force,
+                              const std::vector<NamedTensor>& tensors, const std::string& config_text,
+                              const std::string& record_name, const std::string& record_text);
+
 // Copies a checkpoint with float tensors converted to `dtype` (unset: keep each tensor's
 // dtype), resharded at `max_shard_bytes`; non-weight files are copied.
 void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,

@@ -205,13 +205,8 @@ SurgeryReport apply_layer_map(const fs::path& src, const fs::path& out, const La
   for (const auto& s : map) lm.push_back({{"source", s.source}, {"mode", s.identity ? "identity" : "copy"}});
   record["layer_map"] = lm;
 
-  write_checkpoint_dir(out, force, [&](const fs::path& tmp) {
-    write_checkpoint(tmp, tensors, 5'000'000'000ull);
-    for (const fs::path& f : non_weight_files(src))
-      if (f.filename() != "config.json" && f.filename() != "torchless_surgery.json") fs::copy_file(f, tmp / f.filename());
-    write_file_atomic(tmp / "config.json", cfg.dump(2) + "\n");
-    write_file_atomic(tmp / "torchless_surgery.json", record.dump(2) + "\n");
-  });
+  write_derived_checkpoint(src, out, force, tensors, cfg.dump(2) + "\n", "torchless_surgery.json",
+                           record.dump(2) + "\n");
   return report;
 }
 

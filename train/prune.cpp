@@ -135,13 +135,8 @@ PruneReport prune_experts(const fs::path& src, const fs::path& out, const std::v
   std::ifstream in(src / "config.json");
   json cfg = json::parse(in);
   (cfg.contains("text_config") ? cfg["text_config"] : cfg)["num_experts"] = o.keep;
-  write_checkpoint_dir(out, o.force, [&](const fs::path& tmp) {
-    write_checkpoint(tmp, tensors, 5'000'000'000ull);
-    for (const fs::path& f : non_weight_files(src))
-      if (f.filename() != "config.json" && f.filename() != "expert_drop_map.json") fs::copy_file(f, tmp / f.filename());
-    write_file_atomic(tmp / "config.json", cfg.dump(2) + "\n");
-    write_file_atomic(tmp / "expert_drop_map.json", drop.dump(2) + "\n");
-  });
+  write_derived_checkpoint(src, out, o.force, tensors, cfg.dump(2) + "\n", "expert_drop_map.json",
+                           drop.dump(2) + "\n");
   return report;
 }
 
