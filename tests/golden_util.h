@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <string>
 
 #include "core/tensor.h"
@@ -29,6 +32,12 @@ inline Diff compare(const Tensor& got, const Tensor& ref) {
     d.max_ref = std::max(d.max_ref, std::abs(r));
   }
   return d;
+}
+
+// A file's bytes.
+inline std::string slurp(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
 }
 
 // f must throw tl::Error whose one-line message contains `needle`.

@@ -12,10 +12,7 @@
 namespace tl {
 namespace {
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
+using test::slurp;
 
 struct TempDir {
   fs::path path;

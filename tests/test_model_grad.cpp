@@ -7,51 +7,20 @@
 #include <random>
 
 #include "core/cpu/cpu_ops.h"
+#include "core/weights.h"
 #include "golden_util.h"
 #include "train/gemma4_model.h"
 
 namespace tl {
 namespace {
 
-std::vector<std::pair<std::string, std::pair<Tensor*, Tensor*>>> pairs(Gemma4Weights& w, Gemma4Weights& g) {
+// Every parameter of the decoder with its gradient slot, by HF name (the model's own weight
+// table, so no tensor can be left out).
+std::vector<std::pair<std::string, std::pair<Tensor*, Tensor*>>> pairs(const Gemma4Config& c, Gemma4Weights& w,
+                                                                        Gemma4Weights& g) {
   std::vector<std::pair<std::string, std::pair<Tensor*, Tensor*>>> out;
-  auto add = [&](std::string n, Tensor& a, Tensor& b) {
-    if (a.defined()) out.push_back({std::move(n), {&a, &b}});
-  };
-  add("embed_tokens", w.embed_tokens, g.embed_tokens);
-  add("embed_tokens_per_layer", w.embed_tokens_per_layer, g.embed_tokens_per_layer);
-  add("per_layer_model_projection", w.per_layer_model_projection, g.per_layer_model_projection);
-  add("per_layer_projection_norm", w.per_layer_projection_norm, g.per_layer_projection_norm);
-  add("norm", w.norm, g.norm);
-  for (size_t i = 0; i < w.layers.size(); ++i) {
-    auto& a = w.layers[i];
-    auto& b = g.layers[i];
-    auto L = [&](const char* n) { return fmt::format("layers.{}.{}", i, n); };
-    add(L("input_layernorm"), a.input_layernorm, b.input_layernorm);
-    add(L("q_proj"), a.q_proj, b.q_proj);
-    add(L("q_norm"), a.q_norm, b.q_norm);
-    add(L("k_proj"), a.k_proj, b.k_proj);
-    add(L("v_proj"), a.v_proj, b.v_proj);
-    add(L("k_norm"), a.k_norm, b.k_norm);
-    add(L("o_proj"), a.o_proj, b.o_proj);
-    add(L("post_attention_layernorm"), a.post_attention_layernorm, b.post_attention_layernorm);
-    add(L("pre_feedforward_layernorm"), a.pre_feedforward_layernorm, b.pre_feedforward_layernorm);
-    add(L("gate_proj"), a.gate_proj, b.gate_proj);
-    add(L("up_proj"), a.up_proj, b.up_proj);
-    add(L("down_proj"), a.down_proj, b.down_proj);
-    add(L("post_feedforward_layernorm"), a.post_feedforward_layernorm, b.post_feedforward_layernorm);
-    add(L("router_proj"), a.router_proj, b.router_proj);
-    add(L("router_scale"), a.router_scale, b.router_scale);
-    add(L("per_expert_scale"), a.per_expert_scale, b.per_expert_scale);
-    add(L("experts_gate_up"), a.experts_gate_up, b.experts_gate_up);
-    add(L("experts_down"), a.experts_down, b.experts_down);
-    add(L("pre_feedforward_layernorm_2"), a.pre_feedforward_layernorm_2, b.pre_feedforward_layernorm_2);
-    add(L("post_feedforward_layernorm_1"), a.post_feedforward_layernorm_1, b.post_feedforward_layernorm_1);
-    add(L("post_feedforward_layernorm_2"), a.post_feedforward_layernorm_2, b.post_feedforward_layernorm_2);
-    add(L("per_layer_input_gate"), a.per_layer_input_gate, b.per_layer_input_gate);
-    add(L("per_layer_projection"), a.per_layer_projection, b.per_layer_projection);
-    add(L("post_per_layer_input_norm"), a.post_per_layer_input_norm, b.post_per_layer_input_norm);
-  }
+  for (const WeightSpec& s : text_decoder_weights(c))
+    if (s.is_parameter) out.push_back({s.name, {weight_slot(w, s.name), weight_slot(g, s.name)}});
   return out;
 }
 
@@ -76,12 +45,12 @@ TEST_P(ModelGrad, EveryWeightGradientMatchesFiniteDifferences) {
   // forward_backward was given grad_scale 1 (sum); compare the mean: divide by count.
   std::mt19937_64 rng(7);
   std::normal_distribution<double> normal;
-  for (auto& [name, wg] : pairs(model.mutable_weights(), grads.w)) {
+  for (auto& [name, wg] : pairs(model.config(), model.mutable_weights(), grads.w)) {
     Tensor& w = *wg.first;
     const Tensor& g = *wg.second;
     Tensor dir_v = Tensor::zeros(w.shape(), DType::F64);
     for (int64_t i = 0; i < w.numel(); ++i) dir_v.data<double>()[i] = normal(rng);
-    if (name.starts_with("embed_tokens"))
+    if (name.starts_with("embed_tokens"))  // both lookup tables
       for (int64_t j = 0; j < w.dim(1); ++j) dir_v.data<double>()[j] = 0.0;  // pad row 0
     double norm = 0;
     for (int64_t i = 0; i < w.numel(); ++i) norm += dir_v.data<double>()[i] * dir_v.data<double>()[i];

@@ -13,10 +13,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
+using test::slurp;
 
 Tensor logits(const fs::path& dir, const Tensor& ids) {
   CpuOps ops(DType::F32);
@@ -51,10 +48,8 @@ TEST(Prune, CalibratedTokensKeepTheirOutputsAndRerunsAreByteIdentical) {
   ASSERT_EQ(kept0, r.kept[0]);
   auto orig = Checkpoint::open(src);
   Tensor a = pruned.get("model.layers.0.experts.down_proj"), b = orig.get("model.layers.0.experts.down_proj");
-  const int64_t per = b.numel() / b.dim(0);
   for (size_t k = 0; k < kept0.size(); ++k)
     EXPECT_EQ(test::compare(a.slice_rows(int64_t(k), int64_t(k) + 1), b.slice_rows(kept0[k], kept0[k] + 1)).max_abs, 0.0);
-  (void)per;
 
   // The calibration tokens routed only to kept experts: their outputs are unchanged (up to the
   // rounding of the softmax over fewer experts before renormalisation).

@@ -89,7 +89,7 @@ void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4Laye
                                  std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& dple) {
   LayerTape& t = st.tapes[size_t(i)];
   const Gemma4LayerWeights& lw = w_.layers[size_t(i)];
-  const int64_t n = dx.dim(0), H = config_.hidden_size, P = config_.hidden_size_per_layer_input;
+  const int64_t H = config_.hidden_size, P = config_.hidden_size_per_layer_input;
   const double eps = config_.rms_norm_eps;
 
   // out = x3·layer_scalar
@@ -135,7 +135,6 @@ void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4Laye
   attention_backward(i, d_o, st, g, dkv, da);
   ops_.rmsnorm_backward(t.x_in, lw.input_layernorm, H, eps, da, dx_in, g.input_layernorm);
   dx = dx_in;
-  (void)n;
 }
 
 void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st, Gemma4LayerWeights& g,

@@ -41,7 +41,7 @@ Tensor lora_delta(const AdapterTensors& a, double scaling) {
 
 MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, const fs::path& out,
                           const MergeOptions& options) {
-  const Gemma4Config cfg = Gemma4Config::load(base);
+  Gemma4Config::load(base);  // refuse what is not a Gemma 4 checkpoint, naming the fault
   Checkpoint ckpt = Checkpoint::open(base);
   const std::string prefix = decoder_prefix(ckpt);
   PeftAdapter ad = read_peft_adapter(adapter_dir);
@@ -61,7 +61,6 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, con
                               adapter_file, full, shape_str(a.A.shape()), shape_str(a.B.shape()), shape_str(w)));
     by_tensor[full] = &a;
   }
-  (void)cfg;
 
   // Stream: each shard is mapped, merged, written and unmapped before the next, so resident
   // memory stays near the largest shard (the Checkpoint above only read headers).
