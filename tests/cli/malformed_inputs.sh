@@ -16,22 +16,7 @@ mk() {
   head -c "$3" /dev/zero >>"$f"
 }
 
-# expect NAME NEEDLE CMD...: CMD must exit 1 with one stderr line containing NEEDLE.
-expect() {
-  local name=$1 needle=$2
-  shift 2
-  "$@" >"$tmp/out" 2>"$tmp/err"
-  local rc=$? lines
-  lines=$(wc -l <"$tmp/err")
-  if [ "$rc" -eq 1 ] && [ "$lines" -eq 1 ] && grep -qF -- "$needle" "$tmp/err"; then
-    passes=$((passes + 1))
-    [ -n "${VERBOSE:-}" ] && echo "ok   $name: $(cat "$tmp/err")"
-  else
-    fails=$((fails + 1))
-    echo "FAIL $name: exit $rc, $lines stderr lines, wanted '$needle':"
-    sed 's/^/    /' "$tmp/err"
-  fi
-}
+source "$(dirname "$0")/expect.bash"
 
 case_dir() {  # a checkpoint directory with a valid config and the given model.safetensors
   local d=$tmp/$1

@@ -6,20 +6,7 @@ build=$1 src=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fails=0 passes=0
-expect() {
-  local name=$1 needle=$2
-  shift 2
-  "$@" >"$tmp/out" 2>"$tmp/err"
-  local rc=$? lines
-  lines=$(wc -l <"$tmp/err")
-  if [ "$rc" -eq 1 ] && [ "$lines" -eq 1 ] && grep -qF -- "$needle" "$tmp/err"; then
-    passes=$((passes + 1))
-  else
-    fails=$((fails + 1))
-    echo "FAIL $name: exit $rc, $lines stderr lines, wanted '$needle':"
-    sed 's/^/    /' "$tmp/err"
-  fi
-}
+source "$(dirname "$0")/expect.bash"
 cat >"$tmp/heal.yaml" <<YAML
 base_model: $src/models/tiny
 adapter: qlora
