@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
@@ -11,6 +12,7 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/init_model.h"
 #include "golden_util.h"
+#include "train/generate.h"
 #include "train/trainer.h"
 
 namespace tl {
@@ -93,12 +95,75 @@ TEST(Trainer, ValidationLossFalls) {
   EXPECT_LT(evals.back(), evals.front()) << log;
 }
 
+// The before/after generation check: each record of generations.jsonl is a greedy
+// continuation of a held-out prompt. Before training (LoRA B = 0, no quantization) it must be
+// exactly what greedy_generate gives on the base model, which matches transformers'
+// generate (test_generate.cpp); the logged means are those of the records.
+TEST(Trainer, GenerationCheckBeforeAndAfter) {
+  Workspace w("gen");
+  std::string log;
+  run(w.yaml(), {"output_dir=o", "adapter=lora", "lora_dropout=0", "eval_table_size=3", "eval_max_new_tokens=12"}, 0,
+      &log);
+  CpuOps ops;
+  Gemma4Model base(Gemma4Config::load(w.dir / "base"), ops);
+  base.load(Checkpoint::open(w.dir / "base"));
+  const Tokenizer tok = Tokenizer::load((w.dir / "base/tokenizer.json").string());
+  const auto stop = stop_tokens_for(w.dir / "base", tok);
+  EXPECT_NE(std::find(stop.begin(), stop.end(), 106), stop.end()) << "<turn|> ends a model turn";
+  std::map<int64_t, std::vector<double>> reps;
+  std::ifstream in(w.dir / "o/generations.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    reps[j["step"].get<int64_t>()].push_back(j["rep4"].get<double>());
+    if (j["step"] != 0) continue;
+    const auto prompt = tok.encode(j["prompt"].get<std::string>());
+    ASSERT_EQ(prompt.front(), 2) << "chat prompts start with <bos>";
+    const GreedyResult g = greedy_generate(base, ops, prompt, 12, stop);
+    EXPECT_EQ(tok.decode(g.tokens), j["completion"].get<std::string>());
+    EXPECT_DOUBLE_EQ(repetition_rate(g.tokens, 4), j["rep4"].get<double>());
+    EXPECT_EQ(g.stopped, j["stopped"].get<bool>());
+  }
+  ASSERT_EQ(reps.size(), 2u) << log;
+  EXPECT_EQ(reps[0].size(), 3u);
+  EXPECT_EQ(reps[6].size(), 3u);
+  // metrics.jsonl carries the means, before (step 0) and after (the last step).
+  std::ifstream m(w.dir / "o/metrics.jsonl");
+  std::map<int64_t, double> logged;
+  while (std::getline(m, line))
+    if (auto j = nlohmann::json::parse(line); j.contains("gen_rep4")) logged[j["step"]] = j["gen_rep4"];
+  for (int64_t step : {0, 6}) {
+    double mean = 0;
+    for (double r : reps[step]) mean += r / double(reps[step].size());
+    EXPECT_NEAR(logged[step], mean, 1e-12) << "step " << step;
+  }
+  EXPECT_NE(log.find("generation rep-4"), std::string::npos) << log;
+}
+
+TEST(Generation, PromptIsTheUntrainedPrefix) {
+  Example chat{{2, 105, 10, 11, 106, 105, 12, 20, 21, 106}, {-100, -100, -100, -100, -100, -100, -100, 20, 21, 106}};
+  EXPECT_EQ(generation_prompt(chat, 100), (std::vector<int32_t>{2, 105, 10, 11, 106, 105, 12}));
+  EXPECT_EQ(generation_prompt(chat, 3), (std::vector<int32_t>{106, 105, 12}));  // the tail is kept
+  Example text{{5, 6, 7, 8, 9, 10}, {5, 6, 7, 8, 9, 10}};  // all trained: continue the first half
+  EXPECT_EQ(generation_prompt(text, 100), (std::vector<int32_t>{5, 6, 7}));
+  Example untrained{{5, 6, 7}, {-100, -100, -100}};
+  EXPECT_TRUE(generation_prompt(untrained, 100).empty());
+}
+
 using test::expect_error;
 
 TEST(TrainerErrors, UnknownKeySuggestsTheNearest) {
   Workspace w("key");
   expect_error([&] { TrainConfig::load(w.yaml("learning_rat: 1\n")); }, "unknown key 'learning_rat' (did you mean 'learning_rate'?)");
   expect_error([&] { TrainConfig::load(w.yaml(), {"lora_alfa=3"}); }, "unknown key 'lora_alfa' (did you mean 'lora_alpha'?)");
+}
+
+TEST(TrainerErrors, GenerationCheckNeedsAValidationSplit) {
+  Workspace w("generr");
+  expect_error([&] { TrainConfig::load(w.yaml(), {"eval_table_size=2", "val_set_size=0"}); },
+               "eval_table_size takes its prompts from the validation split; set val_set_size");
+  expect_error([&] { TrainConfig::load(w.yaml(), {"eval_table_size=2", "eval_max_new_tokens=0"}); },
+               "eval_max_new_tokens at least 1");
 }
 
 TEST(TrainerErrors, MissingOrEmptyDataset) {

@@ -70,7 +70,8 @@ const std::vector<std::string>& train_config_keys() {
       "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
       "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
-      "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "seed",
+      "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
+      "eval_max_new_tokens", "seed",
       "resume_from_checkpoint"};
   return keys;
 }
@@ -218,6 +219,12 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "save_total_limit", c.save_total_limit);
   read(root, "logging_steps", c.logging_steps);
   read(root, "eval_steps", c.eval_steps);
+  read(root, "eval_table_size", c.eval_table_size);
+  read(root, "eval_max_new_tokens", c.eval_max_new_tokens);
+  if (c.eval_table_size < 0 || c.eval_max_new_tokens < 1)
+    throw Error(file + ": eval_table_size must be at least 0 and eval_max_new_tokens at least 1");
+  if (c.eval_table_size > 0 && c.val_set_size <= 0)
+    throw Error(file + ": eval_table_size takes its prompts from the validation split; set val_set_size");
   read(root, "seed", c.seed);
   read(root, "resume_from_checkpoint", c.resume_from_checkpoint);
   if (std::filesystem::path(c.base_model).is_relative() && std::filesystem::exists(yaml.parent_path() / c.base_model))

@@ -61,6 +61,10 @@ struct TrainConfig {
   int64_t save_total_limit = 0;
   int64_t logging_steps = 1;
   int64_t eval_steps = 0;
+  // Greedy generations from this many held-out prompts before and after training, scored by
+  // repetition (seq-rep-4) and written to generations.jsonl; 0 turns them off (axolotl names).
+  int64_t eval_table_size = 0;
+  int64_t eval_max_new_tokens = 128;
   uint64_t seed = 42;
   std::string resume_from_checkpoint;  // a checkpoint dir, or "auto" for the newest in output_dir
 

@@ -10,6 +10,7 @@
 #include "core/nf4.h"
 #include "core/plan.h"
 #include "core/weights.h"
+#include "train/generate.h"
 #include "train/peft_adapter.h"
 #include "train/train_step.h"
 
@@ -88,6 +89,10 @@ void Trainer::setup_data() {
   split_validation(train, val, cfg_.val_set_size, cfg_.seed);
   train_rows_ = make_rows(train, cfg_.sequence_len, cfg_.sample_packing);
   val_rows_ = make_rows(val, cfg_.sequence_len, cfg_.sample_packing);
+  if (cfg_.eval_table_size > 0) {
+    val_examples_ = val;
+    stop_tokens_ = stop_tokens_for(cfg_.base_model, *tokenizer_);
+  }
   const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps;
   const int64_t total = cfg_.max_steps > 0
                             ? cfg_.max_steps
@@ -151,6 +156,44 @@ double Trainer::evaluate() {
   return count ? sum / double(count) : NAN;
 }
 
+double Trainer::generation_check(int64_t step) {
+  model_->set_training(false);
+  const int64_t max_prompt = std::max<int64_t>(1, cfg_.sequence_len - cfg_.eval_max_new_tokens);
+  std::ofstream out(fs::path(cfg_.output_dir) / "generations.jsonl", step == 0 ? std::ios::trunc : std::ios::app);
+  double rep_sum = 0;
+  int64_t prompts = 0, stopped = 0;
+  std::string sample;
+  for (const Example& e : val_examples_) {
+    if (prompts == cfg_.eval_table_size) break;
+    const std::vector<int32_t> prompt = generation_prompt(e, max_prompt);
+    if (prompt.empty()) continue;
+    const GreedyResult g = greedy_generate(*model_, ops_, prompt, cfg_.eval_max_new_tokens, stop_tokens_);
+    const double rep = repetition_rate(g.tokens, 4);
+    rep_sum += rep;
+    stopped += g.stopped;
+    const std::string text = tokenizer_->decode(g.tokens);
+    if (prompts == 0) sample = text;
+    out << nlohmann::json{{"step", step}, {"prompt", tokenizer_->decode(prompt)}, {"completion", text},
+                          {"rep4", rep}, {"stopped", g.stopped}}
+                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+        << "\n";
+    ++prompts;
+  }
+  if (!out) throw Error(fmt::format("{}: cannot write generations.jsonl", cfg_.output_dir));
+  if (prompts == 0) {
+    log_ << fmt::format("step {}/{} | generation: no held-out example has a prompt to continue\n", step,
+                        schedule_.total_steps);
+    return NAN;
+  }
+  const double rep = rep_sum / double(prompts);
+  // One line of the first completion, so the log shows what the numbers mean.
+  std::string shown = nlohmann::json(sample.substr(0, 100)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  log_ << fmt::format("step {}/{} | generation rep-4 {:.3f} over {} prompts ({} ended, {} new tokens max) | {}\n", step,
+                      schedule_.total_steps, rep, prompts, stopped, cfg_.eval_max_new_tokens, shown)
+       << std::flush;
+  return rep;
+}
+
 namespace {
 std::string duration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
@@ -183,12 +226,21 @@ double Trainer::run() {
   if (fs::exists(metrics_path)) fs::resize_file(metrics_path, uint64_t(state_.metrics_bytes));
   std::ofstream metrics(metrics_path, std::ios::app);
 
-  if (state_.step == 0 && cfg_.eval_steps > 0 && !val_rows_.empty()) {
-    // The baseline the run improves on.
-    const double base_loss = evaluate();
-    log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
-    metrics << nlohmann::json{{"step", 0}, {"eval_loss", base_loss}}.dump() << "\n" << std::flush;
-    state_.metrics_bytes = int64_t(metrics.tellp());
+  double rep_before = NAN;
+  if (state_.step == 0) {
+    // The baseline the run improves on: held-out loss, and how the raw model generates.
+    nlohmann::json rec;
+    if (cfg_.eval_steps > 0 && !val_rows_.empty()) {
+      const double base_loss = evaluate();
+      log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
+      rec["eval_loss"] = base_loss;
+    }
+    if (cfg_.eval_table_size > 0) rec["gen_rep4"] = rep_before = generation_check(0);
+    if (!rec.is_null()) {
+      rec["step"] = 0;
+      metrics << rec.dump() << "\n" << std::flush;
+      state_.metrics_bytes = int64_t(metrics.tellp());
+    }
   }
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t first = state_.step, total = schedule_.total_steps;
@@ -246,11 +298,20 @@ double Trainer::run() {
     }
   }
   if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
+  double rep_after = NAN;
+  if (cfg_.eval_table_size > 0) {
+    rep_after = generation_check(total);
+    metrics << nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump() << "\n" << std::flush;
+  }
   write_adapter(out, true);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  log_ << fmt::format("done: {} steps in {}, {} skipped; {}{} written to {}\n", total - first, duration(secs),
+  std::string rep;
+  if (!std::isnan(rep_after))
+    rep = std::isnan(rep_before) ? fmt::format("generation rep-4 {:.3f}; ", rep_after)
+                                 : fmt::format("generation rep-4 {:.3f} → {:.3f}; ", rep_before, rep_after);
+  log_ << fmt::format("done: {} steps in {}, {} skipped; {}{}{} written to {}\n", total - first, duration(secs),
                       state_.skipped_steps, std::isnan(last_val) ? "" : fmt::format("eval_loss {:.4f}; ", last_val),
-                      cfg_.adapter == "full" ? "model" : "adapter", out.string());
+                      rep, cfg_.adapter == "full" ? "model" : "adapter", out.string());
   return last_val;
 }
 

@@ -52,6 +52,9 @@ class Trainer {
   // adapter: full, a complete model checkpoint in dir/model instead.
   void write_adapter(const std::filesystem::path& dir, bool final_output) const;
   double evaluate();
+  // Greedy generations from the first eval_table_size held-out prompts: appended to
+  // generations.jsonl, summarised in the log; returns the mean seq-rep-4.
+  double generation_check(int64_t step);
   MicroBatch next_micro_batch();
 
   TrainConfig cfg_;
@@ -63,6 +66,8 @@ class Trainer {
   Gemma4Grads grads_;
   std::unique_ptr<AdamW> optimizer_;
   std::vector<Row> train_rows_, val_rows_;
+  std::vector<Example> val_examples_;  // unpacked, for generation prompts
+  std::vector<int32_t> stop_tokens_;
   DataStats stats_;
   Schedule schedule_;
   TrainerState state_;
