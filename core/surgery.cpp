@@ -71,12 +71,19 @@ Gemma4Config map_config(const Gemma4Config& c, const LayerMap& map, bool keep_kv
     shared += c.layer(s.source).kv_source >= 0;
   }
   // KV-shared layers own no K/V weights: they must stay in the trailing shared block.
+  const int first_shared = c.num_hidden_layers - c.num_kv_shared_layers;
   for (int i = 0; i < M; ++i) {
     const bool is_shared = c.layer(map[size_t(i)].source).kv_source >= 0;
-    if (is_shared && i < M - shared)
-      throw Error(fmt::format("layer map: output layer {} copies KV-shared layer {}, which has no K/V weights of its "
-                              "own, but sits before a non-shared layer; KV-shared layers must stay at the end",
-                              i, map[size_t(i)].source));
+    if (!is_shared || i >= M - shared) continue;
+    int later = i + 1;  // the non-shared layer that follows it
+    while (c.layer(map[size_t(later)].source).kv_source >= 0) ++later;
+    throw Error(fmt::format(
+        "layer map: output layer {} copies layer {}, which is KV-shared (layers {}–{} of this model read another "
+        "layer's K/V and have no k_proj/v_proj of their own), but output layer {} after it copies non-shared layer "
+        "{}, so output layer {} would need K/V weights that do not exist; put every slice of layers {}–{} after "
+        "all slices of layers 0–{}",
+        i, map[size_t(i)].source, first_shared, c.num_hidden_layers - 1, later, map[size_t(later)].source, i,
+        first_shared, c.num_hidden_layers - 1, first_shared - 1));
   }
   out.num_kv_shared_layers = shared;
   if (c.per_layer_config) {

@@ -99,7 +99,7 @@ TEST(SurgeryErrors, SlicesOutOfRangeAndMapsThatBreakKvSharing) {
   expect_error([&] { slices_map(10, "0:6,4:12"); }, "4:12 is outside the model's 10 layers");
   expect_error([&] { slices_map(10, "0:6,x"); }, "'x' is not BEGIN:END");
   // A shared layer moved in front of non-shared ones.
-  expect_error([&] { map_config(e2b, slices_map(10, "0:4,6:8,4:6,8:10"), false); }, "KV-shared layers must stay at the end");
+  expect_error([&] { map_config(e2b, slices_map(10, "0:4,6:8,4:6,8:10"), false); }, "would need K/V weights that do not exist; put every slice of layers");
   // An identity copy of layer 5 after layer 5 would become the sliding producer.
   expect_error([&] { map_config(e2b, duplicate_block(10, 5, 6, true), true); }, "would become the last sliding_attention layer");
   expect_error([&] { duplicate_block(10, 8, 12, true); }, "outside the model's 10 layers");

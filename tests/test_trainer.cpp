@@ -158,6 +158,17 @@ TEST(TrainerErrors, UnknownKeySuggestsTheNearest) {
   expect_error([&] { TrainConfig::load(w.yaml(), {"lora_alfa=3"}); }, "unknown key 'lora_alfa' (did you mean 'lora_alpha'?)");
 }
 
+// The shipped heal configs are valid (keys, types, ranges); paths are placeholders.
+TEST(TrainerConfigs, ShippedHealConfigsLoad) {
+  for (const char* name : {"demo-heal.yaml", "demo-pretrain.yaml", "recipe-e4b-upscale-heal.yaml"}) {
+    const TrainConfig c = TrainConfig::load(fs::path(TL_SOURCE_DIR) / "configs" / name);
+    EXPECT_FALSE(c.datasets.empty()) << name;
+  }
+  const TrainConfig heal = TrainConfig::load(fs::path(TL_SOURCE_DIR) / "configs/recipe-e4b-upscale-heal.yaml");
+  EXPECT_EQ(heal.eval_table_size, 16);
+  EXPECT_TRUE(heal.load_in_4bit);
+}
+
 TEST(TrainerErrors, GenerationCheckNeedsAValidationSplit) {
   Workspace w("generr");
   expect_error([&] { TrainConfig::load(w.yaml(), {"eval_table_size=2", "val_set_size=0"}); },
