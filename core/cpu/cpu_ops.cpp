@@ -1,4 +1,5 @@
 #include "core/cpu/cpu_ops.h"
+#include "core/cpu/vector_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -102,8 +103,16 @@ void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor&
     const T* u = up.data<T>();
     T* o = out.data<T>();
     int64_t n = gate.numel();
+    if constexpr (std::is_same_v<T, float>) {
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+      for (int64_t i = 0; i < n; ++i) {
+        float s;
+        o[i] = cpu::gelu_tanh_sigmoid(g[i], s) * u[i];
+      }
+    } else {
 #pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
-    for (int64_t i = 0; i < n; ++i) o[i] = gelu_tanh(g[i]) * u[i];
+      for (int64_t i = 0; i < n; ++i) o[i] = gelu_tanh(g[i]) * u[i];
+    }
   });
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_ops.h"
+#include "core/cpu/vector_math.h"
 #include "core/cpu/cpu_util.h"
 #include "core/math.h"
 
@@ -103,10 +104,24 @@ void CpuOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const 
   dispatch(gate.dtype(), [&]<class T>() {
     const int64_t n = gate.numel();
     const T *g = gate.data<T>(), *u = up.data<T>(), *go = dout.data<T>();
+    T* dg = dgate.defined() ? dgate.data<T>() : nullptr;
+    T* du = dup.defined() ? dup.data<T>() : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      if (dg && du) {
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+        for (int64_t i = 0; i < n; ++i) {
+          float s;
+          const float gelu = cpu::gelu_tanh_sigmoid(g[i], s);
+          dg[i] += go[i] * u[i] * cpu::gelu_tanh_grad_from(g[i], s);
+          du[i] += go[i] * gelu;
+        }
+        return;
+      }
+    }
 #pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
-      if (dgate.defined()) dgate.data<T>()[i] += go[i] * u[i] * gelu_tanh_grad(g[i]);
-      if (dup.defined()) dup.data<T>()[i] += go[i] * gelu_tanh(g[i]);
+      if (dg) dg[i] += go[i] * u[i] * gelu_tanh_grad(g[i]);
+      if (du) du[i] += go[i] * gelu_tanh(g[i]);
     }
   });
 }
