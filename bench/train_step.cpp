@@ -1,5 +1,7 @@
 // Training-step benchmark: QLoRA (r 16, all-linear) steps on a checkpoint, CPU backend.
-//   bench_train_step MODEL_DIR [--tokens-per-row 256] [--rows 4] [--steps 5]
+//   bench_train_step MODEL_DIR [S ROWS STEPS [f32|bf16]]   (defaults 256 4 5 f32)
+// f32 multiplies exactly in fp32 (OpenBLAS); bf16 rounds matmul inputs to bf16 and
+// accumulates in fp32 (oneDNN), as torchless-train does with `bf16: true`.
 // Prints one JSON line: tokens/s over the timed steps (after one warm-up step) and peak RSS.
 #include <sys/resource.h>
 
@@ -15,13 +17,18 @@
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: bench_train_step MODEL_DIR [S ROWS STEPS]\n";
+    std::cerr << "usage: bench_train_step MODEL_DIR [S ROWS STEPS [f32|bf16]]\n";
     return 2;
   }
   const std::string dir = argv[1];
   const int64_t S = argc > 2 ? std::stoll(argv[2]) : 256, rows = argc > 3 ? std::stoll(argv[3]) : 4,
                 steps = argc > 4 ? std::stoll(argv[4]) : 5;
-  tl::CpuOps ops(tl::DType::F32);
+  const std::string matmul = argc > 5 ? argv[5] : "f32";
+  if (matmul != "f32" && matmul != "bf16") {
+    std::cerr << "bench_train_step: matmul precision must be f32 or bf16\n";
+    return 2;
+  }
+  tl::CpuOps ops(tl::DType::F32, matmul == "bf16" ? tl::CpuMatmul::Bf16 : tl::CpuMatmul::F32);
   auto cfg = tl::Gemma4Config::load(dir);
   tl::Checkpoint ckpt = tl::Checkpoint::open(dir);
   tl::Gemma4Model model(cfg, ops);
@@ -50,7 +57,7 @@ int main(int argc, char** argv) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
-  std::cout << nlohmann::json{{"impl", "torchless"}, {"model", dir}, {"tokens_per_step", rows * S},
+  std::cout << nlohmann::json{{"impl", "torchless"}, {"matmul", matmul}, {"model", dir}, {"tokens_per_step", rows * S},
                               {"tokens_per_s", double(rows * S * steps) / secs},
                               {"peak_rss_mib", double(ru.ru_maxrss) / 1024.0}}.dump()
             << "\n";

@@ -1,4 +1,5 @@
 #include "core/cpu/cpu_ops.h"
+#include "core/cpu/gemm_bf16.h"
 #include "core/cpu/vector_math.h"
 
 #include <algorithm>
@@ -16,8 +17,20 @@ namespace tl {
 using cpu::dispatch;
 using cpu::require;
 
-CpuOps::CpuOps(DType act) : act_(act) {
+CpuOps::CpuOps(DType act, CpuMatmul matmul) : act_(act), matmul_(matmul) {
   require(act == DType::F32 || act == DType::F64, "activation dtype must be F32 or F64");
+  require(matmul == CpuMatmul::F32 || act == DType::F32, "bf16 matmul needs F32 activations");
+}
+
+void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc) const {
+  if (matmul_ == CpuMatmul::Bf16) cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  else cpu::gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+}
+
+void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                  int64_t ldb, double beta, double* c, int64_t ldc) const {
+  cpu::gemm(ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
 }
 
 Tensor CpuOps::zeros(Shape shape, DType dtype) { return Tensor::zeros(std::move(shape), dtype); }
@@ -33,8 +46,7 @@ void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool ac
   if (n == 0) return;
   dispatch(x.dtype(), [&]<class T>() {
     // y[n,out] = x[n,in]·W[out,in]ᵀ
-    cpu::gemm(false, true, n, out, in, T(1), x.data<T>(), in, w.data<T>(), in, accumulate ? T(1) : T(0),
-              y.data<T>(), out);
+    gemm(false, true, n, out, in, x.data<T>(), in, w.data<T>(), in, accumulate ? T(1) : T(0), y.data<T>(), out);
   });
 }
 

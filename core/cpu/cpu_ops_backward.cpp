@@ -20,9 +20,9 @@ void CpuOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy,
   if (n == 0) return;
   dispatch(x.dtype(), [&]<class T>() {
     // dx[n,in] += dy[n,out]·W[out,in]
-    if (dx.defined()) cpu::gemm(false, false, n, in, out, T(1), dy.data<T>(), out, w.data<T>(), in, T(1), dx.data<T>(), in);
+    if (dx.defined()) gemm(false, false, n, in, out, dy.data<T>(), out, w.data<T>(), in, T(1), dx.data<T>(), in);
     // dW[out,in] += dy[n,out]ᵀ·x[n,in]
-    if (dw.defined()) cpu::gemm(true, false, out, in, n, T(1), dy.data<T>(), out, x.data<T>(), in, T(1), dw.data<T>(), in);
+    if (dw.defined()) gemm(true, false, out, in, n, dy.data<T>(), out, x.data<T>(), in, T(1), dw.data<T>(), in);
   });
 }
 

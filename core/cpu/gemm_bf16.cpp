@@ -1,0 +1,76 @@
+#include "core/cpu/gemm_bf16.h"
+
+#include <map>
+#include <stdexcept>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+#include <vector>
+
+#include "core/half.h"
+
+namespace tl::cpu {
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+// rows × cols of `src` (leading dimension ld) → a packed bf16 [rows, cols] buffer.
+void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out) {
+  out.resize(size_t(rows * cols));
+  uint16_t* o = out.data();
+#pragma omp parallel for schedule(static) if(rows * cols >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = float_to_bf16(src[r * ld + c]);
+}
+
+// One matmul primitive per shape: oneDNN's descriptor creation is too slow to repeat for
+// every call, and a training step uses a handful of shapes over and over.
+using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, bool>;
+
+dnnl::matmul& primitive(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ldc, bool accumulate) {
+  static std::map<Key, dnnl::matmul> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  const Key key{ta, tb, m, n, k, ldc, accumulate};
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  // Logical A [m,k], B [k,n], C [m,n]; the packed buffers keep the stored orientation, so a
+  // transposed operand is described by swapped strides.
+  const dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
+  const dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
+  const dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+  dnnl::primitive_attr attr;
+  if (accumulate) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine());
+  return cache.emplace(key, dnnl::matmul(pd)).first->second;
+}
+
+}  // namespace
+
+void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+               int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
+  thread_local std::vector<uint16_t> a16, b16;
+  pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
+  pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
+  dnnl::matmul& mm = primitive(ta, tb, m, n, k, ldc, beta != 0.0f);
+  dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
+  dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
+  dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+  dnnl::memory am(a_md, engine(), a16.data()), bm(b_md, engine(), b16.data()), cm(c_md, engine(), c);
+  dnnl::stream s(engine());
+  mm.execute(s, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  s.wait();
+}
+
+}  // namespace tl::cpu

@@ -1,0 +1,15 @@
+// The CPU backend's fast matrix product: inputs rounded to bf16, products accumulated in
+// fp32 (as a GPU trains under bf16 autocast), computed by oneDNN's matmul, which uses the
+// CPU's bf16 instructions (AVX512-BF16, AMX) where it has them. Used by CpuOps with
+// CpuMatmul::Bf16 for the projections; the fp32 path stays the reference for exactness.
+#pragma once
+#include <cstdint>
+
+namespace tl::cpu {
+
+// C[m,n] = op(A)·op(B) + beta·C, row-major, op(X) = Xᵀ when the flag is set; A and B are
+// fp32 and rounded to bf16 (nearest-even) on the way in, C is fp32.
+void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+               int64_t ldb, float beta, float* c, int64_t ldc);
+
+}  // namespace tl::cpu
