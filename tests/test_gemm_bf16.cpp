@@ -51,29 +51,38 @@ TEST(GemmBf16, MatchesDoubleProductOfRoundedInputs) {
       }
 }
 
-TEST(GemmBf16, CpuOpsLinearUsesIt) {
-  // y = x·Wᵀ through CpuOps with CpuMatmul::Bf16 differs from fp32 by bf16 input rounding
-  // (relative ~2^-9 per product), and equals the double product of rounded inputs.
+// y = x·Wᵀ through CpuOps with CpuMatmul::Bf16 on a product large enough for the bf16 path:
+// it equals the double product of bf16-rounded inputs (and so differs from fp32). A small
+// product (a LoRA factor's size) stays in fp32, identical to the exact backend.
+void linear_both_ways(int64_t n, int64_t in, int64_t out, double& worst_rounded, double& worst_exact) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
-  Tensor x = Tensor::zeros({6, 40}, DType::F32), w = Tensor::zeros({9, 40}, DType::F32);
+  Tensor x = Tensor::zeros({n, in}, DType::F32), w = Tensor::zeros({out, in}, DType::F32);
   for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = normal(rng);
   for (int64_t i = 0; i < w.numel(); ++i) w.data<float>()[i] = normal(rng);
   CpuOps fast(DType::F32, CpuMatmul::Bf16), exact(DType::F32);
-  Tensor y16 = Tensor::zeros({6, 9}, DType::F32), y32 = Tensor::zeros({6, 9}, DType::F32);
+  Tensor y16 = Tensor::zeros({n, out}, DType::F32), y32 = Tensor::zeros({n, out}, DType::F32);
   fast.linear_forward(x, w, y16, false);
   exact.linear_forward(x, w, y32, false);
-  double worst_rounded = 0, worst_exact = 0;
-  for (int64_t i = 0; i < 6; ++i)
-    for (int64_t j = 0; j < 9; ++j) {
+  worst_rounded = worst_exact = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < out; ++j) {
       double want = 0;
-      for (int64_t p = 0; p < 40; ++p)
-        want += double(round_bf16(x.data<float>()[i * 40 + p])) * double(round_bf16(w.data<float>()[j * 40 + p]));
-      worst_rounded = std::max(worst_rounded, std::abs(y16.data<float>()[i * 9 + j] - want));
-      worst_exact = std::max(worst_exact, double(std::abs(y16.data<float>()[i * 9 + j] - y32.data<float>()[i * 9 + j])));
+      for (int64_t p = 0; p < in; ++p)
+        want += double(round_bf16(x.data<float>()[i * in + p])) * double(round_bf16(w.data<float>()[j * in + p]));
+      const float got = y16.data<float>()[i * out + j];
+      worst_rounded = std::max(worst_rounded, std::abs(got - want));
+      worst_exact = std::max(worst_exact, double(std::abs(got - y32.data<float>()[i * out + j])));
     }
-  EXPECT_LT(worst_rounded, 1e-5);
-  EXPECT_GT(worst_exact, 1e-4) << "the bf16 path really rounds its inputs";
+}
+
+TEST(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
+  double rounded, exact;
+  linear_both_ways(64, 256, 256, rounded, exact);  // 2^22 multiply-adds
+  EXPECT_LT(rounded, 1e-4);
+  EXPECT_GT(exact, 1e-3) << "the bf16 path really rounds its inputs";
+  linear_both_ways(16, 64, 8, rounded, exact);  // small: fp32
+  EXPECT_EQ(exact, 0.0);
   EXPECT_THROW(CpuOps(DType::F64, CpuMatmul::Bf16), std::exception);
 }
 

@@ -4,7 +4,10 @@
 
 #include <iostream>
 
+#include <fmt/format.h>
+
 #include "core/cpu/cpu_ops.h"
+#include "core/cpu/gemm_bf16.h"
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
@@ -18,9 +21,16 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     tl::TrainConfig cfg = tl::TrainConfig::load(config, overrides);
-    tl::CpuOps ops(tl::DType::F32);
+    // bf16: true multiplies as a GPU does under bf16 autocast (bf16 inputs, fp32 sums) where
+    // the CPU has bf16 instructions; elsewhere emulated bf16 would be slower than fp32.
+    const bool bf16 = cfg.bf16 && tl::cpu::native_bf16();
+    tl::CpuOps ops(tl::DType::F32, bf16 ? tl::CpuMatmul::Bf16 : tl::CpuMatmul::F32);
     tl::Trainer trainer(cfg, ops, std::cout);
     trainer.print_plan(std::cout);
+    std::cout << fmt::format("matmul           {} ({})\n",
+                             bf16 ? "bf16 inputs, fp32 accumulation (oneDNN)"
+                                  : cfg.bf16 ? "fp32: this CPU has no bf16 instructions" : "fp32 (bf16: false)",
+                             tl::cpu::cpu_isa_name());
     if (dry_run) return 0;
     trainer.run();
   } catch (const std::exception& e) {

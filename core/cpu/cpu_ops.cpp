@@ -24,7 +24,10 @@ CpuOps::CpuOps(DType act, CpuMatmul matmul) : act_(act), matmul_(matmul) {
 
 void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) const {
-  if (matmul_ == CpuMatmul::Bf16) cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  // Small products (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
+  // save; they stay exact in fp32.
+  if (matmul_ == CpuMatmul::Bf16 && m * n * k >= kBf16MinWork)
+    cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
   else cpu::gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
 

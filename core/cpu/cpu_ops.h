@@ -72,6 +72,8 @@ class CpuOps final : public Ops {
 
   DType act_;
   CpuMatmul matmul_;
+  // Multiply-adds below which CpuMatmul::Bf16 still uses fp32 (measured on the bench models).
+  static constexpr int64_t kBf16MinWork = int64_t(1) << 22;
 };
 
 }  // namespace tl

@@ -73,4 +73,21 @@ void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a
   s.wait();
 }
 
+bool native_bf16() {
+  const auto isa = dnnl::get_effective_cpu_isa();
+  return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+}
+
+std::string cpu_isa_name() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::avx512_core_amx: return "AMX";
+    case dnnl::cpu_isa::avx512_core_bf16: return "AVX512-BF16";
+    case dnnl::cpu_isa::avx512_core_vnni:
+    case dnnl::cpu_isa::avx512_core: return "AVX-512";
+    case dnnl::cpu_isa::avx2_vnni:
+    case dnnl::cpu_isa::avx2: return "AVX2";
+    default: return "baseline";
+  }
+}
+
 }  // namespace tl::cpu

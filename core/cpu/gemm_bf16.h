@@ -4,6 +4,7 @@
 // CpuMatmul::Bf16 for the projections; the fp32 path stays the reference for exactness.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace tl::cpu {
 
@@ -11,5 +12,10 @@ namespace tl::cpu {
 // fp32 and rounded to bf16 (nearest-even) on the way in, C is fp32.
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and oneDNN's name for
+// the instruction set it will use. Without them oneDNN emulates bf16, slower than fp32.
+bool native_bf16();
+std::string cpu_isa_name();
 
 }  // namespace tl::cpu
