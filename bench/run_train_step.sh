@@ -12,14 +12,18 @@ if [ ${#models[@]} -eq 0 ]; then
   models=(models/tiny build/bench-larger)
 fi
 for m in "${models[@]}"; do
-  ours=$(./build/bench/bench_train_step "$m" 256 4 5)
+  ours=$(./build/bench/bench_train_step "$m" 256 4 5 f32)
+  ours16=$(./build/bench/bench_train_step "$m" 256 4 5 bf16)
   peer=$("$py" bench/peer_train_step.py "$m" 256 4 5 2>/dev/null | tail -1)
   echo "$ours"
+  echo "$ours16"
   echo "$peer"
-  "$py" - "$ours" "$peer" <<'PY'
+  "$py" - "$ours" "$ours16" "$peer" <<'PY'
 import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"{a['model']}: tokens/s torchless/peer = {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-      f"peak RSS torchless/peer = {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
+a, a16, b = (json.loads(x) for x in sys.argv[1:4])
+for ours in (a, a16):
+    print(f"{ours['model']} (torchless matmul {ours['matmul']}): tokens/s torchless/peer = "
+          f"{ours['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS torchless/peer = "
+          f"{ours['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
 PY
 done

@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -14,7 +15,12 @@ Tensor Tensor::zeros(Shape shape, DType dtype) {
   size_t padded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, padded ? padded : 64);
   if (!p) throw std::bad_alloc();
-  std::memset(p, 0, padded ? padded : 64);
+  // Large buffers are cleared by all threads: a single-threaded memset was 8% of a step.
+  const size_t len = padded ? padded : 64, chunk = size_t(1) << 20;
+  const int64_t chunks = int64_t((len + chunk - 1) / chunk);
+#pragma omp parallel for schedule(static) if(chunks >= 4)
+  for (int64_t c = 0; c < chunks; ++c)
+    std::memset(static_cast<char*>(p) + size_t(c) * chunk, 0, std::min(chunk, len - size_t(c) * chunk));
   t.owner_ = std::shared_ptr<void>(p, std::free);
   t.data_ = p;
   t.shape_ = std::move(shape);

@@ -134,24 +134,32 @@ void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor&
 void CpuOps::add(const Tensor& a, const Tensor& b, Tensor& out) {
   require(a.numel() == b.numel() && out.numel() == a.numel(), "add sizes");
   dispatch(a.dtype(), [&]<class T>() {
-    int64_t n = a.numel();
-    for (int64_t i = 0; i < n; ++i) out.data<T>()[i] = a.data<T>()[i] + b.data<T>()[i];
+    const int64_t n = a.numel();
+    const T *pa = a.data<T>(), *pb = b.data<T>();
+    T* po = out.data<T>();
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) po[i] = pa[i] + pb[i];
   });
 }
 
 void CpuOps::mul(const Tensor& a, const Tensor& b, Tensor& out) {
   require(a.numel() == b.numel() && out.numel() == a.numel(), "mul sizes");
   dispatch(a.dtype(), [&]<class T>() {
-    int64_t n = a.numel();
-    for (int64_t i = 0; i < n; ++i) out.data<T>()[i] = a.data<T>()[i] * b.data<T>()[i];
+    const int64_t n = a.numel();
+    const T *pa = a.data<T>(), *pb = b.data<T>();
+    T* po = out.data<T>();
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) po[i] = pa[i] * pb[i];
   });
 }
 
 void CpuOps::scale(Tensor& x, double s) {
   dispatch(x.dtype(), [&]<class T>() {
-    int64_t n = x.numel();
-    T st = T(s);
-    for (int64_t i = 0; i < n; ++i) x.data<T>()[i] *= st;
+    const int64_t n = x.numel();
+    const T st = T(s);
+    T* px = x.data<T>();
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) px[i] *= st;
   });
 }
 

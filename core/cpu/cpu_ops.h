@@ -41,6 +41,9 @@ class CpuOps final : public Ops {
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
 
+  void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
+  void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
+
   double norm2(const Tensor& x) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                     double eps, double wd, double bc1, double bc2) override;

@@ -20,7 +20,8 @@ dnnl::engine& engine() {
   return e;
 }
 
-// rows × cols of `src` (leading dimension ld) → a packed bf16 [rows, cols] buffer.
+}  // namespace
+
 void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out) {
   out.resize(size_t(rows * cols));
   uint16_t* o = out.data();
@@ -28,6 +29,8 @@ void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::ve
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = float_to_bf16(src[r * ld + c]);
 }
+
+namespace {
 
 // One matmul primitive per shape: oneDNN's descriptor creation is too slow to repeat for
 // every call, and a training step uses a handful of shapes over and over.
@@ -56,21 +59,28 @@ dnnl::matmul& primitive(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64
 
 }  // namespace
 
-void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-               int64_t ldb, float beta, float* c, int64_t ldc) {
+void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, const uint16_t* b16,
+                      float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
-  thread_local std::vector<uint16_t> a16, b16;
-  pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
-  pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
   dnnl::matmul& mm = primitive(ta, tb, m, n, k, ldc, beta != 0.0f);
-  dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
-  dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
-  dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
-  dnnl::memory am(a_md, engine(), a16.data()), bm(b_md, engine(), b16.data()), cm(c_md, engine(), c);
+  const dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
+  const dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
+  const dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+  dnnl::memory am(a_md, engine(), const_cast<uint16_t*>(a16)), bm(b_md, engine(), const_cast<uint16_t*>(b16)),
+      cm(c_md, engine(), c);
   dnnl::stream s(engine());
   mm.execute(s, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
   s.wait();
+}
+
+void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+               int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  thread_local std::vector<uint16_t> a16, b16;
+  pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
+  pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
+  gemm_bf16_packed(ta, tb, m, n, k, a16.data(), b16.data(), beta, c, ldc);
 }
 
 bool native_bf16() {

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tl::cpu {
 
@@ -12,6 +13,14 @@ namespace tl::cpu {
 // fp32 and rounded to bf16 (nearest-even) on the way in, C is fp32.
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                int64_t ldb, float beta, float* c, int64_t ldc);
+
+// The same product from operands already rounded and packed (pack_bf16), each in its stored
+// orientation: A is [m,k] ([k,m] when ta), B is [k,n] ([n,k] when tb), without padding.
+void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, const uint16_t* b16,
+                      float beta, float* c, int64_t ldc);
+
+// rows × cols of `src` (leading dimension ld) → bf16 [rows, cols], nearest-even.
+void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out);
 
 // Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and oneDNN's name for
 // the instruction set it will use. Without them oneDNN emulates bf16, slower than fp32.

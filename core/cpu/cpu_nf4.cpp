@@ -1,0 +1,59 @@
+// QLoRA's frozen NF4 projections on the CPU: dequantize 256-row tiles of W and multiply
+// them straight into (or out of) their column block of y, instead of the generic path's
+// per-tile temporaries, copies and transposes (core/ops.cpp). With CpuMatmul::Bf16 the
+// activations are rounded to bf16 once per call, not once per tile.
+#include <memory>
+#include <vector>
+
+#include "core/cpu/cpu_ops.h"
+#include "core/cpu/cpu_util.h"
+#include "core/cpu/gemm_bf16.h"
+#include "core/nf4.h"
+
+namespace tl {
+
+namespace {
+constexpr int64_t kTileRows = 256;  // as the generic path: a tile is small next to W
+}
+
+void CpuOps::linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) {
+  if (act_ != DType::F32) return Ops::linear_nf4_forward(x, w, y);
+  const int64_t out = w.shape[0], in = w.shape[1], n = x.numel() / in;
+  cpu::require(x.numel() == n * in && y.numel() == n * out, "linear_nf4_forward sizes");
+  if (n == 0) return;
+  const bool bf16 = matmul_ == CpuMatmul::Bf16 && n * out * in >= kBf16MinWork;
+  std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
+  std::vector<uint16_t> x16, w16;
+  if (bf16) cpu::pack_bf16(x.data<float>(), n, in, in, x16);
+  for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+    const int64_t rows = std::min(out, r0 + kTileRows) - r0;
+    nf4_dequantize_rows(w, r0, r0 + rows, tile.get(), w.orig_dtype);
+    // y[:, r0:r0+rows] = x·W[r0:r0+rows]ᵀ, written in place (leading dimension out).
+    if (bf16) {
+      cpu::pack_bf16(tile.get(), rows, in, in, w16);
+      cpu::gemm_bf16_packed(false, true, n, rows, in, x16.data(), w16.data(), 0.0f, y.data<float>() + r0, out);
+    } else {
+      cpu::gemm(false, true, n, rows, in, 1.0f, x.data<float>(), in, tile.get(), in, 0.0f, y.data<float>() + r0, out);
+    }
+  }
+}
+
+void CpuOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) {
+  if (act_ != DType::F32) return Ops::linear_nf4_backward(dy, w, dx);
+  const int64_t out = w.shape[0], in = w.shape[1], n = dy.numel() / out;
+  cpu::require(dy.numel() == n * out && dx.numel() == n * in, "linear_nf4_backward sizes");
+  if (n == 0) return;
+  const bool bf16 = matmul_ == CpuMatmul::Bf16 && n * out * in >= kBf16MinWork;
+  std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
+  for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+    const int64_t rows = std::min(out, r0 + kTileRows) - r0;
+    nf4_dequantize_rows(w, r0, r0 + rows, tile.get(), w.orig_dtype);
+    // dx += dy[:, r0:r0+rows]·W[r0:r0+rows], reading dy's column block in place.
+    if (bf16)
+      cpu::gemm_bf16(false, false, n, in, rows, dy.data<float>() + r0, out, tile.get(), in, 1.0f, dx.data<float>(), in);
+    else
+      cpu::gemm(false, false, n, in, rows, 1.0f, dy.data<float>() + r0, out, tile.get(), in, 1.0f, dx.data<float>(), in);
+  }
+}
+
+}  // namespace tl
