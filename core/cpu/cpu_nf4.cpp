@@ -21,7 +21,7 @@ void CpuOps::linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) 
   const int64_t out = w.shape[0], in = w.shape[1], n = x.numel() / in;
   cpu::require(x.numel() == n * in && y.numel() == n * out, "linear_nf4_forward sizes");
   if (n == 0) return;
-  const bool bf16 = matmul_ == CpuMatmul::Bf16 && n * out * in >= kBf16MinWork;
+  const bool bf16 = bf16_for(n * out * in);
   std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
   std::vector<uint16_t> x16, w16;
   if (bf16) cpu::pack_bf16(x.data<float>(), n, in, in, x16);
@@ -43,7 +43,7 @@ void CpuOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& d
   const int64_t out = w.shape[0], in = w.shape[1], n = dy.numel() / out;
   cpu::require(dy.numel() == n * out && dx.numel() == n * in, "linear_nf4_backward sizes");
   if (n == 0) return;
-  const bool bf16 = matmul_ == CpuMatmul::Bf16 && n * out * in >= kBf16MinWork;
+  const bool bf16 = bf16_for(n * out * in);
   std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
   for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
     const int64_t rows = std::min(out, r0 + kTileRows) - r0;

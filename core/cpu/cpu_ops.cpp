@@ -24,10 +24,7 @@ CpuOps::CpuOps(DType act, CpuMatmul matmul) : act_(act), matmul_(matmul) {
 
 void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) const {
-  // Small products (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
-  // save; they stay exact in fp32.
-  if (matmul_ == CpuMatmul::Bf16 && m * n * k >= kBf16MinWork)
-    cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  if (bf16_for(m * n * k)) cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
   else cpu::gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
 
@@ -88,8 +85,9 @@ void CpuOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, do
   });
 }
 
-void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
+namespace cpu {
+void rope_rotate(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq, bool inverse) {
+  const int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
   require(x.numel() == n * heads * d && inv_freq.dtype() == DType::F64, "rope shapes");
   dispatch(x.dtype(), [&]<class T>() {
 #pragma omp parallel for schedule(static) if(x.numel() >= cpu::kParallelMin)
@@ -99,7 +97,7 @@ void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, con
       T pos = T(positions.data<int32_t>()[t]);
       for (int64_t i = 0; i < half; ++i) {
         T theta = pos * T(inv_freq.data<double>()[i]);
-        T c = std::cos(theta), s = std::sin(theta);
+        T c = std::cos(theta), s = inverse ? -std::sin(theta) : std::sin(theta);
         for (int64_t h = 0; h < heads; ++h) {
           T* p = x.data<T>() + (t * heads + h) * d;
           T a = p[i], b = p[i + half];
@@ -109,6 +107,11 @@ void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, con
       }
     }
   });
+}
+}  // namespace cpu
+
+void CpuOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
+  cpu::rope_rotate(x, heads, positions, inv_freq, false);
 }
 
 void CpuOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {

@@ -75,8 +75,12 @@ class CpuOps final : public Ops {
 
   DType act_;
   CpuMatmul matmul_;
-  // Multiply-adds below which CpuMatmul::Bf16 still uses fp32 (measured on the bench models).
-  static constexpr int64_t kBf16MinWork = int64_t(1) << 22;
+  // Whether a product of `multiply_adds` runs in bf16: with CpuMatmul::Bf16, from 2^22 up.
+  // Smaller ones (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
+  // save (measured on the bench models) and stay exact in fp32.
+  bool bf16_for(int64_t multiply_adds) const {
+    return matmul_ == CpuMatmul::Bf16 && multiply_adds >= (int64_t(1) << 22);
+  }
 };
 
 }  // namespace tl

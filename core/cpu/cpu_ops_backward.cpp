@@ -78,24 +78,7 @@ void CpuOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, d
 }
 
 void CpuOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  const int64_t half = inv_freq.numel(), d = 2 * half, n = positions.numel();
-  require(dx.numel() == n * heads * d, "rope_backward shapes");
-  dispatch(dx.dtype(), [&]<class T>() {
-#pragma omp parallel for schedule(static) if(dx.numel() >= cpu::kParallelMin)
-    for (int64_t t = 0; t < n; ++t) {
-      T pos = T(positions.data<int32_t>()[t]);
-      for (int64_t i = 0; i < half; ++i) {
-        T theta = pos * T(inv_freq.data<double>()[i]);
-        T c = std::cos(theta), s = std::sin(theta);
-        for (int64_t h = 0; h < heads; ++h) {
-          T* p = dx.data<T>() + (t * heads + h) * d;
-          T a = p[i], b = p[i + half];
-          p[i] = a * c + b * s;  // Rᵀ: rotate by −θ
-          p[i + half] = b * c - a * s;
-        }
-      }
-    }
-  });
+  cpu::rope_rotate(dx, heads, positions, inv_freq, true);  // Rᵀ: the rotation by −θ
 }
 
 void CpuOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,

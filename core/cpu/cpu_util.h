@@ -36,4 +36,8 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha
               int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
 
+// RoPE on x [n, heads·d] in place: each (i, i + d/2) pair rotated by θ = pos·inv_freq[i], or
+// by −θ with `inverse` (Rᵀ, the backward). Defined in cpu_ops.cpp.
+void rope_rotate(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq, bool inverse);
+
 }  // namespace tl::cpu

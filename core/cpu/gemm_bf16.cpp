@@ -32,29 +32,35 @@ void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::ve
 
 namespace {
 
-// One matmul primitive per shape: oneDNN's descriptor creation is too slow to repeat for
-// every call, and a training step uses a handful of shapes over and over.
+// One matmul primitive per shape, with its operand descriptions: oneDNN's descriptor
+// creation is too slow to repeat for every call, and a training step uses a handful of
+// shapes over and over.
+struct Matmul {
+  dnnl::memory::desc a, b, c;
+  dnnl::matmul primitive;
+};
 using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, bool>;
 
-dnnl::matmul& primitive(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ldc, bool accumulate) {
-  static std::map<Key, dnnl::matmul> cache;
+const Matmul& matmul_for(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ldc, bool accumulate) {
+  static std::map<Key, Matmul> cache;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   const Key key{ta, tb, m, n, k, ldc, accumulate};
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   // Logical A [m,k], B [k,n], C [m,n]; the packed buffers keep the stored orientation, so a
   // transposed operand is described by swapped strides.
-  const dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
-  const dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
-  const dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
+  Matmul mm;
+  mm.a = dnnl::memory::desc({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
+  mm.b = dnnl::memory::desc({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
+  mm.c = dnnl::memory::desc({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
   dnnl::primitive_attr attr;
   if (accumulate) {
     dnnl::post_ops ops;
     ops.append_sum(1.0f);
     attr.set_post_ops(ops);
   }
-  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine());
-  return cache.emplace(key, dnnl::matmul(pd)).first->second;
+  mm.primitive = dnnl::matmul(dnnl::matmul::primitive_desc(dnnl::matmul::desc(mm.a, mm.b, mm.c), attr, engine()));
+  return cache.emplace(key, std::move(mm)).first->second;
 }
 
 }  // namespace
@@ -63,15 +69,12 @@ void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const u
                       float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
-  dnnl::matmul& mm = primitive(ta, tb, m, n, k, ldc, beta != 0.0f);
-  const dnnl::memory::desc a_md({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
-  const dnnl::memory::desc b_md({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
-  const dnnl::memory::desc c_md({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
-  dnnl::memory am(a_md, engine(), const_cast<uint16_t*>(a16)), bm(b_md, engine(), const_cast<uint16_t*>(b16)),
-      cm(c_md, engine(), c);
-  dnnl::stream s(engine());
-  mm.execute(s, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
-  s.wait();
+  const Matmul& mm = matmul_for(ta, tb, m, n, k, ldc, beta != 0.0f);
+  dnnl::memory am(mm.a, engine(), const_cast<uint16_t*>(a16)), bm(mm.b, engine(), const_cast<uint16_t*>(b16)),
+      cm(mm.c, engine(), c);
+  static dnnl::stream stream(engine());
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream.wait();
 }
 
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
