@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git
   nlohmann-json3-dev libyaml-cpp-dev libfmt-dev libcli11-dev
   libopenblas-openmp-dev
-  libdnnl-dev
+  libdnnl-dev ocl-icd-opencl-dev  # oneDNN's CMake config needs OpenCL (a Recommends of libdnnl-dev)
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev
 )
