@@ -3,6 +3,7 @@
 # (models/tiny) with QLoRA on chat data (configs/demo-heal.yaml), printing the plan, a
 # progress line per logging step and the validation loss as it falls; the PEFT adapter
 # lands in build/demo-heal/. Also plans the four released Gemma 4 configs.
+# Arguments are key=value overrides for the heal (e.g. max_steps=20, as CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -11,7 +12,7 @@ if [ -d ../shared/models ]; then
   ./build/torchless-surgery plan ../shared/models/gemma-4-*/config.json
 fi
 rm -rf build/demo-heal
-./build/torchless-train --config configs/demo-heal.yaml
+./build/torchless-train --config configs/demo-heal.yaml "$@"
 echo
 echo "metrics:  build/demo-heal/metrics.jsonl"
 echo "adapter:  build/demo-heal/adapter_config.json, build/demo-heal/adapter_model.safetensors"

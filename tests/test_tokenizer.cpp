@@ -11,6 +11,8 @@
 #include <sstream>
 #include <thread>
 
+#include <unistd.h>
+
 #include "core/tensor.h"
 
 namespace tl {
@@ -161,7 +163,15 @@ TEST(Tokenizer, LongInputsAndThreads) {
 // Every unsupported or broken field is an error naming the file and the field.
 TEST(Tokenizer, MalformedFilesGiveClearErrors) {
   const json base = json::parse(read_text(kTiny));
-  std::string dir = ::testing::TempDir();
+  // Its own scratch directory, removed at the end (nothing left in the system's temp folder).
+  const std::filesystem::path scratch =
+      std::filesystem::temp_directory_path() / ("tl_tok_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(scratch);
+  struct RemoveAtEnd {
+    std::filesystem::path p;
+    ~RemoveAtEnd() { std::filesystem::remove_all(p); }
+  } remove_at_end{scratch};
+  const std::string dir = scratch.string();
   auto expect_error = [&](const std::string& name, const std::string& text, const std::string& field) {
     std::string path = dir + "/tok_" + name + ".json";
     std::ofstream(path, std::ios::binary) << text;

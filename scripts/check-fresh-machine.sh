@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Proves the README's two set-up commands on a machine that has nothing but what our scripts
+# install: builds a minimal Debian 12 root with mmdebstrap (--variant=apt), clones this
+# repository's HEAD into it with ../shared beside it, bind-mounts /usr/local read-only (where a
+# CUDA toolkit may live, as on a user's machine), and runs inside it
+#   1. the test command:  bash scripts/test.sh
+#   2. the main job:      bash scripts/demo.sh [DEMO_ARGS…]
+# then unmounts and removes the root, also when a step fails or the script is interrupted.
+# Ends with one line: the result and how long each command took.
+#
+#   bash scripts/check-fresh-machine.sh [--keep] [--no-demo] [-- DEMO_ARGS…]
+#     --keep      leave the root in place (its path is printed) for a look inside
+#     --no-demo   run only the test command
+#     DEMO_ARGS   key=value overrides for the demo heal, e.g. max_steps=20 (CI uses this)
+# Needs root (or sudo), apt-get and the network to Debian's mirror. Takes 20–30 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+keep=0
+run_demo=1
+demo_args=()
+while (($#)); do
+  case "$1" in
+    --keep) keep=1 ;;
+    --no-demo) run_demo=0 ;;
+    --) shift; demo_args=("$@"); break ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "check-fresh-machine: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+  exec sudo --preserve-env=CI bash "$0" "$@"
+fi
+if ! command -v mmdebstrap >/dev/null; then
+  echo "check-fresh-machine: installing mmdebstrap"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+fi
+shared="$repo/../shared"
+[ -d "$shared" ] || { echo "check-fresh-machine: $shared is missing (the docs and released configs)" >&2; exit 1; }
+
+root=$(mktemp -d "${TMPDIR:-/var/tmp}/torchless-fresh-root.XXXXXX")
+mounts=()  # mount points inside the root, in the order they were mounted
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  local i
+  for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
+    umount "${mounts[i]}" 2>/dev/null || umount -l "${mounts[i]}" 2>/dev/null || true
+  done
+  # Never delete through a mount that is still there (/usr/local is bound in).
+  if findmnt -rn -o TARGET | grep -q "^$root"; then
+    echo "check-fresh-machine: mounts remain under $root; not removing it" >&2
+  elif ((keep)); then
+    echo "check-fresh-machine: root kept at $root"
+  else
+    rm -rf --one-file-system "$root"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+bind() {  # bind SRC DEST_IN_ROOT [ro]
+  mkdir -p "$root$2"
+  mount --bind "$1" "$root$2"
+  mounts+=("$root$2")
+  if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$root$2"; fi
+}
+
+now() { date +%s; }
+fmt_time() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+t0=$(now)
+echo "check-fresh-machine: making a Debian 12 root in $root"
+mmdebstrap --variant=apt --quiet bookworm "$root" http://deb.debian.org/debian >/dev/null
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+t_root=$(($(now) - t0))
+
+# The project as a new user gets it: a clone of HEAD, with shared/ beside it.
+mkdir -p "$root/work"
+git clone --quiet --no-hardlinks "$repo" "$root/work/torchless"
+git -C "$root/work/torchless" checkout --quiet "$(git -C "$repo" rev-parse HEAD)"
+cp -r "$shared" "$root/work/shared"
+
+mkdir -p "$root/proc" "$root/sys" "$root/dev"
+mount -t proc proc "$root/proc"; mounts+=("$root/proc")
+bind /sys /sys ro
+bind /dev /dev
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts" 2>/dev/null && mounts+=("$root/dev/pts") || true
+mount -t tmpfs -o size=2g tmpfs "$root/dev/shm"; mounts+=("$root/dev/shm")
+bind /usr/local /usr/local ro
+
+# Run a command in the root with a clean environment: nothing from this shell leaks in.
+in_root() {
+  chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb CI="${CI:-}" \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    /bin/bash -c "cd /work/torchless && $1"
+}
+
+result=passed
+t_test=0
+t_demo=0
+t1=$(now)
+echo "check-fresh-machine: running the test command: bash scripts/test.sh"
+if ! in_root "bash scripts/test.sh"; then result="FAILED (test command)"; fi
+t_test=$(($(now) - t1))
+
+demo_line="demo skipped"
+if [ "$result" = passed ] && ((run_demo)); then
+  t2=$(now)
+  demo_cmd="bash scripts/demo.sh"
+  ((${#demo_args[@]})) && demo_cmd+=" $(printf '%q ' "${demo_args[@]}")"
+  echo "check-fresh-machine: running the main job: $demo_cmd"
+  if ! in_root "$demo_cmd"; then result="FAILED (demo)"; fi
+  t_demo=$(($(now) - t2))
+  demo_line="demo ($demo_cmd) $(fmt_time $t_demo)"
+fi
+
+echo "check-fresh-machine: $result on a fresh Debian 12 root: root $(fmt_time $t_root), tests (bash scripts/test.sh) $(fmt_time $t_test), $demo_line, total $(fmt_time $(($(now) - t0)))"
+[ "$result" = passed ]
