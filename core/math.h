@@ -6,6 +6,23 @@
 
 namespace tl {
 
+// SplitMix64: the counter-based generator used for every random draw torchless makes
+// (LoRA init, dropout masks, data shuffling), so runs are reproducible and resumable; TL_HD
+// so a GPU draws the same numbers where its tensors live.
+TL_HD uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+// A uniform double in [0, 1) from a 64-bit value.
+TL_HD double unit_double(uint64_t bits) { return double(bits >> 11) * 0x1.0p-53; }
+
+// Inverted dropout's mask value of element i: 1/(1−p) when kept (unit_double ≥ p), else 0.
+TL_HD double dropout_keep(uint64_t seed, int64_t i, double p) {
+  return unit_double(splitmix64(seed + uint64_t(i))) >= p ? 1.0 / (1.0 - p) : 0.0;
+}
+
 // gelu with the tanh approximation (PyTorch's gelu(approximate="tanh")):
 // 0.5·z·(1 + tanh(√(2/π)·(z + 0.044715·z³)))
 template <class T>

@@ -127,6 +127,9 @@ struct Nf4Tensor {
   std::vector<float> nested_absmax;  // [ceil(nblocks/256)], when double_quant
   float offset = 0.0f;               // mean(absmax), when double_quant
   std::vector<float> nested_map;     // [256] dynamic map, when double_quant
+  // A backend's resident copy of these same bytes (CudaOps: on the GPU), made on first use
+  // by the backend that multiplies by it; empty on the CPU. Copies of the tensor share it.
+  mutable std::shared_ptr<void> backend_copy;
 
   int64_t numel() const { return shape_numel(shape); }
   int64_t nblocks() const { return (numel() + kNf4BlockSize - 1) / kNf4BlockSize; }

@@ -1,8 +1,23 @@
 #include "core/ops.h"
 
+#include <cstring>
+
+#include "core/math.h"
 #include "core/nf4.h"
 
 namespace tl {
+
+void Ops::dropout_mask(uint64_t seed, double p, Tensor& mask) {
+  Tensor host = Tensor::zeros(mask.shape(), mask.dtype());
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    const double keep = dropout_keep(seed, i, p);
+    if (host.dtype() == DType::F64) host.data<double>()[i] = keep;
+    else if (host.dtype() == DType::F32) host.data<float>()[i] = float(keep);
+    else throw std::invalid_argument("dropout_mask: mask must be F32 or F64");
+  }
+  if (mask.device() == Device::CPU) std::memcpy(mask.raw(), host.raw(), host.nbytes());
+  else mask = upload(host, mask.dtype());
+}
 
 int64_t Ops::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
   Tensor l = download(logits), y = labels.device() == Device::CPU ? labels : download(labels);

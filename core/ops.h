@@ -88,6 +88,11 @@ class Ops {
   virtual void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y);
   virtual void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx);
 
+  // Inverted dropout's mask, made where `mask` lives: mask[i] = dropout_keep(seed, i, p)
+  // (core/math.h: 1/(1−p) when unit_double(splitmix64(seed + i)) ≥ p, else 0) in mask's
+  // dtype. The default fills it on the host and uploads it; backends make it in place.
+  virtual void dropout_mask(uint64_t seed, double p, Tensor& mask);
+
   // Rows whose label ≠ −100 and whose argmax logit is the label (token accuracy). The
   // default copies the logits to the host; backends may do better.
   virtual int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels);

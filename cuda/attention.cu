@@ -1,16 +1,17 @@
-// Scaled-dot-product attention (scale 1.0) with GQA, causal + sliding-window + document
-// masking. A straightforward kernel, written to match the CPU reference, not for speed:
-// one block per (batch b, query head h, query t).
-//
-//   allowed(s) = s0 ≤ s ≤ t and doc[b,s] == doc[b,t],  s0 = max(0, t − window + 1) if window
-//   score(s)   = T(Σ_j q[t,h,j]·k[s,g,j])            (g = h / (nh/nkv); Σ in double)
-//   M = max score, Z = Σ exp(score − M)               (over allowed s, in double)
-//   out[t,h,:] = T(Σ_s T(exp(score(s) − M)/Z) · v[s,g,:])   (Σ in double, s ascending)
-//
-// Scores are recomputed rather than stored, so memory does not grow with S: pass 1 finds
-// M and Z (an online softmax per warp, merged across warps), pass 2 walks the keys in
-// tiles, writing a tile's weights to shared memory, then each thread adds the weighted
-// values into its own output dims j.
+// Chunked GEMM attention: the CPU backend's algorithm (core/cpu/cpu_attention.cpp), one
+// block of queries at a time so memory is O(block × S), never O(S²):
+//   per (b, h) and query block [t0, t1), with keys [s0, t1), s0 = max(0, t0 − window + 1)
+//   (0 without a window; keys after t1 are all masked by causality):
+//     Sc = Q_blk·K_gᵀ                      (cuBLASLt, activation dtype, scale 1.0, g = h/group)
+//     P  = masked softmax of each row       (kernel; max, exp, Σ and the division in T)
+//     O_blk = P·V_g                          (cuBLASLt)
+//   backward, P recomputed the same way:
+//     dP = dO_blk·V_gᵀ;  dS = P∘(dP − rowsum(P∘dP));
+//     dQ_blk += dS·K_g;  dK_g += dSᵀ·Q_blk;  dV_g += Pᵀ·dO_blk.
+// allowed(t, s) = s ≤ t, s > t − window (with a window), doc[b,s] = doc[b,t] (packed docs).
+// K = V (the 31B's attention_k_eq_v) is the caller passing the same tensor twice. The
+// row's log-sum-exp is not kept between the passes: the backward must recompute the scores
+// block anyway, and its max and sum cost one more pass over that block.
 #include <cmath>
 
 #include "cuda/cuda_util.cuh"
@@ -19,117 +20,168 @@ namespace tl {
 
 namespace {
 
-constexpr int kAttnThreads = 128;  // 4 warps
-constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kTile = 32;  // keys per pass-2 tile
+constexpr int kRowThreads = 256;
+// Score elements per block (2^24 fp32 = 64 MiB, twice that in the backward with dP).
+constexpr int64_t kBlockElems = int64_t(1) << 24;
+
+struct Geometry {
+  int64_t B, S, nh, d, nkv, group;
+};
+
+Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
+  cuda::require(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention expects [B,S,heads,d]");
+  Geometry g{q.dim(0), q.dim(1), q.dim(2), q.dim(3), k.dim(2), 0};
+  cuda::require(k.dim(0) == g.B && k.dim(1) == g.S && k.dim(3) == g.d && v.numel() == k.numel(),
+                "attention k/v shape");
+  cuda::require(g.nkv > 0 && g.nh % g.nkv == 0, "attention heads");
+  cuda::require(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "attention dtypes");
+  cuda::require_device(q, "attention q");
+  cuda::require_device(k, "attention k");
+  cuda::require_device(v, "attention v");
+  g.group = g.nh / g.nkv;
+  return g;
+}
+
+// Queries per block: as many as fit kBlockElems scores of S keys (at least 1).
+int64_t block_rows(const Geometry& g) { return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(1, g.S), 1, g.S); }
+
+// Row r of a [rows, L] block is query t = t0 + r over keys s = s0 + j. Masked entries get
+// probability 0; a row always sees itself, so Z ≥ 1 after subtracting the max.
+template <class T>
+__device__ bool allowed(int64_t t, int64_t s, int64_t window, const int32_t* doc) {
+  return s <= t && (window <= 0 || s > t - window) && (!doc || doc[s] == doc[t]);
+}
 
 template <class T>
-__global__ void attention_kernel(const T* q, const T* k, const T* v, const int32_t* doc, T* out, int64_t S,
-                                 int64_t nh, int64_t nkv, int64_t d, int64_t window) {
-  // Dynamic shared memory: q row [d], output accumulator [d], tile weights [kTile].
-  extern __shared__ double smem[];
-  double* qs = smem;
-  double* acc = smem + d;
-  double* wts = smem + 2 * d;
-  __shared__ double warp_m[kAttnWarps], warp_z[kAttnWarps];
-
-  const int64_t t = blockIdx.x % S, bh = blockIdx.x / S;
-  const int64_t h = bh % nh, b = bh / nh;
-  const int64_t g = h / (nh / nkv);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t s0 = window > 0 ? max(int64_t(0), t - window + 1) : 0;
-  const int32_t doc_t = doc ? doc[b * S + t] : 0;
-
-  const T* qt = q + ((b * S + t) * nh + h) * d;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-    qs[j] = double(qt[j]);
-    acc[j] = 0;
+__global__ void masked_softmax_kernel(T* P, int64_t L, int64_t t0, int64_t s0, int64_t window, const int32_t* doc) {
+  const int64_t r = blockIdx.x, t = t0 + r;
+  T* row = P + r * L;
+  T mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x)
+    if (allowed<T>(t, s0 + j, window, doc)) mx = max(mx, row[j]);
+  mx = cuda::block_reduce(mx, cuda::Max{});
+  T z = 0;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+    const T e = allowed<T>(t, s0 + j, window, doc) ? exp(row[j] - mx) : T(0);
+    row[j] = e;
+    z += e;
   }
-  __syncthreads();
+  z = cuda::block_reduce(z, cuda::Sum{});
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) row[j] /= z;
+}
 
-  // The whole warp computes one key's score; `s` and the mask are warp-uniform.
-  auto allowed = [&](int64_t s) { return s <= t && (!doc || doc[b * S + s] == doc_t); };
-  auto score = [&](int64_t s) {
-    const T* ks = k + ((b * S + s) * nkv + g) * d;
-    double a = 0;
-    for (int64_t j = lane; j < d; j += 32) a += qs[j] * double(ks[j]);
-    return double(T(cuda::warp_reduce(a, cuda::Sum{})));
-  };
+// dS = P∘(dP − Σ_j P∘dP) per row, in place on dP.
+template <class T>
+__global__ void softmax_backward_kernel(const T* P, T* dP, int64_t L) {
+  const int64_t r = blockIdx.x;
+  const T* p = P + r * L;
+  T* dp = dP + r * L;
+  T dot = 0;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) dot += p[j] * dp[j];
+  dot = cuda::block_reduce(dot, cuda::Sum{});
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) dp[j] = p[j] * (dp[j] - dot);
+}
 
-  // Pass 1: running max m and Σexp(score − m) per warp, rescaled when m grows.
-  double m = -INFINITY, z = 0;
-  for (int64_t s = s0 + warp; s <= t; s += kAttnWarps) {
-    if (!allowed(s)) continue;
-    const double sc = score(s);
-    if (sc > m) {
-      z = z * exp(m - sc) + 1.0;
-      m = sc;
-    } else {
-      z += exp(sc - m);
-    }
-  }
-  if (lane == 0) {
-    warp_m[warp] = m;
-    warp_z[warp] = z;
-  }
-  __syncthreads();
-  double M = warp_m[0];
-  for (int w = 1; w < kAttnWarps; ++w) M = max(M, warp_m[w]);
-  double Z = 0;  // key t is always allowed, so M is finite and Z ≥ 1
-  for (int w = 0; w < kAttnWarps; ++w)
-    if (warp_m[w] != -INFINITY) Z += warp_z[w] * exp(warp_m[w] - M);
-
-  // Pass 2: weights for a tile of keys, then acc[j] += w_s · v[s, j] in key order.
-  for (int64_t base = s0; base <= t; base += kTile) {
-    for (int i = warp; i < kTile; i += kAttnWarps) {
-      const int64_t s = base + i;
-      double w = 0;
-      if (allowed(s)) w = double(T(exp(score(s) - M) / Z));
-      if (lane == 0) wts[i] = w;
-    }
-    __syncthreads();
-    const int n = int(min(int64_t(kTile), t - base + 1));
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-      double a = acc[j];
-      for (int i = 0; i < n; ++i)
-        if (wts[i] != 0) a += wts[i] * double(v[((b * S + base + i) * nkv + g) * d + j]);
-      acc[j] = a;
-    }
-    __syncthreads();  // the next tile overwrites wts
-  }
-
-  T* o = out + ((b * S + t) * nh + h) * d;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = T(acc[j]);
+void require_like(const Tensor& grad, const Tensor& x, const char* what) {
+  if (!grad.defined()) return;
+  cuda::require(grad.numel() == x.numel() && grad.dtype() == x.dtype(), what);
+  cuda::require_device(grad, what);
 }
 
 }  // namespace
 
+// Each (b, h, block) is a handful of GEMMs on strided views: row-major [rows, d] head slices
+// with leading dimension nh·d (Q, O) or nkv·d (K, V) read column-major are their transposes
+// (see linear.cu), so Scᵀ[L, rows] = op_T(K_buf)·Q_buf and so on.
 void CudaOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                 Tensor& out) {
-  cuda::require(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention expects [B,S,heads,d]");
-  const int64_t B = q.dim(0), S = q.dim(1), nh = q.dim(2), d = q.dim(3), nkv = k.dim(2);
-  cuda::require(k.dim(0) == B && k.dim(1) == S && k.dim(3) == d && v.numel() == k.numel(), "attention k/v shape");
-  cuda::require(nkv > 0 && nh % nkv == 0 && out.numel() == q.numel(), "attention heads");
-  cuda::require(k.dtype() == q.dtype() && v.dtype() == q.dtype() && out.dtype() == q.dtype(), "attention dtypes");
-  cuda::require_device(q, "attention q");
-  cuda::require_device(k, "attention k");
-  cuda::require_device(v, "attention v");
+  const Geometry g = check(q, k, v);
+  cuda::require(out.numel() == q.numel() && out.dtype() == q.dtype(), "attention out");
   cuda::require_device(out, "attention out");
-  const size_t shmem = size_t(2 * d + kTile) * sizeof(double);
-  // 48 KiB is the default per-block limit; keep 1 KiB for the static arrays.
-  cuda::require(shmem + 1024 <= 48 * 1024, "attention: head_dim too large for this kernel (max 2992)");
-  cuda::require(B * nh * S <= INT32_MAX, "attention: too many (batch, head, query) rows");
   if (q.numel() == 0) return;
   cuda::DeviceInts doc;
   if (mask.doc_ids) {
-    cuda::require(mask.doc_ids->numel() == B * S, "attention doc_ids must be [B, S]");
+    cuda::require(mask.doc_ids->numel() == g.B * g.S, "attention doc_ids must be [B, S]");
     doc = cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
   }
-  cuda::dispatch(q.dtype(), [&]<class T>() {
-    attention_kernel<T><<<unsigned(B * nh * S), kAttnThreads, shmem>>>(
-        q.data<T>(), k.data<T>(), v.data<T>(), doc.ptr, out.data<T>(), S, nh, nkv, d, mask.window);
-    TL_CUDA_LAUNCHED("attention_kernel");
-  });
+  const int64_t rows_max = block_rows(g), es = int64_t(dtype_size(q.dtype()));
+  const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
+  void* P = scratch(4, size_t(rows_max * g.S * es));
+  const char* qb = static_cast<const char*>(q.raw());
+  const char* kb = static_cast<const char*>(k.raw());
+  const char* vb = static_cast<const char*>(v.raw());
+  char* ob = static_cast<char*>(out.raw());
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t h = 0; h < g.nh; ++h) {
+      const int64_t kv = h / g.group;
+      const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
+      for (int64_t t0 = 0; t0 < g.S; t0 += rows_max) {
+        const int64_t rows = std::min(rows_max, g.S - t0), t1 = t0 + rows;
+        const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t0 - mask.window + 1) : 0, L = t1 - s0;
+        const char* qh = qb + ((b * g.S + t0) * g.nh + h) * g.d * es;
+        const char* kg = kb + ((b * g.S + s0) * g.nkv + kv) * g.d * es;
+        const char* vg = vb + ((b * g.S + s0) * g.nkv + kv) * g.d * es;
+        char* oh = ob + ((b * g.S + t0) * g.nh + h) * g.d * es;
+        gemm_act(true, false, L, rows, g.d, kg, ldk, qh, ldq, 0.0, P, L);  // Scᵀ = K·Qᵀ
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          masked_softmax_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<T*>(P), L, t0, s0, mask.window,
+                                                                    docb);
+          TL_CUDA_LAUNCHED("masked_softmax_kernel");
+        });
+        gemm_act(false, false, g.d, rows, L, vg, ldk, P, L, 0.0, oh, ldq);  // Oᵀ = Vᵀ·Pᵀ
+      }
+    }
+}
+
+void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
+                                 const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const Geometry g = check(q, k, v);
+  cuda::require(dout.numel() == q.numel() && dout.dtype() == q.dtype(), "attention_backward dout");
+  cuda::require_device(dout, "attention_backward dout");
+  require_like(dq, q, "attention_backward dq");
+  require_like(dk, k, "attention_backward dk");
+  require_like(dv, v, "attention_backward dv");
+  if (q.numel() == 0 || (!dq.defined() && !dk.defined() && !dv.defined())) return;
+  cuda::DeviceInts doc;
+  if (mask.doc_ids) {
+    cuda::require(mask.doc_ids->numel() == g.B * g.S, "attention doc_ids must be [B, S]");
+    doc = cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
+  }
+  const int64_t rows_max = block_rows(g), es = int64_t(dtype_size(q.dtype()));
+  const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
+  void* P = scratch(4, size_t(rows_max * g.S * es));
+  void* dP = scratch(5, size_t(rows_max * g.S * es));
+  auto at = [&](const Tensor& t, int64_t b, int64_t s, int64_t heads, int64_t h) {
+    return static_cast<char*>(t.raw()) + ((b * g.S + s) * heads + h) * g.d * es;
+  };
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t h = 0; h < g.nh; ++h) {
+      const int64_t kv = h / g.group;
+      const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
+      for (int64_t t0 = 0; t0 < g.S; t0 += rows_max) {
+        const int64_t rows = std::min(rows_max, g.S - t0), t1 = t0 + rows;
+        const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t0 - mask.window + 1) : 0, L = t1 - s0;
+        const char* qh = at(q, b, t0, g.nh, h);
+        const char* doh = at(dout, b, t0, g.nh, h);
+        const char* kg = at(k, b, s0, g.nkv, kv);
+        const char* vg = at(v, b, s0, g.nkv, kv);
+        gemm_act(true, false, L, rows, g.d, kg, ldk, qh, ldq, 0.0, P, L);  // Scᵀ = K·Qᵀ
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          masked_softmax_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<T*>(P), L, t0, s0, mask.window,
+                                                                    docb);
+          TL_CUDA_LAUNCHED("masked_softmax_kernel");
+        });
+        if (dv.defined()) gemm_act(false, true, g.d, L, rows, doh, ldq, P, L, 1.0, at(dv, b, s0, g.nkv, kv), ldk);
+        if (!dq.defined() && !dk.defined()) continue;
+        gemm_act(true, false, L, rows, g.d, vg, ldk, doh, ldq, 0.0, dP, L);  // dPᵀ = V·dOᵀ
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          softmax_backward_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<const T*>(P), static_cast<T*>(dP), L);
+          TL_CUDA_LAUNCHED("softmax_backward_kernel");
+        });
+        if (dq.defined()) gemm_act(false, false, g.d, rows, L, kg, ldk, dP, L, 1.0, at(dq, b, t0, g.nh, h), ldq);
+        if (dk.defined()) gemm_act(false, true, g.d, L, rows, qh, ldq, dP, L, 1.0, at(dk, b, s0, g.nkv, kv), ldk);
+      }
+    }
 }
 
 }  // namespace tl

@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "cuda/cuda_util.cuh"
+#include "cuda/gemm_lt.h"
 
 namespace tl {
 namespace cuda {
@@ -27,11 +28,30 @@ void require_device(const Tensor& t, const char* what) {
     throw std::invalid_argument(std::string("CudaOps: ") + what + " must be a device tensor");
 }
 
+namespace {
+// The current device's default memory pool, its release threshold raised once per device
+// (by default a pool trims back to the driver at every synchronisation, which would turn
+// each step's temporaries into fresh driver allocations again).
+cudaMemPool_t pool() {
+  static int configured = -1;
+  int dev = 0;
+  TL_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaMemPool_t p;
+  TL_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&p, dev));
+  if (configured != dev) {
+    uint64_t keep_all = UINT64_MAX;
+    TL_CUDA_CHECK(cudaMemPoolSetAttribute(p, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    configured = dev;
+  }
+  return p;
+}
+}  // namespace
+
 std::shared_ptr<void> device_alloc(size_t bytes) {
   void* p = nullptr;
-  TL_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
-  // A deleter must not throw; a failing cudaFree (e.g. at process exit) is ignored.
-  return std::shared_ptr<void>(p, [](void* q) { (void)cudaFree(q); });
+  TL_CUDA_CHECK(cudaMallocFromPoolAsync(&p, bytes ? bytes : 1, pool(), 0));
+  // A deleter must not throw; a failing cudaFreeAsync (e.g. at process exit) is ignored.
+  return std::shared_ptr<void>(p, [](void* q) { (void)cudaFreeAsync(q, 0); });
 }
 
 DeviceInts device_ints(const Tensor& t, const char* what) {
@@ -59,12 +79,18 @@ std::vector<int32_t> host_ints(const Tensor& t, const char* what) {
 
 using cuda::require;
 
-CudaOps::CudaOps(DType act) : act_(act) {
+CudaOps::CudaOps(DType act, CudaMatmul matmul) : act_(act), matmul_(matmul) {
   require(act == DType::F32 || act == DType::F64, "activation dtype must be F32 or F64");
 }
 
 CudaOps::~CudaOps() {
+  lt_.reset();
   if (blas_) (void)cublasDestroy(blas_);
+}
+
+cuda::LtGemm& CudaOps::lt() {
+  if (!lt_) lt_ = std::make_unique<cuda::LtGemm>();
+  return *lt_;
 }
 
 bool CudaOps::available() {
@@ -87,10 +113,28 @@ cublasContext* CudaOps::blas() {
   return blas_;
 }
 
+CudaMemory CudaOps::memory() {
+  cudaMemPool_t p = cuda::pool();
+  uint64_t v[4] = {};
+  const cudaMemPoolAttr attrs[4] = {cudaMemPoolAttrUsedMemCurrent, cudaMemPoolAttrUsedMemHigh,
+                                    cudaMemPoolAttrReservedMemCurrent, cudaMemPoolAttrReservedMemHigh};
+  for (int i = 0; i < 4; ++i) TL_CUDA_CHECK(cudaMemPoolGetAttribute(p, attrs[i], &v[i]));
+  size_t free_b = 0, total_b = 0;
+  TL_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return {v[0], v[1], v[2], v[3], total_b - free_b, total_b};
+}
+
+void CudaOps::reset_peak_memory() {
+  cudaMemPool_t p = cuda::pool();
+  uint64_t zero = 0;  // the only value CUDA accepts: the high-water marks restart from now
+  TL_CUDA_CHECK(cudaMemPoolSetAttribute(p, cudaMemPoolAttrUsedMemHigh, &zero));
+  TL_CUDA_CHECK(cudaMemPoolSetAttribute(p, cudaMemPoolAttrReservedMemHigh, &zero));
+}
+
 Tensor CudaOps::zeros(Shape shape, DType dtype) {
   size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
   std::shared_ptr<void> mem = cuda::device_alloc(bytes);
-  TL_CUDA_CHECK(cudaMemset(mem.get(), 0, bytes));
+  TL_CUDA_CHECK(cudaMemsetAsync(mem.get(), 0, bytes, 0));
   void* p = mem.get();
   return Tensor::wrap(std::move(mem), p, std::move(shape), dtype, Device::CUDA);
 }

@@ -1,28 +1,61 @@
 // The CUDA implementation of Ops. It computes what CpuOps (the reference) computes, for
 // activation dtypes F32 and F64, with tensors living on the current CUDA device.
 //
+// Numerics: activations, LoRA master weights, gradients and Adam moments are fp32 (F64 for
+// gradient checks). With CudaMatmul::Bf16 (the trainer's `bf16: true`) the projections run
+// as cuBLASLt GEMMs with bf16 inputs, fp32 compute and fp32 outputs on tensor cores: the
+// numerics of CpuMatmul::Bf16 and of a GPU under bf16 autocast. Softmax, log-sum-exp, norm
+// statistics and the loss stay in fp32 or wider. NF4 bases stay on the device as NF4.
+//
 // Index inputs (ids, positions, doc_ids, rows, labels) and rope's inv_freq may live on the
 // host or the device; host ones are copied over per call. Activations, weights and every
-// output (moe_route's idx included) must be device tensors (made by zeros/upload). All work runs on the legacy default stream, so download() (a
-// synchronous cudaMemcpy) sees every earlier op's result.
+// output (moe_route's idx included) must be device tensors (made by zeros/upload). All work
+// runs on the legacy default stream, so download() (a synchronous cudaMemcpy) sees every
+// earlier op's result, and memory comes from a stream-ordered pool (cuda_util.cuh).
 //
 // This header is plain C++: it is included by code that is not compiled by nvcc.
 #pragma once
 #include "core/ops.h"
 
+#include <memory>
+#include <vector>
+
 struct cublasContext;  // cuBLAS's handle type (cublasHandle_t = cublasContext*)
 
 namespace tl {
 
+namespace cuda {
+class LtGemm;  // cached cuBLASLt bf16 GEMMs (cuda/gemm_lt.h)
+}
+
+// How fp32 projections multiply: cuBLAS SGEMM in plain fp32 (the reference's numerics), or
+// bf16 inputs with fp32 accumulation through cuBLASLt (tensor cores). As CpuOps::bf16_for
+// does, products under 2^22 multiply-adds (LoRA's rank-r factors) stay fp32 in both modes,
+// so the two backends round the same products.
+enum class CudaMatmul { F32, Bf16 };
+
+// Device memory of the pool every CudaOps allocation comes from, in bytes: in use now and
+// its high-water mark, reserved from the driver now and its high-water mark, plus what the
+// whole device has in use (other allocations and contexts included) and its size.
+struct CudaMemory {
+  uint64_t used = 0, used_peak = 0, reserved = 0, reserved_peak = 0;
+  uint64_t device_used = 0, device_total = 0;
+};
+
 class CudaOps final : public Ops {
  public:
-  explicit CudaOps(DType act = DType::F32);
+  explicit CudaOps(DType act = DType::F32, CudaMatmul matmul = CudaMatmul::F32);
   ~CudaOps() override;
   CudaOps(const CudaOps&) = delete;
   CudaOps& operator=(const CudaOps&) = delete;
 
   // Whether a CUDA device is usable; never throws (false without a driver or device).
   static bool available();
+  // The pool's counters (see CudaMemory) and a restart of its high-water marks.
+  static CudaMemory memory();
+  static void reset_peak_memory();
+
+  CudaMatmul matmul() const { return matmul_; }
 
   Device device() const override { return Device::CUDA; }
   DType act_dtype() const override { return act_; }
@@ -51,6 +84,19 @@ class CudaOps final : public Ops {
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
 
+  void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
+  void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
+  int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
+  void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
+
+  // The device copy of an NF4 weight (its packed bytes and double-quantized absmax, exactly
+  // the host bytes), made on first use and kept in w.backend_copy.
+  static void nf4_to_device(const Nf4Tensor& w);
+  // Quantizes a device weight (F32, BF16 or F16) on the device, bitsandbytes-exact: the same
+  // bytes as core/nf4.h's nf4_quantize of its host copy (the double quantization of the
+  // nblocks absmax values runs on the host). Returns it with the device copy already made.
+  static Nf4Tensor quantize_nf4(const Tensor& w, bool double_quant);
+
   double norm2(const Tensor& x) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                     double eps, double wd, double bc1, double bc2) override;
@@ -76,9 +122,30 @@ class CudaOps final : public Ops {
  private:
   // The cuBLAS handle, created on first use so constructing CudaOps needs no device.
   cublasContext* blas();
+  cuda::LtGemm& lt();
+  // Whether a product of `multiply_adds` runs in bf16 (CpuOps::bf16_for's rule).
+  bool bf16_for(int64_t multiply_adds) const {
+    return matmul_ == CudaMatmul::Bf16 && act_ == DType::F32 && multiply_adds >= (int64_t(1) << 22);
+  }
+  // Reused device buffer `slot` of at least `bytes` (grown, never shrunk; stream order makes
+  // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands, 3 the NF4 dequant scratch,
+  // 4, 5 attention's score/probability blocks.
+  void* scratch(int slot, size_t bytes);
+  // C(fp32, column-major) = op(A)·op(B) + beta·C with A and B rounded to bf16 (cuBLASLt).
+  void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float beta, float* c, int64_t ldc, const uint16_t* a16 = nullptr);
+  // The same product with A, B and C in the activation dtype (F32 or F64), by cuBLASLt.
+  void gemm_act(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
+                int64_t ldb, double beta, void* c, int64_t ldc);
+  // The dequantized weight [out, in] in the scratch: bf16 (`bf16`), else the activation dtype.
+  const void* nf4_dequantized(const Nf4Tensor& w, bool bf16);
 
   DType act_;
+  CudaMatmul matmul_;
   cublasContext* blas_ = nullptr;
+  std::unique_ptr<cuda::LtGemm> lt_;
+  std::vector<std::shared_ptr<void>> scratch_;
+  std::vector<size_t> scratch_bytes_;
 };
 
 }  // namespace tl

@@ -47,8 +47,16 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
 #define TL_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
-// cudaMalloc'ed memory freed by the last owner (at least 1 byte, so the pointer is valid).
+// Stream-ordered device memory from the current device's default pool (cudaMallocAsync on
+// the legacy stream every op runs on), returned to the pool with cudaFreeAsync by the last
+// owner. The pool's release threshold is unlimited, so memory freed by one step is reused by
+// the next without going back to the driver: after the first step nothing is cudaMalloc'ed.
+// Stream order makes reuse safe: a block freed after a kernel is only handed out to work
+// queued after that kernel. At least 1 byte, so the pointer is valid.
 std::shared_ptr<void> device_alloc(size_t bytes);
+
+// Round-to-nearest-even fp32 -> bf16, as core/half.h's float_to_bf16 (and __float2bfloat16_rn).
+void to_bf16(const float* src, uint16_t* dst, int64_t n);
 
 // An I32 index tensor as a device pointer: device tensors are used in place, host tensors
 // are copied to a temporary kept alive by `keep`.

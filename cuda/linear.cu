@@ -1,9 +1,29 @@
-// Linear layer on cuBLAS: forward y = x·Wᵀ, backward dx += dy·W and dW += dyᵀ·x.
+// Linear layer: forward y = x·Wᵀ, backward dx += dy·W and dW += dyᵀ·x. cuBLAS SGEMM/DGEMM
+// in the activation dtype, or (CudaMatmul::Bf16, large products) cuBLASLt with bf16 inputs,
+// fp32 compute and fp32 output on tensor cores.
 #include <climits>
 
+#include "core/half.h"
 #include "cuda/cuda_util.cuh"
+#include "cuda/gemm_lt.h"
 
 namespace tl {
+
+namespace cuda {
+
+namespace {
+__global__ void to_bf16_kernel(const float* src, uint16_t* dst, int64_t n) {
+  TL_GRID_STRIDE(i, n) dst[i] = float_to_bf16(src[i]);  // the CPU's rounding, bit for bit (NaN included)
+}
+}  // namespace
+
+void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  if (n == 0) return;
+  to_bf16_kernel<<<blocks_for(n), kThreads>>>(src, dst, n);
+  TL_CUDA_LAUNCHED("to_bf16_kernel");
+}
+
+}  // namespace cuda
 
 namespace {
 
@@ -31,7 +51,43 @@ int64_t linear_rows(const Tensor& x, const Tensor& w) {
   return n;
 }
 
+// Elements a column-major rows×cols operand with leading dimension ld spans.
+int64_t span(int64_t rows, int64_t cols, int64_t ld) { return cols == 0 ? 0 : ld * (cols - 1) + rows; }
+
 }  // namespace
+
+void* CudaOps::scratch(int slot, size_t bytes) {
+  if (scratch_.size() <= size_t(slot)) {
+    scratch_.resize(size_t(slot) + 1);
+    scratch_bytes_.resize(size_t(slot) + 1, 0);
+  }
+  if (scratch_bytes_[size_t(slot)] < bytes) {
+    scratch_[size_t(slot)].reset();  // back to the pool first (stream-ordered, so safe)
+    scratch_[size_t(slot)] = cuda::device_alloc(bytes);
+    scratch_bytes_[size_t(slot)] = bytes;
+  }
+  return scratch_[size_t(slot)].get();
+}
+
+void CudaOps::gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                        const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const uint16_t* a16) {
+  if (!a16) {
+    const int64_t na = span(ta ? k : m, ta ? m : k, lda);
+    uint16_t* p = static_cast<uint16_t*>(scratch(0, size_t(na) * 2));
+    cuda::to_bf16(a, p, na);
+    a16 = p;
+  }
+  const int64_t nb = span(tb ? n : k, tb ? k : n, ldb);
+  uint16_t* b16 = static_cast<uint16_t*>(scratch(1, size_t(nb) * 2));
+  cuda::to_bf16(b, b16, nb);
+  lt().run(cuda::LtType::Bf16, ta, tb, m, n, k, a16, lda, b16, ldb, beta, c, ldc, nullptr);
+}
+
+void CudaOps::gemm_act(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                       const void* b, int64_t ldb, double beta, void* c, int64_t ldc) {
+  lt().run(act_ == DType::F64 ? cuda::LtType::F64 : cuda::LtType::F32, ta, tb, m, n, k, a, lda, b, ldb, beta, c,
+           ldc, nullptr);
+}
 
 // cuBLAS is column-major, and a row-major [r, c] buffer read column-major is its transpose
 // [c, r]. Each row-major product C = A·B is therefore computed as Cᵀ = Bᵀ·Aᵀ, where the
@@ -41,8 +97,13 @@ void CudaOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool a
   cuda::require(y.dtype() == x.dtype() && y.numel() == n * out, "linear: y size/dtype");
   cuda::require_device(y, "linear y");
   if (n == 0 || out == 0) return;
+  // y[n,out] = x[n,in]·Wᵀ  <=>  yᵀ[out,n] = W·xᵀ = op_T(W's buffer [in,out]) · (x's buffer [in,n])
+  if (bf16_for(n * out * in)) {
+    gemm_bf16(true, false, out, n, in, w.data<float>(), in, x.data<float>(), in, accumulate ? 1.0f : 0.0f,
+              y.data<float>(), out);
+    return;
+  }
   cuda::dispatch(x.dtype(), [&]<class T>() {
-    // y[n,out] = x[n,in]·Wᵀ  <=>  yᵀ[out,n] = W·xᵀ = op_T(W's buffer [in,out]) · (x's buffer [in,n])
     gemm(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(out), int(n), int(in), w.data<T>(), int(in), x.data<T>(), int(in),
          accumulate ? T(1) : T(0), y.data<T>(), int(out));
   });
@@ -61,6 +122,13 @@ void CudaOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy
     cuda::require_device(dw, "linear_backward dW");
   }
   if (n == 0 || out == 0) return;
+  if (bf16_for(n * out * in)) {
+    if (dx.defined())
+      gemm_bf16(false, false, in, n, out, w.data<float>(), in, dy.data<float>(), out, 1.0f, dx.data<float>(), in);
+    if (dw.defined())
+      gemm_bf16(false, true, in, out, n, x.data<float>(), in, dy.data<float>(), out, 1.0f, dw.data<float>(), in);
+    return;
+  }
   cuda::dispatch(x.dtype(), [&]<class T>() {
     // dx[n,in] += dy[n,out]·W[out,in]  <=>  dxᵀ[in,n] += (W's buffer [in,out])·(dy's buffer [out,n])
     if (dx.defined())

@@ -37,14 +37,9 @@ std::vector<LoraAdapter*> Gemma4Model::adapters() {
 // Inverted dropout: keep with probability 1−p and scale by 1/(1−p). The mask is a pure
 // function of (seed, step, element), so a resumed run draws the same masks.
 Tensor Gemma4Model::dropout_mask(const LoraAdapter& a, const Shape& shape) {
-  Tensor mask = Tensor::zeros(shape, ops_.act_dtype());
-  const uint64_t base = splitmix64(a.dropout_seed ^ splitmix64(step_));
-  for (int64_t i = 0; i < mask.numel(); ++i) {
-    double keep = unit_double(splitmix64(base + uint64_t(i))) >= a.dropout ? 1.0 / (1.0 - a.dropout) : 0.0;
-    if (mask.dtype() == DType::F64) mask.data<double>()[i] = keep;
-    else mask.data<float>()[i] = float(keep);
-  }
-  return ops_.upload(mask, ops_.act_dtype());
+  Tensor mask = ops_.zeros(shape);
+  ops_.dropout_mask(splitmix64(a.dropout_seed ^ splitmix64(step_)), a.dropout, mask);
+  return mask;
 }
 
 void Gemma4Model::quantize_nf4(const std::string& name, DType stored, bool double_quant) {
@@ -53,6 +48,16 @@ void Gemma4Model::quantize_nf4(const std::string& name, DType stored, bool doubl
   Tensor host = ops_.download(*w).to(stored == DType::F64 ? DType::F32 : stored);
   nf4_[w] = nf4_quantize(host, double_quant);
   *w = Tensor::wrap(nullptr, nullptr, w->shape(), w->dtype(), w->device());  // shape only
+}
+
+void Gemma4Model::set_nf4(const std::string& name, Nf4Tensor q) {
+  Tensor* w = weight_slot(w_, name);
+  if (!w || q.shape.size() != 2) throw Error(fmt::format("NF4: '{}' is not a projection of this model", name));
+  if (w->defined() && w->shape() != q.shape)
+    throw Error(fmt::format("NF4: '{}' has shape {} but the model's weight is {}", name, shape_str(q.shape),
+                            shape_str(w->shape())));
+  *w = Tensor::wrap(nullptr, nullptr, q.shape, ops_.act_dtype(), ops_.device());  // shape only
+  nf4_[w] = std::move(q);
 }
 
 const Nf4Tensor* Gemma4Model::nf4(const std::string& name) {

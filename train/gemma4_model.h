@@ -130,6 +130,9 @@ class Gemma4Model {
   // frees the dense copy; the shape stays. Forward and backward dequantize it by tiles.
   void quantize_nf4(const std::string& name, DType stored, bool double_quant);
   const Nf4Tensor* nf4(const std::string& name);
+  // Installs a base already quantized elsewhere (on the device while streaming, or read from
+  // a bitsandbytes checkpoint); the dense slot keeps only the shape.
+  void set_nf4(const std::string& name, Nf4Tensor q);
   // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
   // backward recomputes the layer before differentiating it.
   void set_gradient_checkpointing(bool on) { checkpointing_ = on; }

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/math.h"
 #include "core/tensor.h"
 
 namespace tl {
@@ -27,15 +28,6 @@ double lora_scaling(double alpha, int64_t r, bool use_rslora);
 // Deterministic in `seed` (our own generator: PyTorch's stream is not reproduced).
 void lora_init(Tensor& A_host, Tensor& B_host, uint64_t seed);
 
-// SplitMix64: the counter-based generator used for every random draw torchless makes
-// (LoRA init, dropout masks, data shuffling), so runs are reproducible and resumable.
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-// A uniform double in [0, 1) from a 64-bit value.
-inline double unit_double(uint64_t bits) { return double(bits >> 11) * 0x1.0p-53; }
+// splitmix64 and unit_double (every random draw torchless makes) are in core/math.h.
 
 }  // namespace tl

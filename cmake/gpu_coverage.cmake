@@ -1,0 +1,32 @@
+# tl_check_gpu_coverage(OPS_HEADER GPU_TEST_DIR): every `virtual <type> name(` declared in
+# OPS_HEADER must appear as a call `.name(` in some tests/gpu/*.cpp, or configure fails with
+# one line naming the primitive. The header and the tests are configure dependencies, so
+# adding a primitive without a GPU test fails the next build, not only a fresh configure.
+function(tl_check_gpu_coverage header test_dir)
+  file(READ ${header} text)
+  file(GLOB tests ${test_dir}/*.cpp)
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${header} ${tests})
+  set(all "")
+  foreach(t ${tests})
+    file(READ ${t} body)
+    string(APPEND all "${body}")
+  endforeach()
+  # `virtual ~Ops()` has no name token after a type, so it does not match.
+  string(REGEX MATCHALL "virtual [A-Za-z0-9_:<> ]+[ *&]([a-z0-9_]+)\\(" decls "${text}")
+  set(count 0)
+  foreach(d ${decls})
+    string(REGEX REPLACE ".*[ *&]([a-z0-9_]+)\\($" "\\1" name "${d}")
+    if(name STREQUAL "device" OR name STREQUAL "act_dtype")
+      continue()  # accessors, not numeric primitives (still exercised by TransfersAndZeros)
+    endif()
+    string(FIND "${all}" ".${name}(" at)
+    if(at EQUAL -1)
+      message(FATAL_ERROR "core/ops.h: Ops primitive '${name}' has no GPU test in tests/gpu/ (call it as .${name}( in a test)")
+    endif()
+    math(EXPR count "${count} + 1")
+  endforeach()
+  if(count LESS 20)
+    message(FATAL_ERROR "cmake/gpu_coverage.cmake: found only ${count} Ops primitives in ${header}; the pattern is stale")
+  endif()
+  message(STATUS "torchless: ${count} Ops primitives, each with a GPU test")
+endfunction()
