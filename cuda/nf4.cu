@@ -241,7 +241,7 @@ Nf4Tensor CudaOps::quantize_nf4(const Tensor& w, bool double_quant) {
   // The host keeps the bytes too (checkpointing, merging and the CPU backend read them);
   // the device copy is made from them below, so both are the same bytes by construction.
   t.packed.resize(size_t((n + 1) / 2));
-  std::vector<float> host_absmax(size_t(nb));
+  std::vector<float> host_absmax(static_cast<size_t>(nb));
   TL_CUDA_CHECK(cudaMemcpy(t.packed.data(), pk, t.packed.size(), cudaMemcpyDeviceToHost));
   TL_CUDA_CHECK(cudaMemcpy(host_absmax.data(), am, size_t(nb) * 4, cudaMemcpyDeviceToHost));
   t.double_quant = double_quant;

@@ -17,10 +17,10 @@
 namespace tl {
 namespace {
 
-struct Setup {
+struct StepModel {
   std::unique_ptr<Gemma4Model> model;
   std::string prefix;
-  Setup(const std::string& dir, Ops& ops, bool qlora, double dropout) {
+  StepModel(const std::string& dir, Ops& ops, bool qlora, double dropout) {
     model = std::make_unique<Gemma4Model>(Gemma4Config::load(dir), ops);
     Checkpoint ckpt = Checkpoint::open(dir);
     model->load(ckpt);
@@ -50,7 +50,7 @@ TEST_P(CudaStep, ThreeLoraStepsMatchPeftInF64) {
   TL_REQUIRE_GPU();
   const std::string dir = test::golden(GetParam());
   CudaOps ops(DType::F64);
-  Setup s(dir, ops, false, 0.0);
+  StepModel s(dir, ops, false, 0.0);
   std::ifstream in(dir + "/lora/train.json");
   auto train = nlohmann::json::parse(in);
   auto micro = two_micro_batches(dir);
@@ -78,7 +78,7 @@ TEST_P(CudaStep, QloraStepMatchesCpu) {
   const std::string dir = test::golden(GetParam());
   CpuOps cpu(DType::F32, CpuMatmul::Bf16);
   CudaOps gpu(DType::F32, CudaMatmul::Bf16);
-  Setup sc(dir, cpu, true, 0.1), sg(dir, gpu, true, 0.1);
+  StepModel sc(dir, cpu, true, 0.1), sg(dir, gpu, true, 0.1);
   auto micro = two_micro_batches(dir);
   AdamW oc({1e-3, 0.9, 0.999, 1e-8, 0.01}, lora_param_slots(*sc.model, sc.prefix), cpu);
   AdamW og({1e-3, 0.9, 0.999, 1e-8, 0.01}, lora_param_slots(*sg.model, sg.prefix), gpu);

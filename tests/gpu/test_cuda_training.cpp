@@ -55,7 +55,7 @@ TEST(CudaTraining, Nf4LinearOnDeviceMatchesCpu) {
     for (bool dq : {false, true})
       for (DType stored : {DType::BF16, DType::F16, DType::F32}) {
         SCOPED_TRACE(std::string(dtype_name(m.dt)) + (m.gm == CudaMatmul::Bf16 ? " bf16" : "") +
-                     (dq ? " double-quant " : " ") + dtype_name(stored));
+                     (dq ? " double-quant " : " ") + std::string(dtype_name(stored)));
         std::mt19937 rng(12);
         Pair p(m.dt, m.cm, m.gm);
         // 300·256 elements: 1200 blocks, nested blocks of 256 with a partial last one.
@@ -112,7 +112,7 @@ TEST(CudaTraining, TokenAccuracyOnDevice) {
     // Row 1 has a tie between columns 3 and 5: the lower index wins.
     logits.data<float>()[1 * v + 3] = 9;
     logits.data<float>()[1 * v + 5] = 9;
-    std::vector<int32_t> lab(size_t(n));
+    std::vector<int32_t> lab(static_cast<size_t>(n));
     for (int64_t t = 0; t < n; ++t) {
       int64_t best = 0;
       for (int64_t j = 1; j < v; ++j)
@@ -152,7 +152,7 @@ TEST(CudaTraining, PoolReusesMemoryAfterTheFirstStep) {
   auto step = [&] {
     Tensor x = ops.upload(random({256, 512}, DType::F32, rng), DType::F32);
     Tensor y = ops.zeros({256, 512}), dx = ops.zeros({256, 512}), dw = ops.zeros({512, 512});
-    ops.linear_forward(x, w, y);
+    ops.linear_forward(x, w, y, false);
     ops.linear_backward(x, w, y, dx, dw);
     (void)ops.download(dw);
   };
