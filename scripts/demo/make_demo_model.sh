@@ -2,9 +2,15 @@
 # Reproduces models/tiny/model.safetensors: a 2.4M-parameter Gemma-4 (E2B-shaped: per-layer
 # embeddings, KV sharing, double-wide MLP, sliding + full attention) trained from scratch by
 # torchless itself (adapter: full) on the Jargon File (public domain, Debian jargon-text),
-# with the project's own tokenizer (models/tiny/tokenizer.json).
+# with the project's own tokenizer (models/tiny/tokenizer.json). Layers: sliding ×3, full |
+# sliding, full (2 KV-shared): the layers with their own K/V end "sliding, full" as in the
+# released E2B/E4B, the one layout where llama.cpp's choice of K/V source agrees with
+# transformers' (core/llama_cpp.h). 3000 steps of one 256-token row (configs/demo-pretrain.yaml),
+# so that greedy decoding does not loop; about 25 minutes on 2 busy cores.
 # Needs: a build (bash scripts/build.sh), apt-get download, python3 (standard library only).
 set -euo pipefail
+# One OpenMP thread: on a shared machine two spin-waiting threads ran 10-20x slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/../.."
 work=build/demo
 mkdir -p "$work"
