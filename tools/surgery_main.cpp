@@ -13,6 +13,7 @@
 #include "core/checkpoint_dir.h"
 #include "core/config.h"
 #include "core/init_model.h"
+#include "core/llama_cpp.h"
 #include "core/surgery.h"
 #include "core/safetensors.h"
 #include "train/data.h"
@@ -64,8 +65,11 @@ int main(int argc, char** argv) {
   std::vector<std::string> check_dirs;
   auto* check = app.add_subcommand("check", "Validate checkpoint directories: config.json, every "
                                             "safetensors file, and each text-decoder tensor's "
-                                            "presence and shape");
-  check->add_option("dirs", check_dirs, "checkpoint directories")->required();
+                                            "presence and shape, and whether llama.cpp "
+                                            "runs its KV-sharing layout");
+  check->add_option("dirs", check_dirs, "checkpoint directories (or bare config.json files: config and layout only)")->required();
+  bool check_llama = false;
+  check->add_flag("--require-llama-cpp", check_llama, "fail (exit 1) on a KV-sharing layout llama.cpp cannot run");
 
   std::string init_cfg, init_out, init_copy;
   uint64_t init_seed = 0;
@@ -91,6 +95,8 @@ int main(int argc, char** argv) {
                                                  "per_layer_projection = 0) or zero-postnorm (post-norm weights = 0)")
       ->check(CLI::IsMember({"zero-out", "zero-postnorm"}));
   expand->add_flag("--force", ex_force, "replace an existing output directory");
+  bool ex_llama = false;
+  expand->add_flag("--require-llama-cpp", ex_llama, "refuse a map whose KV-sharing layout llama.cpp cannot run");
   std::string ex_recipe;
   expand->add_option("--recipe", ex_recipe, "a recipe YAML with duplicate / insert_identity_every (and identity_mode)");
 
@@ -103,6 +109,8 @@ int main(int argc, char** argv) {
   upscale->add_option("--slices", up_slices, "e.g. 0:18,10:26,18:34,26:42 (each BEGIN:END, END exclusive)");
   upscale->add_option("--recipe", up_recipe, "a recipe YAML with slices");
   upscale->add_flag("--force", up_force, "replace an existing output directory");
+  bool up_llama = false;
+  upscale->add_flag("--require-llama-cpp", up_llama, "refuse slices whose KV-sharing layout llama.cpp cannot run");
 
   std::string pr_src, pr_out, pr_jsonl, pr_ids, pr_type = "chat", pr_method = "coverage";
   int64_t pr_keep = 0, pr_protect = 16, pr_max_tokens = 4096;
@@ -144,7 +152,8 @@ int main(int argc, char** argv) {
         throw tl::Error(plan_recipe + ": operation '" + op + "' is not expand, upscale or prune");
       }
       std::cout << tl::format_plan(cfg, tl::plan_model(cfg), "before: " + base_cfg.lexically_normal().string())
-                << tl::format_plan(out, tl::plan_model(out), "after " + op + ": " + plan_recipe) << std::flush;
+                << tl::format_plan(out, tl::plan_model(out), "after " + op + ": " + plan_recipe)
+                << tl::llama_cpp_kv_summary(out) << "\n" << std::flush;
     }
     if (*plan && plan_recipe.empty() && plan_inputs.empty()) throw tl::Error("plan: give config files, directories or --recipe");
     if (*plan) {
@@ -154,16 +163,26 @@ int main(int argc, char** argv) {
         if (fs::is_directory(p) && !fs::exists(p / "config.json"))
           throw tl::Error(in + ": directory has no config.json");
         auto cfg = tl::Gemma4Config::load(p);
-        std::cout << tl::format_plan(cfg, tl::plan_model(cfg), in) << std::flush;
+        std::cout << tl::format_plan(cfg, tl::plan_model(cfg), in) << tl::llama_cpp_kv_summary(cfg) << "\n"
+                  << std::flush;
       }
     }
     if (*check) {
       for (const auto& dir : check_dirs) {
         auto cfg = tl::Gemma4Config::load(dir);
+        if (fs::is_regular_file(dir)) {  // a bare config.json (e.g. a released model's): no weights to check
+          std::cout << fmt::format("{}: config ok ({} layers; no weights checked)\n{}: {}\n", dir,
+                                   cfg.num_hidden_layers, dir, tl::llama_cpp_kv_summary(cfg));
+          if (check_llama && !tl::llama_cpp_kv_problem(cfg).empty())
+            throw tl::Error(dir + ": " + tl::llama_cpp_kv_summary(cfg));
+          continue;
+        }
         auto ckpt = tl::Checkpoint::open(dir);
         int64_t n = tl::check_text_decoder(cfg, ckpt);
-        std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all)\n", dir, n,
-                                 ckpt.names().size());
+        std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all)\n{}: {}\n", dir, n,
+                                 ckpt.names().size(), dir, tl::llama_cpp_kv_summary(cfg));
+        if (check_llama && !tl::llama_cpp_kv_problem(cfg).empty())
+          throw tl::Error(dir + "/config.json: " + tl::llama_cpp_kv_summary(cfg));
       }
     }
     if (*init) {
@@ -172,7 +191,7 @@ int main(int argc, char** argv) {
       if (!init_copy.empty())
         for (const auto& f : tl::non_weight_files(init_copy))
           if (f.filename() != "config.json") fs::copy_file(f, fs::path(init_out) / f.filename(), fs::copy_options::overwrite_existing);
-      std::cout << fmt::format("wrote {}\n", init_out);
+      std::cout << fmt::format("wrote {}\n{}\n", init_out, tl::llama_cpp_kv_summary(cfg));
     }
     if (*expand) {
       auto cfg = tl::Gemma4Config::load(ex_src);
@@ -194,19 +213,26 @@ int main(int argc, char** argv) {
         if (!ex_every.starts_with("every=")) throw tl::Error("--insert-identity " + ex_every + ": expected every=N");
         map = tl::insert_identity_every(n, std::stoi(ex_every.substr(6)));
       }
+      const tl::Gemma4Config ex_cfg = tl::map_config(cfg, map, true);
+      if (ex_llama && !tl::llama_cpp_kv_problem(ex_cfg).empty())
+        throw tl::Error("expand (--require-llama-cpp): " + tl::llama_cpp_kv_summary(ex_cfg));
       auto r = tl::apply_layer_map(ex_src, ex_out, map,
                                    ex_mode == "zero-out" ? tl::IdentityMode::ZeroOut : tl::IdentityMode::ZeroPostnorm,
                                    true, ex_force);
-      std::cout << fmt::format("{} → {} layers ({} identity) written to {}\n", r.layers_in, r.layers_out,
-                               r.identity_layers, ex_out);
+      std::cout << fmt::format("{} → {} layers ({} identity) written to {}\n{}\n", r.layers_in, r.layers_out,
+                               r.identity_layers, ex_out, tl::llama_cpp_kv_summary(ex_cfg));
     }
     if (*upscale) {
       auto cfg = tl::Gemma4Config::load(up_src);
       if (up_slices.empty() == up_recipe.empty()) throw tl::Error("upscale: give exactly one of --slices or --recipe");
       auto map = up_recipe.empty() ? tl::slices_map(int(cfg.num_hidden_layers), up_slices)
                                    : recipe_layer_map(YAML::LoadFile(up_recipe), int(cfg.num_hidden_layers), up_recipe);
+      const tl::Gemma4Config up_cfg = tl::map_config(cfg, map, false);
+      if (up_llama && !tl::llama_cpp_kv_problem(up_cfg).empty())
+        throw tl::Error("upscale (--require-llama-cpp): " + tl::llama_cpp_kv_summary(up_cfg));
       auto r = tl::apply_layer_map(up_src, up_out, map, tl::IdentityMode::None, false, up_force);
-      std::cout << fmt::format("{} → {} layers written to {}\n", r.layers_in, r.layers_out, up_out);
+      std::cout << fmt::format("{} → {} layers written to {}\n{}\n", r.layers_in, r.layers_out, up_out,
+                               tl::llama_cpp_kv_summary(up_cfg));
     }
     if (*prune) {
       if (pr_jsonl.empty() == pr_ids.empty()) throw tl::Error("prune: give exactly one of --calibration or --calibration-ids");
@@ -235,8 +261,9 @@ int main(int argc, char** argv) {
       tl::PruneOptions po{pr_keep, pr_protect, pr_method, pr_force};
       auto r = tl::prune_experts(pr_src, pr_out, calib, po);
       std::cout << fmt::format("pruned to {} experts per layer from {} samples ({} routed tokens, {} skipped as "
-                               "non-finite); drop map in {}/expert_drop_map.json\n",
-                               pr_keep, r.samples, r.routed_tokens, r.skipped_tokens, pr_out);
+                               "non-finite); drop map in {}/expert_drop_map.json\n{}\n",
+                               pr_keep, r.samples, r.routed_tokens, r.skipped_tokens, pr_out,
+                               tl::llama_cpp_kv_summary(tl::Gemma4Config::load(pr_out)));
     }
     if (*inspect) {
       std::vector<std::vector<int32_t>> samples;
@@ -260,9 +287,9 @@ int main(int argc, char** argv) {
       if (conv_dtype == "bf16") dt = tl::DType::BF16;
       else if (conv_dtype == "f16") dt = tl::DType::F16;
       else if (conv_dtype == "f32") dt = tl::DType::F32;
-      tl::Gemma4Config::load(conv_src);  // refuse what is not a Gemma 4 checkpoint
+      auto conv_cfg = tl::Gemma4Config::load(conv_src);  // refuse what is not a Gemma 4 checkpoint
       tl::convert_checkpoint(conv_src, conv_out, dt, tl::parse_size(conv_shard), conv_force);
-      std::cout << fmt::format("wrote {}\n", conv_out);
+      std::cout << fmt::format("wrote {}\n{}\n", conv_out, tl::llama_cpp_kv_summary(conv_cfg));
     }
   } catch (const std::exception& e) {
     std::cerr << "torchless-surgery: " << e.what() << "\n";
