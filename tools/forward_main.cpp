@@ -1,46 +1,128 @@
 // torchless-forward: run the Gemma 4 text decoder on the CPU and print the loss (and, given
-// a reference record, how far the logits are from it).
+// a reference record, how far the logits are from it); with --output, write what it computed
+// so that other engines (transformers, llama.cpp) can be compared without a program.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <chrono>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
 
+#include "core/chat_template.h"
 #include "core/cpu/cpu_ops.h"
+#include "core/tokenizer.h"
 #include "core/safetensors.h"
 #include "train/gemma4_model.h"
 
+namespace {
+
+// logprobs[b, t] = logits[b, t, x] − log Σ_v exp(logits[b, t, v]) with x = input_ids[b, t+1]:
+// the log-probability the model gives the token that follows, summed in double with the max
+// subtracted first (log-sum-exp), so −mean over a row's targets is the causal-LM loss.
+void write_output(const std::string& path, const tl::Tensor& ids, const tl::Tensor& logits, tl::DType dt,
+                  const std::map<std::string, std::string>& metadata) {
+  const int64_t B = ids.dim(0), S = ids.dim(1), V = logits.dim(1);
+  tl::Tensor lp = tl::Tensor::zeros({B, S > 0 ? S - 1 : 0}, tl::DType::F64);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t + 1 < S; ++t) {
+      const int64_t row = (b * S + t) * V, next = int64_t(ids.get(b * S + t + 1));
+      if (next < 0 || next >= V)
+        throw tl::Error(fmt::format("{}: input_ids[{}, {}] = {} is outside the vocabulary of {}", path, b, t + 1,
+                                    next, V));
+      double mx = -INFINITY, sum = 0;
+      for (int64_t v = 0; v < V; ++v) mx = std::max(mx, logits.get(row + v));
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(logits.get(row + v) - mx);
+      lp.data<double>()[b * (S - 1) + t] = logits.get(row + next) - mx - std::log(sum);
+    }
+  tl::write_safetensors(path, {{"input_ids", ids.to(tl::DType::I64)},
+                               {"logits", logits.view({B, S, V}).to(dt)},
+                               {"logprobs", lp.to(dt)}},
+                        metadata);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"torchless-forward: Gemma 4 forward pass and loss on the CPU"};
-  std::string model_dir, input, dtype = "f32";
+  std::string model_dir, input, text_file, chat_file, dtype = "f32";
   app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
-  app.add_option("--input", input,
-                 "safetensors with input_ids [B,S] (and optionally labels, logits, loss to compare)")
-      ->required();
+  auto* in_opt = app.add_option("--input", input,
+                                "safetensors with input_ids [B,S] (and optionally labels, logits, loss to compare)");
+  auto* text_opt = app.add_option("--text", text_file,
+                                  "a text file, encoded with the model's tokenizer.json as it is (no <bos> added; "
+                                  "special tokens written in the text are parsed)");
+  auto* chat_opt = app.add_option("--chat", chat_file,
+                                  "a JSON array of chat messages, rendered with the Gemma 4 chat template and a "
+                                  "generation prompt, then encoded");
+  in_opt->excludes(text_opt, chat_opt);
+  text_opt->excludes(chat_opt);
   app.add_option("--dtype", dtype, "activation dtype: f32 or f64")->check(CLI::IsMember({"f32", "f64"}));
+  std::string output;
+  app.add_option("--output", output,
+                 "write a safetensors file (atomically) with input_ids [B,S], logits [B,S,V] and logprobs "
+                 "[B,S-1] (log-probability of each next input token), in the activation dtype; with --text "
+                 "or --chat the encoded text is in its metadata under \"text\"");
   CLI11_PARSE(app, argc, argv);
   try {
+    if (input.empty() && text_file.empty() && chat_file.empty())
+      throw tl::Error("give one of --input, --text or --chat");
     auto t0 = std::chrono::steady_clock::now();
     tl::CpuOps ops(dtype == "f64" ? tl::DType::F64 : tl::DType::F32);
     auto cfg = tl::Gemma4Config::load(model_dir);
     tl::Gemma4Model model(cfg, ops);
     model.load(tl::Checkpoint::open(model_dir));
-    auto rec = tl::SafetensorsFile::open(input);
-    tl::Batch batch{rec.get("input_ids"), {}, {}};
+    std::optional<tl::SafetensorsFile> rec;
+    std::string text;
+    tl::Tensor ids;
+    if (!input.empty()) {
+      rec = tl::SafetensorsFile::open(input);
+      ids = rec->get("input_ids");
+    } else {
+      const std::string& file = text_file.empty() ? chat_file : text_file;
+      std::ifstream in(file, std::ios::binary);
+      if (!in) throw tl::Error(file + ": cannot open");
+      text.assign(std::istreambuf_iterator<char>(in), {});
+      if (!chat_file.empty()) {
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(text);
+        } catch (const std::exception& e) {
+          throw tl::Error(fmt::format("{}: not JSON ({})", file, e.what()));
+        }
+        tl::ChatOptions opt;
+        opt.add_generation_prompt = true;
+        text = tl::render_chat(tl::chat_from_json(j, file), opt);
+      }
+      auto tok = tl::Tokenizer::load((std::filesystem::path(model_dir) / "tokenizer.json").string());
+      auto v = tok.encode(text);
+      if (v.empty()) throw tl::Error(file + ": encodes to no tokens");
+      ids = tl::Tensor::zeros({1, int64_t(v.size())}, tl::DType::I64);
+      for (size_t k = 0; k < v.size(); ++k) ids.data<int64_t>()[k] = v[k];
+    }
+    tl::Batch batch{ids, {}, {}};
     tl::Tensor hidden = model.forward_hidden(batch);
     tl::Tensor logits = model.logits(hidden);
+    if (!output.empty())
+      write_output(output, batch.ids, logits, dtype == "f64" ? tl::DType::F64 : tl::DType::F32,
+                   rec ? std::map<std::string, std::string>{{"format", "pt"}}
+                       : std::map<std::string, std::string>{{"format", "pt"}, {"text", text}});
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::cout << fmt::format("model {}: {} layers, batch {}x{}, {:.2f} s\n", model_dir,
                              cfg.num_hidden_layers, batch.ids.dim(0), batch.ids.dim(1), secs);
-    if (rec.contains("labels")) {
-      auto loss = model.loss(hidden, rec.get("labels"));
+    if (rec && rec->contains("labels")) {
+      auto loss = model.loss(hidden, rec->get("labels"));
       std::cout << fmt::format("loss {:.7f} over {} targets", loss.mean(), loss.count);
-      if (rec.contains("loss")) std::cout << fmt::format("  (reference {:.7f})", rec.get("loss").get(0));
+      if (rec->contains("loss")) std::cout << fmt::format("  (reference {:.7f})", rec->get("loss").get(0));
       std::cout << "\n";
     }
-    if (rec.contains("logits")) {
-      tl::Tensor ref = rec.get("logits");
+    if (rec && rec->contains("logits")) {
+      tl::Tensor ref = rec->get("logits");
       double maxdiff = 0, maxref = 0;
       for (int64_t i = 0; i < ref.numel(); ++i) {
         maxdiff = std::max(maxdiff, std::abs(logits.get(i) - ref.get(i)));
