@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "core/output_dir.h"
+
 namespace tl {
 
 uint64_t parse_size(const std::string& text) {
@@ -40,26 +42,9 @@ std::vector<fs::path> non_weight_files(const fs::path& dir) {
   return out;
 }
 
-void write_checkpoint_dir(const fs::path& out, bool force,
+void write_checkpoint_dir(const fs::path& out, const std::vector<fs::path>& inputs, bool force,
                           const std::function<void(const fs::path&)>& fill) {
-  if (fs::exists(out) && !force)
-    throw Error(fmt::format("{}: output directory exists (pass --force to replace it)", out.string()));
-  fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
-  if (!fs::is_directory(parent))
-    throw Error(fmt::format("{}: parent directory does not exist", out.string()));
-  std::mt19937_64 rng(std::random_device{}());
-  fs::path tmp = parent / fmt::format(".{}.partial-{:x}", out.filename().string(), rng() & 0xffffff);
-  fs::create_directory(tmp);
-  try {
-    fill(tmp);
-    ::sync();
-    if (fs::exists(out)) fs::remove_all(out);
-    fs::rename(tmp, out);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  write_output_dir(out, inputs, force, fill);
 }
 
 namespace {
@@ -79,7 +64,7 @@ void set_config_dtype(const fs::path& path, DType dtype) {
 void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool force,
                               const std::vector<NamedTensor>& tensors, const std::string& config_text,
                               const std::string& record_name, const std::string& record_text) {
-  write_checkpoint_dir(out, force, [&](const fs::path& tmp) {
+  write_checkpoint_dir(out, {src}, force, [&](const fs::path& tmp) {
     write_checkpoint(tmp, tensors, 5'000'000'000ull);
     for (const fs::path& f : non_weight_files(src))
       if (f.filename() != "config.json" && f.filename() != record_name) fs::copy_file(f, tmp / f.filename());
@@ -91,7 +76,7 @@ void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool for
 void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
                         uint64_t max_shard_bytes, bool force) {
   Checkpoint ckpt = Checkpoint::open(src);
-  write_checkpoint_dir(out, force, [&](const fs::path& tmp) {
+  write_checkpoint_dir(out, {src}, force, [&](const fs::path& tmp) {
     std::vector<NamedTensor> tensors;
     for (const std::string& name : ckpt.names()) {
       Tensor t = ckpt.get(name);
@@ -101,6 +86,10 @@ void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<
     write_checkpoint(tmp, tensors, max_shard_bytes);
     for (const fs::path& f : non_weight_files(src)) fs::copy_file(f, tmp / f.filename());
     if (dtype && fs::exists(tmp / "config.json")) set_config_dtype(tmp / "config.json", *dtype);
+    nlohmann::json record = {{"tool", "torchless-surgery convert"}, {"source", src.string()},
+                             {"max_shard_bytes", max_shard_bytes}};
+    if (dtype) record["dtype"] = std::string(dtype_name(*dtype));
+    write_file_atomic(tmp / "torchless_convert.json", record.dump(2) + "\n");
   });
 }
 

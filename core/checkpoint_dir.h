@@ -19,8 +19,9 @@ std::vector<fs::path> non_weight_files(const fs::path& dir);
 
 // Builds a checkpoint in a fresh temporary directory beside `out` and renames it to `out`
 // only once `fill` has returned, so an interrupted run never leaves a directory that looks
-// complete. An existing `out` is refused unless `force` (then it is replaced).
-void write_checkpoint_dir(const fs::path& out, bool force,
+// complete; follows core/output_dir.h (an `out` overlapping any of `inputs` is refused; an
+// existing `out` is refused unless `force` and it is one of our outputs).
+void write_checkpoint_dir(const fs::path& out, const std::vector<fs::path>& inputs, bool force,
                           const std::function<void(const fs::path& tmp_dir)>& fill);
 
 // A checkpoint derived from `src` (surgery, pruning): `tensors` sharded as usual, the
@@ -31,7 +32,8 @@ void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool for
                               const std::string& record_name, const std::string& record_text);
 
 // Copies a checkpoint with float tensors converted to `dtype` (unset: keep each tensor's
-// dtype), resharded at `max_shard_bytes`; non-weight files are copied.
+// dtype), resharded at `max_shard_bytes`; non-weight files are copied and
+// torchless_convert.json records how.
 void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
                         uint64_t max_shard_bytes, bool force);
 

@@ -20,8 +20,11 @@ double unit(uint64_t b) { return (double(b >> 11) + 0.5) * 0x1.0p-53; }
 }  // namespace
 
 void init_checkpoint(const Gemma4Config& c, const std::filesystem::path& out, uint64_t seed, double std_dev,
-                     bool force) {
-  write_checkpoint_dir(out, force, [&](const std::filesystem::path& tmp) {
+                     bool force, const std::vector<std::filesystem::path>& inputs,
+                     const std::filesystem::path& copy_from) {
+  std::vector<std::filesystem::path> all = inputs;
+  if (!copy_from.empty()) all.push_back(copy_from);
+  write_checkpoint_dir(out, all, force, [&](const std::filesystem::path& tmp) {
     std::vector<NamedTensor> tensors;
     uint64_t stream = mix(seed);
     for (const WeightSpec& s : text_decoder_weights(c)) {
@@ -45,7 +48,12 @@ void init_checkpoint(const Gemma4Config& c, const std::filesystem::path& out, ui
     j["architectures"] = {"Gemma4ForCausalLM"};
     j["dtype"] = "bfloat16";
     j["initializer_range"] = std_dev;
-    std::ofstream(tmp / "config.json") << j.dump(2) << "\n";
+    write_file_atomic(tmp / "config.json", j.dump(2) + "\n");
+    if (!copy_from.empty())
+      for (const auto& f : non_weight_files(copy_from))
+        if (f.filename() != "config.json" && f.filename() != "torchless_init.json") fs::copy_file(f, tmp / f.filename());
+    nlohmann::json record = {{"tool", "torchless-surgery init"}, {"seed", seed}, {"initializer_range", std_dev}};
+    write_file_atomic(tmp / "torchless_init.json", record.dump(2) + "\n");
   });
 }
 

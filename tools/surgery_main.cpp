@@ -14,6 +14,7 @@
 #include "core/config.h"
 #include "core/init_model.h"
 #include "core/llama_cpp.h"
+#include "core/output_dir.h"
 #include "core/surgery.h"
 #include "core/safetensors.h"
 #include "train/data.h"
@@ -187,10 +188,7 @@ int main(int argc, char** argv) {
     }
     if (*init) {
       auto cfg = tl::Gemma4Config::load(init_cfg);
-      tl::init_checkpoint(cfg, init_out, init_seed, init_std, init_force);
-      if (!init_copy.empty())
-        for (const auto& f : tl::non_weight_files(init_copy))
-          if (f.filename() != "config.json") fs::copy_file(f, fs::path(init_out) / f.filename(), fs::copy_options::overwrite_existing);
+      tl::init_checkpoint(cfg, init_out, init_seed, init_std, init_force, {init_cfg}, init_copy);
       std::cout << fmt::format("wrote {}\n{}\n", init_out, tl::llama_cpp_kv_summary(cfg));
     }
     if (*expand) {
@@ -235,6 +233,7 @@ int main(int argc, char** argv) {
                                tl::llama_cpp_kv_summary(up_cfg));
     }
     if (*prune) {
+      tl::refuse_overlap(pr_out, {pr_src, pr_jsonl, pr_ids}, "output");
       if (pr_jsonl.empty() == pr_ids.empty()) throw tl::Error("prune: give exactly one of --calibration or --calibration-ids");
       std::vector<std::vector<int32_t>> calib;
       if (!pr_ids.empty()) {

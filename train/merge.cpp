@@ -41,8 +41,11 @@ Tensor lora_delta(const AdapterTensors& a, double scaling) {
 
 MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, const fs::path& out,
                           const MergeOptions& options) {
-  Gemma4Config::load(base);  // refuse what is not a Gemma 4 checkpoint, naming the fault
+  // The base passes `surgery check` first: a Gemma 4 config, and every decoder tensor present
+  // with the shape the config implies and a float dtype.
+  const Gemma4Config cfg = Gemma4Config::load(base);
   Checkpoint ckpt = Checkpoint::open(base);
+  check_text_decoder(cfg, ckpt);
   const std::string prefix = decoder_prefix(ckpt);
   PeftAdapter ad = read_peft_adapter(adapter_dir);
   const std::string adapter_file = (adapter_dir / "adapter_model.safetensors").string();
@@ -68,7 +71,7 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, con
   for (const SafetensorsFile& f : ckpt.files()) shard_paths.push_back(f.path());
   ckpt = Checkpoint();
   MergeReport report;
-  write_checkpoint_dir(out, options.force, [&](const fs::path& tmp) {
+  write_checkpoint_dir(out, {base, adapter_dir}, options.force, [&](const fs::path& tmp) {
     nlohmann::json weight_map = nlohmann::json::object();
     uint64_t total = 0;
     const bool sharded = shard_paths.size() > 1;

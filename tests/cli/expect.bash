@@ -17,3 +17,22 @@ expect() {
   fi
   return 0
 }
+
+# `tree_hash PATH`: one sha256 over every file under PATH (names and bytes), or of PATH itself.
+tree_hash() {
+  if [ -d "$1" ]; then
+    (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1
+  else
+    sha256sum <"$1" | cut -d' ' -f1
+  fi
+}
+
+# `unchanged NAME PATH HASH`: PATH still hashes to HASH (an input the command must not touch).
+unchanged() {
+  if [ "$(tree_hash "$2")" = "$3" ]; then
+    passes=$((passes + 1))
+  else
+    fails=$((fails + 1))
+    echo "FAIL $1: $2 changed"
+  fi
+}
