@@ -91,7 +91,7 @@ TEST(MergeErrors, AdapterForAnotherBaseOrShapes) {
         n.name.replace(n.name.find("layers.0."), 9, "layers.40.");
   });
   expect_error([&] { merge_adapter(kBase, t.dir / "renamed", t.dir / "o1", {}); },
-               "adapts 'model.layers.40.self_attn.q_proj.weight', which the base");
+               "model.layers.40.self_attn.q_proj");  // outside target_modules, and not in the base
   copy_adapter(t.dir / "reshaped", [](auto& ts) {
     for (auto& n : ts)
       if (n.name.find("layers.1.mlp.up_proj.lora_A") != std::string::npos) n.tensor = Tensor::zeros({n.tensor.dim(0), 7}, DType::F32);
@@ -111,7 +111,7 @@ TEST(MergeErrors, ExistingOutputCorruptedShardAndInterruptedWrite) {
   expect_error([&] { merge_adapter(t.dir / "base", kAdapter, t.dir / "o3", {}); }, "model.safetensors");
   EXPECT_FALSE(fs::exists(t.dir / "o3"));
   // An interrupted write leaves no output directory and no partial one beside it.
-  EXPECT_THROW(write_checkpoint_dir(t.dir / "o4", false, [](const fs::path&) { throw Error("killed"); }), Error);
+  EXPECT_THROW(write_checkpoint_dir(t.dir / "o4", {}, false, [](const fs::path&) { throw Error("killed"); }), Error);
   for (auto& e : fs::directory_iterator(t.dir))
     EXPECT_EQ(e.path().filename().string().find(".partial"), std::string::npos) << e.path();
 }

@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <cmath>
 #include <regex>
 
 #include "core/safetensors.h"
@@ -21,6 +22,23 @@ std::string module_of(const std::string& weight) { return weight.substr(0, weigh
 bool pattern_matches(const std::string& key, const std::string& module) {
   return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
 }
+// PEFT's check_target_module_exists: a string is a regex matched against the whole name;
+// a list matches a name equal to an entry or ending in "." + entry; "all-linear" matches
+// every projection (our adapters hold nothing else).
+bool targets_module(const LoraSpec& s, const std::string& path) {
+  if (s.target_regex) {
+    try {
+      return std::regex_match(path, std::regex(*s.target_regex));
+    } catch (const std::regex_error&) {
+      throw Error(fmt::format("target_modules '{}' is not a valid regular expression", *s.target_regex));
+    }
+  }
+  if (s.target_modules.size() == 1 && s.target_modules[0] == "all-linear") return true;
+  for (const auto& t : s.target_modules)
+    if (path == t || path.ends_with("." + t)) return true;
+  return false;
+}
+
 }  // namespace
 
 int64_t LoraSpec::rank_for(const std::string& module) const {
@@ -149,6 +167,7 @@ PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
 
   auto file = SafetensorsFile::open(dir / "adapter_model.safetensors");
   std::map<std::string, AdapterTensors> by_module;
+  std::map<std::string, std::string> module_paths;  // module -> the prefix its key carries
   static const std::regex key_re(R"(base_model\.model\.(model\.language_model\.|model\.)(.+)\.lora_([AB])\.weight)");
   for (const auto& e : file.entries()) {
     std::smatch m;
@@ -156,13 +175,30 @@ PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
       throw Error(fmt::format("{}: tensor '{}' is not a LoRA A/B weight of the text decoder",
                               (dir / "adapter_model.safetensors").string(), e.name));
     auto& a = by_module[m[2].str()];
+    module_paths[m[2].str()] = m[1].str();
     a.weight = m[2].str() + ".weight";
     (m[3] == "A" ? a.A : a.B) = file.get(e.name).clone();  // host copy in the file's dtype
   }
+  if (!(s.alpha > 0 && std::isfinite(s.alpha)) || s.r <= 0)
+    throw Error(fmt::format("{}: r {} and lora_alpha {} must be positive (and finite)", cfg_path.string(), s.r, s.alpha));
+  const std::string file_name = (dir / "adapter_model.safetensors").string();
   for (auto& [module, a] : by_module) {
     if (!a.A.defined() || !a.B.defined())
-      throw Error(fmt::format("{}: module '{}' has lora_{} but not lora_{}", (dir / "adapter_model.safetensors").string(),
+      throw Error(fmt::format("{}: module '{}' has lora_{} but not lora_{}", file_name,
                               module, a.A.defined() ? 'A' : 'B', a.A.defined() ? 'B' : 'A'));
+    // The module as PEFT names it ("model.language_model.layers.0.self_attn.q_proj"), for
+    // target_modules and rank_pattern, which PEFT matches against that name.
+    const std::string path = module_paths.at(module) + module;
+    if (!targets_module(s, path))
+      throw Error(fmt::format("{}: holds '{}', which target_modules {} in adapter_config.json does not name", file_name,
+                              path, s.target_regex ? *s.target_regex : json(s.target_modules).dump()));
+    if (a.A.rank() != 2 || a.B.rank() != 2 || a.A.dim(0) != a.B.dim(1))
+      throw Error(fmt::format("{}: '{}' has lora_A {} and lora_B {}, which are not [r, in] and [out, r]", file_name, path,
+                              shape_str(a.A.shape()), shape_str(a.B.shape())));
+    if (a.A.dim(0) != s.rank_for(path))
+      throw Error(fmt::format("{}: '{}' has rank {} (lora_A {}), but adapter_config.json gives it r {}; merging would "
+                              "use the wrong scale lora_alpha/r",
+                              file_name, path, a.A.dim(0), shape_str(a.A.shape()), s.rank_for(path)));
     out.adapters.push_back(std::move(a));
   }
   return out;
