@@ -109,12 +109,20 @@ Gemma4Config Gemma4Config::from_json(const json& root, const std::string& label)
   if (bidir == "all")
     throw Error(label + ": use_bidirectional_attention 'all' (non-causal text attention) is not supported");
 
-  if (auto it = t.find("rope_parameters"); it != t.end() && it->is_object()) {
-    if (auto s = it->find("sliding_attention"); s != it->end())
-      c.rope_sliding = read_rope(*s, label, "sliding_attention");
-    if (auto f = it->find("full_attention"); f != it->end())
-      c.rope_full = read_rope(*f, label, "full_attention");
+  // transformers reads rope_parameters[layer_type] for each layer type: a given
+  // rope_parameters without one of them fails there (KeyError), so it is refused here.
+  if (auto it = t.find("rope_parameters"); it != t.end() && !it->is_null()) {
+    if (!it->is_object()) throw Error(label + ": rope_parameters must be an object keyed by layer type");
+    if (auto s = it->find("sliding_attention"); s != it->end()) c.rope_sliding = read_rope(*s, label, "sliding_attention");
+    if (auto f = it->find("full_attention"); f != it->end()) c.rope_full = read_rope(*f, label, "full_attention");
+    for (const char* type : {"sliding_attention", "full_attention"})
+      if (!it->contains(type))
+        throw Error(fmt::format("{}: rope_parameters has no '{}' entry (transformers reads one per layer type)", label,
+                                type));
   }
+  bool attention_bias = false;
+  read(t, "attention_bias", attention_bias, label);
+  if (attention_bias) throw Error(label + ": attention_bias true (biased q/k/v/o projections) is not supported");
 
   if (auto it = t.find("per_layer_config"); it != t.end() && !it->is_null()) {
     if (!it->is_object()) throw Error(label + ": per_layer_config must be an object keyed by layer index");
@@ -157,7 +165,13 @@ Gemma4Config Gemma4Config::from_json(const json& root, const std::string& label)
     // HF default: every 6th layer is full; the last layer is forced to full below.
     for (int64_t i = 0; i < c.num_hidden_layers; ++i)
       c.layer_types.push_back((i + 1) % 6 == 0 ? LayerType::Full : LayerType::Sliding);
-    if (!c.layer_types.empty()) c.layer_types.back() = LayerType::Full;
+  }
+  // transformers (Gemma4TextConfig.__post_init__) forces the last layer to full_attention,
+  // whatever layer_types says; the model it builds is the one we must build. The shapes the
+  // config then implies are checked against the weights by the loaders.
+  if (!c.layer_types.empty() && c.layer_types.back() != LayerType::Full) {
+    c.layer_types.back() = LayerType::Full;
+    c.forced_full_last_layer = true;
   }
   c.finalize(label);
   return c;
@@ -200,8 +214,6 @@ void Gemma4Config::finalize(const std::string& label) {
       if (idx >= num_hidden_layers)
         throw Error(fmt::format("{}: per_layer_config names layer {} but num_hidden_layers is {}", label,
                                 idx, num_hidden_layers));
-  } else if (attention_k_eq_v && !num_global_key_value_heads) {
-    throw Error(label + ": attention_k_eq_v is true but num_global_key_value_heads is not set");
   }
 
   layers_.assign(size_t(num_hidden_layers), {});
@@ -221,7 +233,9 @@ void Gemma4Config::finalize(const std::string& label) {
       // Release-era form: full layers take global_head_dim, and K=V models'
       // full layers take num_global_key_value_heads.
       g.head_dim = full ? global_head_dim : head_dim;
-      g.num_kv_heads = g.k_eq_v ? *num_global_key_value_heads : num_key_value_heads;
+      // transformers overrides the KV heads of full layers only when num_global_key_value_heads
+      // is set (and attention_k_eq_v); otherwise they keep num_key_value_heads.
+      g.num_kv_heads = g.k_eq_v && num_global_key_value_heads ? *num_global_key_value_heads : num_key_value_heads;
     }
     if (g.head_dim <= 0 || g.head_dim % 2 || g.num_kv_heads <= 0)
       throw Error(fmt::format("{}: layer {} has head_dim {} and {} KV heads (head_dim must be even and "

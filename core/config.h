@@ -74,6 +74,10 @@ struct Gemma4Config {
   // the source of truth for per-layer head dims and KV heads.
   std::optional<std::map<int, LayerOverride>> per_layer_config;
 
+  // Whether the file's layer_types ended on a sliding layer, which transformers (and so we)
+  // turn into full_attention at load.
+  bool forced_full_last_layer = false;
+
   // Whether the file was the multimodal wrapper (tensors under `model.language_model.`).
   bool nested = false;
 

@@ -85,6 +85,14 @@ Gemma4Config map_config(const Gemma4Config& c, const LayerMap& map, bool keep_kv
         i, map[size_t(i)].source, first_shared, c.num_hidden_layers - 1, later, map[size_t(later)].source, i,
         first_shared, c.num_hidden_layers - 1, first_shared - 1));
   }
+  // transformers forces the last layer to full_attention when loading (Gemma4TextConfig.
+  // __post_init__); a copied sliding layer there would be run as a full one, with other
+  // head sizes, so such a map is refused rather than written.
+  if (out.layer_types.back() != LayerType::Full)
+    throw Error(fmt::format("layer map: the last output layer copies layer {}, a sliding_attention layer; "
+                            "transformers forces the last layer to full_attention, so end the map on a "
+                            "full_attention layer",
+                            map.back().source));
   out.num_kv_shared_layers = shared;
   if (c.per_layer_config) {
     std::map<int, LayerOverride> plc;

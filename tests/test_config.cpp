@@ -131,9 +131,41 @@ TEST(ConfigErrors, Malformed) {
   j = base_text();
   j["enable_moe_block"] = true;
   expect_error(j, "num_experts must be positive");
-  j = base_text();
+}
+
+// Each rule Gemma4TextConfig.__post_init__ and Gemma4TextAttention apply while loading
+// (transformers 5.x, models/gemma4), applied or refused the same way here.
+TEST(Config, LastLayerIsForcedToFullAttentionAsTransformersDoes) {
+  auto j = base_text();
+  j["layer_types"] = {"full_attention", "full_attention", "sliding_attention"};
+  const Gemma4Config c = Gemma4Config::from_json(j, "ok");
+  EXPECT_TRUE(c.forced_full_last_layer);
+  EXPECT_EQ(c.layer(2).type, LayerType::Full);
+  EXPECT_EQ(c.layer(2).head_dim, 32);  // global_head_dim, as transformers' per_layer_config override
+  EXPECT_FALSE(Gemma4Config::from_json(base_text(), "ok").forced_full_last_layer);
+}
+
+TEST(Config, KEqVWithoutGlobalKvHeadsKeepsNumKeyValueHeads) {
+  // transformers: num_key_value_heads override only when num_global_key_value_heads is set.
+  auto j = base_text();
   j["attention_k_eq_v"] = true;
-  expect_error(j, "num_global_key_value_heads is not set");
+  const Gemma4Config c = Gemma4Config::from_json(j, "ok");
+  EXPECT_TRUE(c.layer(2).k_eq_v);
+  EXPECT_EQ(c.layer(2).num_kv_heads, 2);
+  j["num_global_key_value_heads"] = 1;
+  EXPECT_EQ(Gemma4Config::from_json(j, "ok").layer(2).num_kv_heads, 1);
+}
+
+TEST(Config, RopeParametersNeedBothLayerTypes) {
+  auto j = base_text();
+  j["rope_parameters"] = {{"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+  expect_error(j, "rope_parameters has no 'full_attention' entry");
+}
+
+TEST(Config, AttentionBiasIsRefused) {
+  auto j = base_text();
+  j["attention_bias"] = true;
+  expect_error(j, "attention_bias true");
 }
 
 }  // namespace

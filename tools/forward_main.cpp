@@ -46,6 +46,51 @@ void write_output(const std::string& path, const tl::Tensor& ids, const tl::Tens
                         metadata);
 }
 
+// The input file as strictly as the loaders read checkpoints: input_ids [B, S] of an integer
+// dtype with every id in the vocabulary; labels the same shape, ids or -100; reference
+// logits exactly [B, S, vocab]; loss one float. Anything else would be truncated, compared
+// as a flat prefix, or index out of range.
+void check_record(const tl::SafetensorsFile& rec, const std::string& file, int64_t vocab) {
+  auto fail = [&](const std::string& what) { throw tl::Error(file + ": " + what); };
+  auto is_int = [](tl::DType d) { return d == tl::DType::I32 || d == tl::DType::I64; };
+  if (!rec.contains("input_ids")) fail("no tensor 'input_ids'");
+  const tl::TensorEntry& ids = rec.entry("input_ids");
+  if (!is_int(ids.dtype))
+    fail(fmt::format("tensor 'input_ids' has dtype {}, expected I64 or I32", tl::dtype_name(ids.dtype)));
+  if (ids.shape.size() != 2 || ids.shape[0] < 1 || ids.shape[1] < 1)
+    fail(fmt::format("tensor 'input_ids' has shape {}, expected [batch, sequence]", tl::shape_str(ids.shape)));
+  auto check_ids = [&](const char* name, bool allow_ignore) {
+    const tl::Tensor t = rec.get(name).to(tl::DType::I64);
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      const int64_t v = t.data<int64_t>()[i];
+      if ((v < 0 || v >= vocab) && !(allow_ignore && v == -100))
+        fail(fmt::format("tensor '{}' holds {} at flat index {}, outside the vocabulary [0, {}){}", name, v, i, vocab,
+                         allow_ignore ? " and not -100" : ""));
+    }
+  };
+  check_ids("input_ids", false);
+  if (rec.contains("labels")) {
+    const tl::TensorEntry& l = rec.entry("labels");
+    if (!is_int(l.dtype)) fail(fmt::format("tensor 'labels' has dtype {}, expected I64 or I32", tl::dtype_name(l.dtype)));
+    if (l.shape != ids.shape)
+      fail(fmt::format("tensor 'labels' has shape {} but input_ids {}", tl::shape_str(l.shape), tl::shape_str(ids.shape)));
+    check_ids("labels", true);
+  }
+  if (rec.contains("logits")) {
+    const tl::TensorEntry& g = rec.entry("logits");
+    const tl::Shape want{ids.shape[0], ids.shape[1], vocab};
+    if (!tl::dtype_is_float(g.dtype)) fail(fmt::format("tensor 'logits' has dtype {}, expected a float type", tl::dtype_name(g.dtype)));
+    if (g.shape != want)
+      fail(fmt::format("tensor 'logits' has shape {}, expected {} (input_ids and the vocabulary)", tl::shape_str(g.shape),
+                       tl::shape_str(want)));
+  }
+  if (rec.contains("loss")) {
+    const tl::TensorEntry& l = rec.entry("loss");
+    if (!tl::dtype_is_float(l.dtype) || tl::shape_numel(l.shape) != 1)
+      fail(fmt::format("tensor 'loss' is {} {}, expected one float", tl::dtype_name(l.dtype), tl::shape_str(l.shape)));
+    if (!rec.contains("labels")) fail("tensor 'loss' given without 'labels'");
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -82,7 +127,8 @@ int main(int argc, char** argv) {
     tl::Tensor ids;
     if (!input.empty()) {
       rec = tl::SafetensorsFile::open(input);
-      ids = rec->get("input_ids");
+      check_record(*rec, input, cfg.vocab_size);
+      ids = rec->get("input_ids").to(tl::DType::I32);
     } else {
       const std::string& file = text_file.empty() ? chat_file : text_file;
       std::ifstream in(file, std::ios::binary);
@@ -116,7 +162,7 @@ int main(int argc, char** argv) {
     std::cout << fmt::format("model {}: {} layers, batch {}x{}, {:.2f} s\n", model_dir,
                              cfg.num_hidden_layers, batch.ids.dim(0), batch.ids.dim(1), secs);
     if (rec && rec->contains("labels")) {
-      auto loss = model.loss(hidden, rec->get("labels"));
+      auto loss = model.loss(hidden, rec->get("labels").to(tl::DType::I32));
       std::cout << fmt::format("loss {:.7f} over {} targets", loss.mean(), loss.count);
       if (rec->contains("loss")) std::cout << fmt::format("  (reference {:.7f})", rec->get("loss").get(0));
       std::cout << "\n";
