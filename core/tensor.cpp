@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/half.h"
 
@@ -14,7 +15,12 @@ Tensor Tensor::zeros(Shape shape, DType dtype) {
   // 64-byte alignment suits AVX-512 loads and BLAS.
   size_t padded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, padded ? padded : 64);
-  if (!p) throw std::bad_alloc();
+  if (!p) {
+    std::string dims;
+    for (size_t i = 0; i < shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(shape[i]);
+    throw OutOfMemory("out of memory allocating " + std::to_string(double(bytes) / double(1ull << 30)) +
+                      " GiB for a [" + dims + "] " + std::string(dtype_name(dtype)) + " tensor");
+  }
   // Large buffers are cleared by all threads: a single-threaded memset was 8% of a step.
   const size_t len = padded ? padded : 64, chunk = size_t(1) << 20;
   const int64_t chunks = int64_t((len + chunk - 1) / chunk);

@@ -62,4 +62,10 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An allocation the system refused; the message names its size and shape, so the caller can
+// say which setting to lower.
+struct OutOfMemory : Error {
+  using Error::Error;
+};
+
 }  // namespace tl

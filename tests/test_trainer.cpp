@@ -217,7 +217,9 @@ TEST(Trainer, NonFiniteLossStopsOrIsSkipped) {
   stop.push_back("nan_policy=stop");
   expect_error([&] { run(w.yaml(), stop); }, "is not finite; stopping (nan_policy: stop)");
   std::string log;
-  run(w.yaml(), blowup, 0, &log);
+  auto skip = blowup;
+  skip[0] = "output_dir=o2";  // another run (nan_policy differs): its own directory
+  run(w.yaml(), skip, 0, &log);
   EXPECT_NE(log.find("update skipped (nan_policy: skip)"), std::string::npos) << log;
 }
 
@@ -238,6 +240,26 @@ TEST(Trainer, FailedSaveLeavesThePreviousCheckpointIntact) {
   // And the intact checkpoint resumes.
   run(w.yaml(), {"output_dir=o", "save_steps=2", "resume_from_checkpoint=auto"});
   EXPECT_TRUE(fs::exists(w.dir / "o/adapter_model.safetensors"));
+}
+
+TEST(Trainer, ReusedOutputDirOfAnotherRunIsRefusedAndNeverResumed) {
+  Workspace w("reuse");
+  run(w.yaml(), {"output_dir=o", "save_steps=2", "save_total_limit=1"});
+  ASSERT_TRUE(fs::exists(w.dir / "o/checkpoint-4"));
+  const std::string before = slurp(w.dir / "o/checkpoint-4/adapter_model.safetensors");
+  expect_error([&] { run(w.yaml(), {"output_dir=o", "seed=9", "resume_from_checkpoint=auto"}); },
+               "belongs to another run (checkpoint-4 is of run ");
+  EXPECT_EQ(slurp(w.dir / "o/checkpoint-4/adapter_model.safetensors"), before);
+  // The same config resumes its own run, and says which.
+  std::string log;
+  run(w.yaml(), {"output_dir=o", "save_steps=2", "save_total_limit=1", "resume_from_checkpoint=auto"}, 0, &log);
+  EXPECT_NE(log.find("checkpoint-4 at step 4 (run "), std::string::npos) << log;
+  // overwrite_output_dir: the other run's checkpoints go; pruning then counts only the new run's.
+  run(w.yaml(), {"output_dir=o", "seed=9", "max_steps=3", "save_steps=1", "save_total_limit=2",
+                 "overwrite_output_dir=true"});
+  EXPECT_FALSE(fs::exists(w.dir / "o/checkpoint-4"));
+  EXPECT_TRUE(fs::exists(w.dir / "o/checkpoint-1"));
+  EXPECT_TRUE(fs::exists(w.dir / "o/checkpoint-2"));
 }
 
 }  // namespace

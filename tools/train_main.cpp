@@ -2,12 +2,16 @@
 //   torchless-train --config heal.yaml [key=value ...] [--dry-run]
 #include <CLI/CLI.hpp>
 
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
 #include <iostream>
 
 #include <fmt/format.h>
 
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/gemm_bf16.h"
+#include "train/stop_signal.h"
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
@@ -32,7 +36,35 @@ int main(int argc, char** argv) {
                                   : cfg.bf16 ? "fp32: this CPU has no bf16 instructions" : "fp32 (bf16: false)",
                              tl::cpu::cpu_isa_name());
     if (dry_run) return 0;
+    // Fault injection for the crash tests (tests/cli/train_runs.sh): SIGKILL this process in
+    // the middle of saving checkpoint N, or in the middle of pruning after step N's save.
+    if (const char* f = std::getenv("TORCHLESS_TEST_KILL")) {
+      const std::string spec = f;
+      const auto colon = spec.find(':');
+      const int64_t at = colon == std::string::npos ? 0 : std::atoll(spec.c_str() + colon + 1);
+      if (spec.starts_with("save:"))
+        trainer.before_save = [at](int64_t step) { if (step == at) std::raise(SIGKILL); };
+      if (spec.starts_with("prune:"))
+        trainer.during_prune = [](const std::filesystem::path& aside) {
+          std::filesystem::remove(aside / "optimizer.safetensors");  // half deleted
+          std::raise(SIGKILL);
+        };
+    }
+    tl::install_stop_signals();
     trainer.run();
+    if (trainer.interrupted_by) {
+      std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
+                               trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,
+                               cfg.output_dir);
+      return 128 + trainer.interrupted_by;
+    }
+  } catch (const tl::OutOfMemory& e) {
+    std::cerr << "torchless-train: " << e.what() << "; lower sequence_len (or turn sample_packing off) or "
+                 "micro_batch_size\n";
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "torchless-train: out of memory; lower sequence_len or micro_batch_size\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "torchless-train: " << e.what() << "\n";
     return 1;

@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/tensor.h"
 
@@ -59,6 +60,66 @@ void require_in(const std::string& file, const char* key, const T& v, std::initi
   }
 }
 
+// yaml-cpp keeps both entries of a repeated key and reads the first; PyYAML (and so axolotl)
+// silently keeps the last. Either way one value is ignored, so a repeat is an error.
+void refuse_duplicate_keys(const YAML::Node& n, const std::string& file, const std::string& where) {
+  if (n.IsMap()) {
+    std::vector<std::string> seen;
+    for (const auto& kv : n) {
+      const std::string k = kv.first.Scalar();
+      if (std::find(seen.begin(), seen.end(), k) != seen.end())
+        throw Error(fmt::format("{}: key '{}' appears twice (line {})", file, where + k, kv.first.Mark().line + 1));
+      seen.push_back(k);
+      refuse_duplicate_keys(kv.second, file, where + k + ".");
+    }
+  } else if (n.IsSequence()) {
+    for (size_t i = 0; i < n.size(); ++i)
+      refuse_duplicate_keys(n[i], file, fmt::format("{}[{}].", where.empty() ? "" : where.substr(0, where.size() - 1), i));
+  }
+}
+
+// lo <= v <= hi (or lo < v, v < hi when open); written so NaN fails every test.
+void require_range(const std::string& file, const char* key, double v, double lo, double hi, bool lo_open,
+                   bool hi_open, const char* why) {
+  const bool ok = (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  if (!ok)
+    throw Error(fmt::format("{}: {} must be in {}{}, {}{} (got {}){}", file, key, lo_open ? "(" : "[", lo,
+                            std::isinf(hi) ? "inf" : fmt::format("{}", hi), hi_open ? ")" : "]", v, why));
+}
+
+// The ranges PyTorch's AdamW, transformers' TrainingArguments / schedulers and PEFT's
+// LoraConfig accept (NaN is never in range), checked once the keys are read.
+void check_ranges(const TrainConfig& c, const std::string& f) {
+  const double inf = INFINITY;
+  require_range(f, "learning_rate", c.learning_rate, 0, inf, false, true, " (torch.optim.AdamW: 0 <= lr)");
+  require_range(f, "adam_beta1", c.adam_beta1, 0, 1, false, true, " (torch.optim.AdamW: 0 <= beta < 1)");
+  require_range(f, "adam_beta2", c.adam_beta2, 0, 1, false, true, " (torch.optim.AdamW: 0 <= beta < 1)");
+  require_range(f, "adam_epsilon", c.adam_epsilon, 0, inf, false, true, " (torch.optim.AdamW: 0 <= eps)");
+  require_range(f, "weight_decay", c.weight_decay, 0, inf, false, true, " (torch.optim.AdamW: 0 <= weight_decay)");
+  require_range(f, "max_grad_norm", c.max_grad_norm, 0, inf, false, true, " (0 turns clipping off)");
+  require_range(f, "warmup_ratio", c.warmup_ratio, 0, 1, false, false, " (transformers: warmup_ratio in [0, 1])");
+  require_range(f, "cosine_min_lr_ratio", c.cosine_min_lr_ratio, 0, 1, false, false, " (a fraction of learning_rate)");
+  require_range(f, "num_epochs", c.num_epochs, 0, inf, false, true, "");
+  require_range(f, "lora_alpha", c.lora.alpha, 0, inf, true, true, " (0 would train an adapter that does nothing)");
+  require_range(f, "lora_dropout", c.lora.dropout, 0, 1, false, true, " (torch.nn.Dropout: 0 <= p; 1 drops everything)");
+  require_range(f, "val_set_size", c.val_set_size, 0, 1, false, true, " (a fraction of the examples)");
+  for (const auto& [pattern, r] : c.lora.rank_pattern)
+    if (r <= 0) throw Error(fmt::format("{}: lora_rank_pattern['{}'] must be positive (got {})", f, pattern, r));
+  for (const auto& [pattern, a] : c.lora.alpha_pattern)
+    if (!(a > 0 && std::isfinite(a)))
+      throw Error(fmt::format("{}: lora_alpha_pattern['{}'] must be positive and finite (got {})", f, pattern, a));
+  auto at_least = [&](const char* key, int64_t v, int64_t lo, const char* why) {
+    if (v < lo) throw Error(fmt::format("{}: {} must be at least {} (got {}){}", f, key, lo, v, why));
+  };
+  at_least("max_steps", c.max_steps, 0, " (0: train num_epochs epochs)");
+  at_least("warmup_steps", c.warmup_steps, 0, "");
+  at_least("save_steps", c.save_steps, 0, " (0: no intermediate checkpoints)");
+  at_least("save_total_limit", c.save_total_limit, 0, " (0: keep every checkpoint)");
+  at_least("logging_steps", c.logging_steps, 1, "");
+  at_least("eval_steps", c.eval_steps, 0, " (0: no evaluation)");
+  for (int layer : c.full_train_layers) at_least("full_train_layers entry", layer, 0, "");
+}
+
 }  // namespace
 
 const std::vector<std::string>& train_config_keys() {
@@ -71,7 +132,7 @@ const std::vector<std::string>& train_config_keys() {
       "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
-      "eval_max_new_tokens", "seed",
+      "eval_max_new_tokens", "seed", "overwrite_output_dir",
       "resume_from_checkpoint"};
   return keys;
 }
@@ -97,6 +158,7 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
     throw Error(fmt::format("{}: invalid YAML at line {}: {}", file, e.mark.line + 1, e.msg));
   }
   if (!root.IsMap()) throw Error(file + ": expected a mapping of keys to values");
+  refuse_duplicate_keys(root, file, "");
   for (const auto& o : overrides) {
     auto eq = o.find('=');
     if (eq == std::string::npos || eq == 0) throw Error(fmt::format("override '{}' is not key=value", o));
@@ -225,10 +287,18 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
     throw Error(file + ": eval_table_size must be at least 0 and eval_max_new_tokens at least 1");
   if (c.eval_table_size > 0 && c.val_set_size <= 0)
     throw Error(file + ": eval_table_size takes its prompts from the validation split; set val_set_size");
+  // Read signed first: yaml-cpp would wrap "-1" into a huge unsigned seed.
+  int64_t seed = int64_t(c.seed);
+  if (root["seed"] && !root["seed"].IsNull() && root["seed"].Scalar().starts_with("-")) {
+    read(root, "seed", seed);
+    throw Error(fmt::format("{}: seed must be at least 0 (got {})", file, seed));
+  }
   read(root, "seed", c.seed);
+  read(root, "overwrite_output_dir", c.overwrite_output_dir);
   read(root, "resume_from_checkpoint", c.resume_from_checkpoint);
   if (std::filesystem::path(c.base_model).is_relative() && std::filesystem::exists(yaml.parent_path() / c.base_model))
     c.base_model = (yaml.parent_path() / c.base_model).lexically_normal().string();
+  check_ranges(c, file);
   return c;
 }
 

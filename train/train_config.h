@@ -66,6 +66,9 @@ struct TrainConfig {
   int64_t eval_table_size = 0;
   int64_t eval_max_new_tokens = 128;
   uint64_t seed = 42;
+  // A new run in an output_dir holding another run's checkpoints is refused unless true
+  // (then that run's files are removed first).
+  bool overwrite_output_dir = false;
   std::string resume_from_checkpoint;  // a checkpoint dir, or "auto" for the newest in output_dir
 
   // Loads and validates; `overrides` are "key=value" strings (value parsed as YAML).

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <omp.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -12,6 +15,7 @@
 #include "core/weights.h"
 #include "train/generate.h"
 #include "train/peft_adapter.h"
+#include "train/run_dir.h"
 #include "train/train_step.h"
 
 namespace tl {
@@ -88,6 +92,8 @@ void Trainer::setup_data() {
   std::vector<Example> train = load_examples(cfg_, *tokenizer_, stats_), val;
   split_validation(train, val, cfg_.val_set_size, cfg_.seed);
   train_rows_ = make_rows(train, cfg_.sequence_len, cfg_.sample_packing);
+  refuse_untrained_data(train_rows_);
+  refuse_oversized_rows(train_rows_);
   val_rows_ = make_rows(val, cfg_.sequence_len, cfg_.sample_packing);
   if (cfg_.eval_table_size > 0) {
     val_examples_ = val;
@@ -101,6 +107,38 @@ void Trainer::setup_data() {
   schedule_ = {cfg_.lr_scheduler, total, warmup_steps_for(total, cfg_.warmup_steps, cfg_.warmup_ratio),
                cfg_.cosine_min_lr_ratio};
   order_ = epoch_order(int64_t(train_rows_.size()), cfg_.seed, 0);
+}
+
+void Trainer::refuse_untrained_data(const std::vector<Row>& rows) const {
+  // A target is a label != -100 after the one-token shift (labels[0] never is one).
+  int64_t targets = 0;
+  for (const Row& r : rows)
+    for (size_t i = 1; i < r.labels.size(); ++i) targets += r.labels[i] != -100;
+  if (targets > 0) return;
+  std::string why = cfg_.train_on_inputs
+                        ? "every example is a single token"
+                        : "only the roles in roles_to_train (assistant turns, completions) are trained, and no "
+                          "example has one";
+  if (stats_.truncated > 0 || stats_.dropped > 0)
+    why = fmt::format("{} truncated and {} dropped at sequence_len {}, which cut off every trained turn; or {}",
+                      stats_.truncated, stats_.dropped, cfg_.sequence_len, why);
+  throw Error(fmt::format("{}: the training data has no trained tokens ({} examples): {}", cfg_.source.string(),
+                          stats_.examples, why));
+}
+
+void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
+  // The CPU attention holds each thread's S×S probabilities and their gradient (2·S²
+  // values of the activation dtype) inside a parallel loop, where a failed allocation
+  // cannot be caught; so the longest row is checked against physical memory first.
+  size_t longest = 0;
+  for (const Row& r : rows) longest = std::max(longest, r.ids.size());
+  const double S = double(longest), threads = double(omp_get_max_threads());
+  const double need = threads * 2.0 * S * S * double(dtype_size(ops_.act_dtype()));
+  const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+  if (need > have)
+    throw OutOfMemory(fmt::format("out of memory: attention over a {}-token row needs {:.1f} GiB ({} threads × 2 × "
+                                  "S² values) but the machine has {:.1f} GiB",
+                                  longest, need / double(1ull << 30), int(threads), have / double(1ull << 30)));
 }
 
 void Trainer::print_plan(std::ostream& out) const {
@@ -203,18 +241,15 @@ std::string duration(double s) {
 }  // namespace
 
 double Trainer::run() {
-  const fs::path out(cfg_.output_dir);
-  fs::create_directories(out);
+  run_id_ = run_identity(cfg_);
+  const fs::path out = prepare_run_dir(cfg_, run_id_, log_);
+  cfg_.output_dir = out.string();
   fs::path resume_dir;
   if (cfg_.resume_from_checkpoint == "auto") {
-    int64_t best = -1;
-    for (const auto& e : fs::directory_iterator(out)) {
-      const std::string n = e.path().filename().string();
-      if (e.is_directory() && n.starts_with("checkpoint-") && n.find_first_not_of("0123456789", 11) == std::string::npos &&
-          n.size() > 11 && std::stoll(n.substr(11)) > best)
-        best = std::stoll(n.substr(11)), resume_dir = e.path();
-    }
-    if (resume_dir.empty()) log_ << "resume: no checkpoint in " << out.string() << ", starting fresh\n";
+    // Only this run's checkpoints: prepare_run_dir refused (or removed) any other run's.
+    const auto mine = run_checkpoints(out, run_id_);
+    if (mine.empty()) log_ << "resume: no checkpoint of run " << run_id_ << " in " << out.string() << ", starting fresh\n";
+    else resume_dir = mine.back().second;
   } else if (!cfg_.resume_from_checkpoint.empty()) {
     resume_dir = cfg_.resume_from_checkpoint;
     if (!fs::is_directory(resume_dir))
@@ -223,8 +258,7 @@ double Trainer::run() {
   if (!resume_dir.empty()) resume(resume_dir);
   // metrics.jsonl holds exactly the records of the steps done so far.
   const fs::path metrics_path = out / "metrics.jsonl";
-  if (fs::exists(metrics_path)) fs::resize_file(metrics_path, uint64_t(state_.metrics_bytes));
-  std::ofstream metrics(metrics_path, std::ios::app);
+  truncate_metrics(metrics_path, state_.metrics_bytes);
 
   double rep_before = NAN;
   if (state_.step == 0) {
@@ -238,8 +272,7 @@ double Trainer::run() {
     if (cfg_.eval_table_size > 0) rec["gen_rep4"] = rep_before = generation_check(0);
     if (!rec.is_null()) {
       rec["step"] = 0;
-      metrics << rec.dump() << "\n" << std::flush;
-      state_.metrics_bytes = int64_t(metrics.tellp());
+      state_.metrics_bytes = append_line(metrics_path, rec.dump());
     }
   }
   const auto t0 = std::chrono::steady_clock::now();
@@ -286,22 +319,20 @@ double Trainer::run() {
       if (rec.is_null()) rec = {{"step", state_.step}};
       rec["eval_loss"] = last_val;
     }
-    if (!rec.is_null()) {
-      metrics << rec.dump() << "\n" << std::flush;
-    }
-    state_.metrics_bytes = int64_t(metrics.tellp());
+    if (!rec.is_null()) state_.metrics_bytes = append_line(metrics_path, rec.dump());
     if (cfg_.save_steps > 0 && state_.step % cfg_.save_steps == 0 && !last) save_checkpoint();
     if (stop_after_step > 0 && state_.step == stop_after_step && !last) {
       if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
       log_ << fmt::format("stopped after step {} (resume with resume_from_checkpoint: auto)\n", state_.step);
       return NAN;
     }
+    if (!last && stop_if_signalled()) return NAN;
   }
   if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
   double rep_after = NAN;
   if (cfg_.eval_table_size > 0) {
     rep_after = generation_check(total);
-    metrics << nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump() << "\n" << std::flush;
+    state_.metrics_bytes = append_line(metrics_path, nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump());
   }
   write_adapter(out, true);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -37,16 +37,29 @@ class Trainer {
   // Test hook: called before each checkpoint save with the step; may throw to simulate a
   // failed save (disk full, killed process).
   std::function<void(int64_t)> before_save;
+  // Test hook: called while pruning, after a checkpoint was renamed aside and before it is
+  // deleted (a kill here must leave no half-deleted checkpoint-N).
+  std::function<void(const std::filesystem::path&)> during_prune;
   // Stop after this many steps (saving a checkpoint first), as an interrupted run would;
   // 0 runs to the end.
   int64_t stop_after_step = 0;
+  // Set when a SIGINT/SIGTERM (train/stop_signal.h) stopped the run after saving.
+  int interrupted_by = 0;
   const TrainerState& state() const { return state_; }
+  const std::string& run_id() const { return run_id_; }
   const DataStats& data_stats() const { return stats_; }
 
  private:
   void setup_model();
   void setup_data();
+  // Refuses training rows with no target (truncation, or no trained turns), saying why.
+  void refuse_untrained_data(const std::vector<Row>& rows) const;
+  // Refuses rows whose attention would not fit in memory (an OutOfMemory naming it).
+  void refuse_oversized_rows(const std::vector<Row>& rows) const;
   void save_checkpoint();
+  // After a step: on a stop signal, saves a checkpoint (unless this step just did) and
+  // returns true (train/stop_signal.cpp).
+  bool stop_if_signalled();
   void resume(const std::filesystem::path& dir);
   // The LoRA adapter (PEFT format) and trainable.safetensors; with final_output and
   // adapter: full, a complete model checkpoint in dir/model instead.
@@ -73,6 +86,7 @@ class Trainer {
   TrainerState state_;
   std::vector<int64_t> order_;
   int64_t total_params_ = 0, trainable_params_ = 0;
+  std::string run_id_;  // train/run_dir.h
 };
 
 }  // namespace tl

@@ -13,6 +13,7 @@
 #include "core/checkpoint_dir.h"
 #include "core/weights.h"
 #include "train/peft_adapter.h"
+#include "train/run_dir.h"
 #include "train/trainer.h"
 
 namespace tl {
@@ -60,7 +61,7 @@ void Trainer::write_adapter(const fs::path& dir, bool final_output) const {
 
 void Trainer::save_checkpoint() {
   const fs::path dir = fs::path(cfg_.output_dir) / fmt::format("checkpoint-{}", state_.step);
-  write_checkpoint_dir(dir, true, [&](const fs::path& tmp) {
+  write_checkpoint_dir(dir, {cfg_.base_model}, true, [&](const fs::path& tmp) {
     if (before_save) before_save(state_.step);
     write_adapter(tmp, false);
     std::vector<NamedTensor> moments;
@@ -72,21 +73,12 @@ void Trainer::save_checkpoint() {
     json st = {{"format", "torchless-trainer-state/1"}, {"step", state_.step}, {"adam_t", optimizer_->t()},
                {"epoch", state_.epoch}, {"cursor", state_.cursor}, {"metrics_bytes", state_.metrics_bytes},
                {"skipped_steps", state_.skipped_steps}, {"seed", cfg_.seed},
-               {"total_steps", schedule_.total_steps}};
+               {"total_steps", schedule_.total_steps}, {"run_id", run_id_}};
     write_file_atomic(tmp / "trainer_state.json", st.dump(2) + "\n");
   });
   log_ << fmt::format("saved {}\n", dir.string());
-  if (cfg_.save_total_limit > 0) {
-    std::vector<std::pair<int64_t, fs::path>> all;
-    for (const auto& e : fs::directory_iterator(cfg_.output_dir)) {
-      const std::string n = e.path().filename().string();
-      if (e.is_directory() && n.starts_with("checkpoint-") && n.size() > 11 &&
-          n.find_first_not_of("0123456789", 11) == std::string::npos)
-        all.push_back({std::stoll(n.substr(11)), e.path()});
-    }
-    std::sort(all.begin(), all.end());
-    for (size_t i = 0; i + size_t(cfg_.save_total_limit) < all.size(); ++i) fs::remove_all(all[i].second);
-  }
+  // Only this run's checkpoints count towards the limit; another run's are never touched.
+  prune_run_checkpoints(cfg_.output_dir, run_id_, cfg_.save_total_limit, during_prune);
 }
 
 void Trainer::resume(const fs::path& dir) {
@@ -98,6 +90,10 @@ void Trainer::resume(const fs::path& dir) {
   } catch (const json::exception& e) {
     throw Error(fmt::format("{}/trainer_state.json: invalid JSON ({})", dir.string(), e.what()));
   }
+  const std::string rid = st.value("run_id", std::string());
+  if (rid != run_id_)
+    throw Error(fmt::format("{}: checkpoint is of run {}, but this config is run {} (a result-relevant key differs)",
+                            dir.string(), rid.empty() ? "unknown" : rid, run_id_));
   if (st.value("seed", cfg_.seed) != cfg_.seed || st.value("total_steps", schedule_.total_steps) != schedule_.total_steps)
     throw Error(fmt::format("{}: checkpoint was made with another seed or step count than this config", dir.string()));
   state_.step = st.at("step");
@@ -123,7 +119,7 @@ void Trainer::resume(const fs::path& dir) {
     p.m = ops_.upload(moments.get(p.name + ".exp_avg"), ops_.act_dtype());
     p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), ops_.act_dtype());
   }
-  log_ << fmt::format("resumed from {} at step {}\n", dir.string(), state_.step);
+  log_ << fmt::format("resumed from {} at step {} (run {})\n", dir.string(), state_.step, run_id_);
 }
 
 }  // namespace tl

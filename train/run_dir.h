@@ -1,0 +1,50 @@
+// The trainer's output_dir over several runs (docs/checkpoints.md): which run a directory
+// belongs to, which of its checkpoints this run may resume or prune, and the metrics log.
+//
+// A run's identity is a hash of every config value that changes what it computes (model,
+// data and their contents, adapter, optimisation, seed), not of where it writes or how
+// often it logs or saves. It is written to output_dir/torchless_run.json and into every
+// checkpoint's trainer_state.json as "run_id".
+#pragma once
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "train/train_config.h"
+
+namespace tl {
+
+namespace fs = std::filesystem;
+
+// 16 hex digits (FNV-1a 64 of the canonical JSON of the result-relevant keys, datasets'
+// bytes and the base model's config.json).
+std::string run_identity(const TrainConfig& cfg);
+
+// Makes output_dir ready for a run with identity `id`, before anything is written:
+// refuses an output_dir that is, contains or lies inside the base model or a dataset; one
+// that exists, is not empty and holds nothing of ours; and one holding another run's
+// checkpoints or run record unless overwrite_output_dir (then those are removed). Removes
+// stale .partial / .deleting directories of killed saves and prunes, and records the
+// identity. Returns the normalised output_dir.
+fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log);
+
+// checkpoint-N directories of run `id`, by step (others' and unreadable ones left out).
+std::vector<std::pair<int64_t, fs::path>> run_checkpoints(const fs::path& out, const std::string& id);
+
+// Keeps the newest `limit` checkpoints of run `id`. Each one dropped is renamed to a hidden
+// .deleting name first, so a prune cut short never leaves a half-deleted checkpoint-N.
+// `midway` (a test hook) runs after each rename, before the deletion.
+void prune_run_checkpoints(const fs::path& out, const std::string& id, int64_t limit,
+                           const std::function<void(const fs::path& aside)>& midway = {});
+
+// Appends `line` + "\n" with one write(2) on an O_APPEND descriptor, so a crash leaves
+// whole lines only; throws tl::Error naming the file on any failure. Returns the new size.
+int64_t append_line(const fs::path& file, const std::string& line);
+
+// Cuts metrics.jsonl back to `bytes` (the length a checkpoint recorded); refuses a file
+// that is shorter, which would otherwise be padded with NUL bytes.
+void truncate_metrics(const fs::path& file, int64_t bytes);
+
+}  // namespace tl
