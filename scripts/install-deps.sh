@@ -9,6 +9,7 @@ packages=(
   libopenblas-openmp-dev
   libdnnl-dev ocl-icd-opencl-dev  # oneDNN's CMake config needs OpenCL (a Recommends of libdnnl-dev)
   libgtest-dev libgmock-dev libbenchmark-dev
+  openmpi-bin libopenmpi-dev  # data parallelism under mpirun (NCCL comes with the CUDA toolkit)
   clang libclang-rt-14-dev
 )
 

@@ -12,6 +12,8 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/gemm_bf16.h"
 #include "train/stop_signal.h"
+#include "train/comm.h"
+#include "train/ddp.h"
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
@@ -23,18 +25,24 @@ int main(int argc, char** argv) {
   app.add_option("overrides", overrides, "key=value settings that override the YAML");
   app.add_flag("--dry-run", dry_run, "print the plan (parameters, trainable share, memory, data, steps) and exit");
   CLI11_PARSE(app, argc, argv);
+  std::unique_ptr<tl::Comm> comm;
   try {
     tl::TrainConfig cfg = tl::TrainConfig::load(config, overrides);
+    // Under mpirun: MPI ranks (docs/ddp.md); otherwise a single process without MPI.
+    comm = tl::make_comm(cfg.ddp_timeout);
+    std::ostream quiet(nullptr);  // ranks other than 0 log nothing
+    std::ostream& log = comm->rank() == 0 ? std::cout : quiet;
+    if (comm->world() > 1) tl::check_ranks_agree(*comm, tl::startup_fingerprints(cfg, overrides));
     // bf16: true multiplies as a GPU does under bf16 autocast (bf16 inputs, fp32 sums) where
     // the CPU has bf16 instructions; elsewhere emulated bf16 would be slower than fp32.
     const bool bf16 = cfg.bf16 && tl::cpu::native_bf16();
     tl::CpuOps ops(tl::DType::F32, bf16 ? tl::CpuMatmul::Bf16 : tl::CpuMatmul::F32);
-    tl::Trainer trainer(cfg, ops, std::cout);
-    trainer.print_plan(std::cout);
-    std::cout << fmt::format("matmul           {} ({})\n",
-                             bf16 ? "bf16 inputs, fp32 accumulation (oneDNN)"
-                                  : cfg.bf16 ? "fp32: this CPU has no bf16 instructions" : "fp32 (bf16: false)",
-                             tl::cpu::cpu_isa_name());
+    tl::Trainer trainer(cfg, ops, log, *comm);
+    trainer.print_plan(log);
+    log << fmt::format("matmul           {} ({})\n",
+                       bf16 ? "bf16 inputs, fp32 accumulation (oneDNN)"
+                            : cfg.bf16 ? "fp32: this CPU has no bf16 instructions" : "fp32 (bf16: false)",
+                       tl::cpu::cpu_isa_name());
     if (dry_run) return 0;
     // Fault injection for the crash tests (tests/cli/train_runs.sh): SIGKILL this process in
     // the middle of saving checkpoint N, or in the middle of pruning after step N's save.
@@ -65,8 +73,16 @@ int main(int argc, char** argv) {
   } catch (const std::bad_alloc&) {
     std::cerr << "torchless-train: out of memory; lower sequence_len or micro_batch_size\n";
     return 1;
+  } catch (const tl::AgreedError& e) {
+    // Every rank raised it: rank 0 says it once and all exit 1 together.
+    if (!comm || comm->rank() == 0) std::cerr << "torchless-train: " << e.what() << "\n";
+    return 1;
   } catch (const std::exception& e) {
-    std::cerr << "torchless-train: " << e.what() << "\n";
+    // This rank alone may have seen it: the others would wait in the next collective, so
+    // the whole job ends now.
+    const bool many = comm && comm->world() > 1;
+    std::cerr << "torchless-train: " << (many ? fmt::format("rank {}: ", comm->rank()) : "") << e.what() << "\n";
+    if (many) comm->abort(1);
     return 1;
   }
   return 0;

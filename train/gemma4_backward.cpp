@@ -67,6 +67,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     }
     layer_backward(i, dx, st, grads.w.layers[size_t(i)], dkv, dple);
     if (checkpointing_) st.tapes[size_t(i)] = {};
+    if (layer_grads_done) layer_grads_done(i);
   }
 
   // PLE: ple = (RMSNorm_P(ctx) + tok·√P)·2^-½ with ctx = x0·W_plmpᵀ·H^-½.

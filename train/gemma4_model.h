@@ -141,6 +141,9 @@ class Gemma4Model {
   // ([m, H]) before weighting. Used by expert pruning to score experts.
   std::function<void(int layer, int64_t expert, const Tensor& rows, const Tensor& weights, const Tensor& out)>
       moe_observer;
+  // Called by forward_backward when layer i's parameter gradients are final (after its
+  // backward; later layers never write them): data parallelism starts reducing them then.
+  std::function<void(int layer)> layer_grads_done;
   // Training mode turns LoRA dropout on; `step` selects the dropout masks of this pass.
   void set_training(bool on, uint64_t step = 0) {
     training_ = on;

@@ -120,6 +120,19 @@ void check_ranges(const TrainConfig& c, const std::string& f) {
   for (int layer : c.full_train_layers) at_least("full_train_layers entry", layer, 0, "");
 }
 
+// Data-parallel keys (docs/ddp.md); they matter only under mpirun.
+void read_ddp_keys(const YAML::Node& root, const std::string& file, TrainConfig& c) {
+  Reader read{file};
+  read(root, "ddp_timeout", c.ddp_timeout);
+  read(root, "ddp_io_timeout", c.ddp_io_timeout);
+  read(root, "ddp_bucket_mb", c.ddp_bucket_mb);
+  read(root, "ddp_check_sync_steps", c.ddp_check_sync_steps);
+  if (!(c.ddp_timeout > 0) || !(c.ddp_io_timeout > 0))
+    throw Error(file + ": ddp_timeout and ddp_io_timeout must be positive (seconds)");
+  if (!(c.ddp_bucket_mb > 0)) throw Error(file + ": ddp_bucket_mb must be positive");
+  if (c.ddp_check_sync_steps < 0) throw Error(file + ": ddp_check_sync_steps must be at least 0");
+}
+
 }  // namespace
 
 const std::vector<std::string>& train_config_keys() {
@@ -133,7 +146,8 @@ const std::vector<std::string>& train_config_keys() {
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
       "eval_max_new_tokens", "seed", "overwrite_output_dir",
-      "resume_from_checkpoint"};
+      "resume_from_checkpoint",
+      "ddp_timeout", "ddp_io_timeout", "ddp_bucket_mb", "ddp_check_sync_steps"};
   return keys;
 }
 
@@ -296,6 +310,7 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "seed", c.seed);
   read(root, "overwrite_output_dir", c.overwrite_output_dir);
   read(root, "resume_from_checkpoint", c.resume_from_checkpoint);
+  read_ddp_keys(root, file, c);
   if (std::filesystem::path(c.base_model).is_relative() && std::filesystem::exists(yaml.parent_path() / c.base_model))
     c.base_model = (yaml.parent_path() / c.base_model).lexically_normal().string();
   check_ranges(c, file);

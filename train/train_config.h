@@ -71,6 +71,13 @@ struct TrainConfig {
   bool overwrite_output_dir = false;
   std::string resume_from_checkpoint;  // a checkpoint dir, or "auto" for the newest in output_dir
 
+  // Data parallelism (mpirun; docs/ddp.md): a collective that does not complete within
+  // ddp_timeout seconds ends the job; waits for rank 0's writes (checkpoints, generations)
+  // get ddp_io_timeout. Gradients are all-reduced in buckets of ddp_bucket_mb MiB. Every
+  // ddp_check_sync_steps steps (0: never) the ranks compare their trainable weights.
+  double ddp_timeout = 60, ddp_io_timeout = 1800, ddp_bucket_mb = 25;
+  int64_t ddp_check_sync_steps = 0;
+
   // Loads and validates; `overrides` are "key=value" strings (value parsed as YAML).
   static TrainConfig load(const std::filesystem::path& yaml, const std::vector<std::string>& overrides = {});
 };

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "train/comm.h"
+#include "train/ddp.h"
 #include "train/peft_adapter.h"
 
 namespace tl {
@@ -23,16 +25,38 @@ int64_t count_targets(const Tensor& labels) {
 }
 
 StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, Ops& ops,
-                      const std::vector<MicroBatch>& micro, double lr, double max_grad_norm) {
+                      const std::vector<MicroBatch>& micro, double lr, double max_grad_norm, Comm* comm,
+                      GradBuckets* buckets) {
   auto& params = optimizer.params();
   for (auto& p : params) ops.scale(*p.grad, 0.0);
   StepResult r;
   for (const auto& mb : micro) r.targets += count_targets(mb.labels);
+  if (comm) {  // counts are exact in a double up to 2^53
+    double n = double(r.targets);
+    comm->all_reduce_sum_host(&n, 1, "target count all-reduce");
+    r.targets = int64_t(n);
+  }
   const double grad_scale = r.targets ? 1.0 / double(r.targets) : 0.0;
-  for (const auto& mb : micro) {
-    auto l = model.forward_backward(mb.batch, mb.labels, grad_scale, grads);
+  for (size_t i = 0; i < micro.size(); ++i) {
+    // The last backward reports each finished layer, so its bucket's reduction starts.
+    if (buckets && i + 1 == micro.size()) model.layer_grads_done = [buckets](int layer) { buckets->layer_done(layer); };
+    Gemma4Model::Loss l;
+    try {
+      l = model.forward_backward(micro[i].batch, micro[i].labels, grad_scale, grads);
+    } catch (...) {
+      model.layer_grads_done = nullptr;
+      throw;
+    }
+    model.layer_grads_done = nullptr;
     r.loss += l.sum * grad_scale;
     r.correct += l.correct;
+  }
+  if (buckets) buckets->finish();
+  if (comm) {
+    double v[2] = {r.loss, double(r.correct)};
+    comm->all_reduce_sum_host(v, 2, "loss all-reduce");
+    r.loss = v[0];
+    r.correct = int64_t(v[1]);
   }
   r.grad_norm = clip_grad_norm(ops, params, max_grad_norm);
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {

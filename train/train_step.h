@@ -26,10 +26,19 @@ struct StepResult {
 // keys) plus, for full-rank training, the given base weights and their gradient slots.
 std::vector<ParamSlot> lora_param_slots(Gemma4Model& model, const std::string& decoder_prefix);
 
+class Comm;
+class GradBuckets;
+
 // Zeroes the gradients, runs forward/backward on each micro-batch, clips, and unless the
 // loss or gradient norm is non-finite, calls optimizer.step(lr).
+// Data parallelism (comm and buckets given): `micro` is this rank's share of the global
+// batch; N is the target count of the whole global batch (one all-reduce of the counts),
+// the gradients are summed over ranks by `buckets` (overlapping the last micro-batch's
+// backward) and the loss and hits are summed too, so N ranks compute what one process
+// computes with N× the micro-batches, and every rank takes the same step.
 StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, Ops& ops,
-                      const std::vector<MicroBatch>& micro, double lr, double max_grad_norm);
+                      const std::vector<MicroBatch>& micro, double lr, double max_grad_norm,
+                      Comm* comm = nullptr, GradBuckets* buckets = nullptr);
 
 // Targets of a micro-batch after HF's shift (labels[t+1] ≠ −100).
 int64_t count_targets(const Tensor& labels);

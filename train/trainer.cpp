@@ -22,9 +22,17 @@ namespace tl {
 
 namespace fs = std::filesystem;
 
-Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log) : cfg_(std::move(cfg)), ops_(ops), log_(log) {
+Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log)
+    : cfg_(std::move(cfg)), ops_(ops), log_(log), own_comm_(make_single_comm()), comm_(own_comm_.get()) {
   setup_model();
   setup_data();
+}
+
+Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log, Comm& comm)
+    : cfg_(std::move(cfg)), ops_(ops), log_(log), comm_(&comm) {
+  setup_model();
+  setup_data();
+  setup_ddp();
 }
 
 void Trainer::setup_model() {
@@ -99,7 +107,7 @@ void Trainer::setup_data() {
     val_examples_ = val;
     stop_tokens_ = stop_tokens_for(cfg_.base_model, *tokenizer_);
   }
-  const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps;
+  const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps * comm_->world();
   const int64_t total = cfg_.max_steps > 0
                             ? cfg_.max_steps
                             : std::max<int64_t>(1, int64_t(std::ceil(cfg_.num_epochs * double(train_rows_.size()) /
@@ -164,7 +172,7 @@ void Trainer::print_plan(std::ostream& out) const {
                      schedule_.warmup_steps, cfg_.lr_scheduler, cfg_.learning_rate);
 }
 
-MicroBatch Trainer::next_micro_batch() {
+MicroBatch Trainer::next_micro_batch(bool build) {
   const int64_t n = int64_t(train_rows_.size());
   if (state_.cursor >= n) {
     ++state_.epoch;
@@ -172,7 +180,7 @@ MicroBatch Trainer::next_micro_batch() {
     order_ = epoch_order(n, cfg_.seed, state_.epoch);
   }
   const int64_t count = std::min(cfg_.micro_batch_size, n - state_.cursor);
-  MicroBatch mb = make_micro_batch(train_rows_, order_, state_.cursor, count);
+  MicroBatch mb = build ? make_micro_batch(train_rows_, order_, state_.cursor, count) : MicroBatch{};
   state_.cursor += count;
   return mb;
 }
@@ -184,14 +192,18 @@ double Trainer::evaluate() {
   model_->set_training(false);
   double sum = 0;
   int64_t count = 0;
-  for (int64_t b = 0; b < int64_t(order.size()); b += cfg_.micro_batch_size) {
+  // Sharded: rank r evaluates every world-th micro-batch; the sums are reduced below.
+  const int64_t stride = cfg_.micro_batch_size * comm_->world();
+  for (int64_t b = cfg_.micro_batch_size * comm_->rank(); b < int64_t(order.size()); b += stride) {
     const int64_t k = std::min<int64_t>(cfg_.micro_batch_size, int64_t(order.size()) - b);
     MicroBatch mb = make_micro_batch(val_rows_, order, b, k);
     auto l = model_->loss(model_->forward_hidden(mb.batch), mb.labels);
     sum += l.sum;
     count += l.count;
   }
-  return count ? sum / double(count) : NAN;
+  double v[2] = {sum, double(count)};
+  comm_->all_reduce_sum_host(v, 2, "evaluation all-reduce");
+  return v[1] > 0 ? v[0] / v[1] : NAN;
 }
 
 double Trainer::generation_check(int64_t step) {
@@ -255,10 +267,11 @@ double Trainer::run() {
     if (!fs::is_directory(resume_dir))
       throw Error(fmt::format("resume_from_checkpoint: '{}' is not a directory", resume_dir.string()));
   }
+  resume_dir = agree_resume_dir(resume_dir);
   if (!resume_dir.empty()) resume(resume_dir);
   // metrics.jsonl holds exactly the records of the steps done so far.
   const fs::path metrics_path = out / "metrics.jsonl";
-  truncate_metrics(metrics_path, state_.metrics_bytes);
+  if (writer()) truncate_metrics(metrics_path, state_.metrics_bytes);
 
   double rep_before = NAN;
   if (state_.step == 0) {
@@ -269,8 +282,11 @@ double Trainer::run() {
       log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
       rec["eval_loss"] = base_loss;
     }
-    if (cfg_.eval_table_size > 0) rec["gen_rep4"] = rep_before = generation_check(0);
-    if (!rec.is_null()) {
+    if (cfg_.eval_table_size > 0) {
+      on_writer("generation check", [&] { rep_before = generation_check(0); });
+      rec["gen_rep4"] = rep_before;
+    }
+    if (!rec.is_null() && writer()) {
       rec["step"] = 0;
       state_.metrics_bytes = append_line(metrics_path, rec.dump());
     }
@@ -281,13 +297,15 @@ double Trainer::run() {
   int64_t window_steps = 0, tokens_done = 0;
   double last_val = NAN;
   while (state_.step < total) {
-    std::vector<MicroBatch> micro;
-    for (int64_t m = 0; m < cfg_.gradient_accumulation_steps; ++m) micro.push_back(next_micro_batch());
+    std::vector<MicroBatch> micro = next_step_batches();
     const double lr = cfg_.learning_rate * schedule_.factor(state_.step);
     model_->set_training(true, uint64_t(state_.step));
-    StepResult r = train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm);
+    StepResult r = buckets_ ? train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm, comm_,
+                                         buckets_.get())
+                            : train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm);
     ++state_.step;
-    for (const auto& mb : micro) tokens_done += mb.batch.ids.numel();
+    // Every rank takes as many rows; counted on this one (padding may differ by rank).
+    for (const auto& mb : micro) tokens_done += mb.batch.ids.numel() * comm_->world();
     if (r.skipped) {
       ++state_.skipped_steps;
       if (cfg_.nan_policy == "stop")
@@ -319,10 +337,11 @@ double Trainer::run() {
       if (rec.is_null()) rec = {{"step", state_.step}};
       rec["eval_loss"] = last_val;
     }
-    if (!rec.is_null()) state_.metrics_bytes = append_line(metrics_path, rec.dump());
-    if (cfg_.save_steps > 0 && state_.step % cfg_.save_steps == 0 && !last) save_checkpoint();
+    check_sync(rec);
+    if (!rec.is_null() && writer()) state_.metrics_bytes = append_line(metrics_path, rec.dump());
+    if (cfg_.save_steps > 0 && state_.step % cfg_.save_steps == 0 && !last) save_checkpoint_ranks();
     if (stop_after_step > 0 && state_.step == stop_after_step && !last) {
-      if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
+      if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint_ranks();
       log_ << fmt::format("stopped after step {} (resume with resume_from_checkpoint: auto)\n", state_.step);
       return NAN;
     }
@@ -331,11 +350,15 @@ double Trainer::run() {
   if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
   double rep_after = NAN;
   if (cfg_.eval_table_size > 0) {
-    rep_after = generation_check(total);
-    state_.metrics_bytes = append_line(metrics_path, nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump());
+    on_writer("generation check", [&] {
+      rep_after = generation_check(total);
+      state_.metrics_bytes = append_line(metrics_path, nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump());
+    });
   }
-  write_adapter(out, true);
+  const double train_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  on_writer("final adapter write", [&] { write_adapter(out, true); });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log_timing(train_secs, total - first);
   std::string rep;
   if (!std::isnan(rep_after))
     rep = std::isnan(rep_before) ? fmt::format("generation rep-4 {:.3f}; ", rep_after)

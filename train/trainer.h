@@ -4,11 +4,14 @@
 // final PEFT adapter.
 #pragma once
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <memory>
 #include <ostream>
 
 #include "core/ops.h"
 #include "core/tokenizer.h"
+#include "train/comm.h"
+#include "train/ddp.h"
 #include "train/data.h"
 #include "train/gemma4_model.h"
 #include "train/optim.h"
@@ -29,6 +32,9 @@ struct TrainerState {
 class Trainer {
  public:
   Trainer(TrainConfig cfg, Ops& ops, std::ostream& log);
+  // Data parallel: one Trainer per rank, all given the same config. Rank 0 alone writes
+  // logs, metrics, generations and checkpoints; every rank runs every collective.
+  Trainer(TrainConfig cfg, Ops& ops, std::ostream& log, Comm& comm);
   // Prints the plan (parameters, trainable share, memory, data, steps).
   void print_plan(std::ostream& out) const;
   // Runs to the last step; returns the final validation loss (NaN without a split).
@@ -68,11 +74,38 @@ class Trainer {
   // Greedy generations from the first eval_table_size held-out prompts: appended to
   // generations.jsonl, summarised in the log; returns the mean seq-rep-4.
   double generation_check(int64_t step);
-  MicroBatch next_micro_batch();
+  // The next micro-batch of the data order; with build false only the position advances.
+  MicroBatch next_micro_batch(bool build = true);
+
+  // Data parallelism (trainer_ddp.cpp).
+  void setup_ddp();
+  bool writer() const { return comm_->rank() == 0; }
+  // This rank's micro-batches of the next global batch: the global batch is the
+  // accumulation × world micro-batches one process would take in turn, and rank r takes
+  // the r-th run of `accumulation` of them.
+  std::vector<MicroBatch> next_step_batches();
+  // Every rank resumes from the checkpoint rank 0 chose (its step broadcast).
+  std::filesystem::path agree_resume_dir(const std::filesystem::path& chosen);
+  // Rank 0 saves; the others wait at one barrier.
+  void save_checkpoint_ranks();
+  // Rank 0 runs `f` (writes, generations); the others wait for it at one barrier.
+  template <class F>
+  void on_writer(const char* what, F&& f) {
+    if (writer()) f();
+    comm_->barrier(what, cfg_.ddp_io_timeout);
+  }
+  // Every ddp_check_sync_steps: compares the ranks' trainable weights (stops naming the
+  // rank that differs) and records the fingerprint in `rec`.
+  void check_sync(nlohmann::json& rec);
+  // One line: seconds per optimizer step and the share spent in collectives.
+  void log_timing(double train_seconds, int64_t steps);
 
   TrainConfig cfg_;
   Ops& ops_;
   std::ostream& log_;
+  std::unique_ptr<Comm> own_comm_;  // single process when no comm is given
+  Comm* comm_;
+  std::unique_ptr<GradBuckets> buckets_;  // world > 1
   std::unique_ptr<Gemma4Model> model_;
   std::string prefix_;
   std::unique_ptr<Tokenizer> tokenizer_;
