@@ -17,10 +17,10 @@ train=$build/torchless-train
 write_heal_yaml "$tmp/heal.yaml"
 common=(save_steps=4 max_steps=24)
 
-# The pid of rank R among the children of mpirun (OpenMPI starts local ranks itself).
+# The pid of rank R of the run writing to OUT (mpirun's environment tells the ranks apart).
 rank_pid() {
   local p
-  for p in $(pgrep -P "$1"); do
+  for p in $(pgrep -f "torchless-train .*output_dir=$1 "); do
     tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2" && echo "$p" && return
   done
 }
@@ -35,7 +35,7 @@ interrupt() {
     [ -d "$tmp/$out/checkpoint-$step" ] && break
     sleep 0.1
   done
-  pid=$(rank_pid "$job" 1)
+  pid=$(rank_pid "$tmp/$out" 1)
   if [ -z "$pid" ] || [ -f "$tmp/$out/adapter_model.safetensors" ]; then
     fail "$out: could not signal rank 1 mid-run (pid '$pid'); log: $(tail -3 "$tmp/$out.log")"
   fi
@@ -54,7 +54,7 @@ interrupt killed 8 KILL
 echo "SIGKILL of rank 1: job ended after ${elapsed} s with status $status"
 [ "$status" -ne 0 ] || fail "killed run exited 0"
 [ "$elapsed" -le 60 ] || fail "killed run took $elapsed s to end (limit 60)"
-grep -q "rank 1" "$tmp/killed.log" || fail "no message names rank 1: $(tail -5 "$tmp/killed.log")"
+grep -m1 "rank 1" "$tmp/killed.log" || fail "no message names rank 1: $(tail -5 "$tmp/killed.log")"
 last=$(ls -d "$tmp"/killed/checkpoint-* | grep -E 'checkpoint-[0-9]+$' | sort -t- -k2 -n | tail -1)
 for f in adapter_model.safetensors adapter_config.json optimizer.safetensors trainer_state.json; do
   [ -s "$last/$f" ] || fail "last checkpoint $last lacks $f"
@@ -71,7 +71,7 @@ interrupt hung 4 STOP ddp_timeout=5
 echo "SIGSTOP of rank 1: job ended after ${elapsed} s with status $status"
 [ "$status" -ne 0 ] || fail "hung run exited 0"
 [ "$elapsed" -le 30 ] || fail "hung run took $elapsed s to end (ddp_timeout 5)"
-grep -q "rank 0: .* did not complete within 5 s" "$tmp/hung.log" ||
+grep -m1 "rank 0: .* did not complete within 5 s" "$tmp/hung.log" ||
   fail "no timeout message from rank 0: $(tail -5 "$tmp/hung.log")"
 echo "ddp failure: $fails failed"
 [ "$fails" -eq 0 ]
