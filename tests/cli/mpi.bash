@@ -3,6 +3,9 @@
 # can: as root (OpenMPI refuses root without the two variables), oversubscribed (more ranks
 # than cores), unbound, one OpenMP thread per rank.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# OpenMPI's session files go into the test's own temporary folder (removed with it), also
+# when a test kills ranks and mpirun cannot clean up.
+export OMPI_MCA_orte_tmpdir_base="$tmp"
 if ! command -v mpirun >/dev/null; then
   echo "SKIP: mpirun not found (install openmpi-bin)"
   exit 77
