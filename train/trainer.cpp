@@ -15,6 +15,7 @@
 #include "core/weights.h"
 #include "train/generate.h"
 #include "train/peft_adapter.h"
+#include "core/output_dir.h"
 #include "train/run_dir.h"
 #include "train/train_step.h"
 
@@ -254,7 +255,10 @@ std::string duration(double s) {
 
 double Trainer::run() {
   run_id_ = run_identity(cfg_);
-  const fs::path out = prepare_run_dir(cfg_, run_id_, log_);
+  // Rank 0 alone inspects and prepares output_dir (records, leftovers); the others would see
+  // its fresh run record as another run's. They wait for it, then use the same directory.
+  fs::path out = normalise_path(cfg_.output_dir);
+  on_writer("output_dir preparation", [&] { out = prepare_run_dir(cfg_, run_id_, log_); });
   cfg_.output_dir = out.string();
   fs::path resume_dir;
   if (cfg_.resume_from_checkpoint == "auto") {

@@ -80,8 +80,8 @@ unchanged merge_base_contradicts_config "$tmp/liar" "$liar_h"
 [ ! -e "$tmp/o1" ] && [ ! -e "$tmp/o2" ] && [ ! -e "$tmp/o4" ] && passes=$((passes + 1)) || { fails=$((fails + 1)); echo "FAIL: a refused merge wrote output"; }
 
 # --- 6. the model transformers builds -----------------------------------------------------
-# Layer 3 of the tiny model is sliding: a map ending there would be run as full by transformers.
-expect upscale_last_sliding "transformers forces the last layer to full_attention" "$surgery" upscale "$tmp/base" "$tmp/u" --slices 0:4
+# Layer 2 of the tiny model is sliding: a map ending there would be run as full by transformers.
+expect upscale_last_sliding "transformers forces the last layer to full_attention" "$surgery" upscale "$tmp/base" "$tmp/u" --slices 0:3
 cp -r "$tmp/base" "$tmp/slast"
 sed -i -z 's/"full_attention"\n  \]/"sliding_attention"\n  ]/' "$tmp/slast/config.json"
 grep -q '"sliding_attention"$' <(tr -d ' \n' <"$tmp/slast/config.json" | grep -o '"layer_types":\[[^]]*\]' | tr ',' '\n' | tail -1 | tr -d ']') ||
