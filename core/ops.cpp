@@ -5,6 +5,9 @@
 #include "core/math.h"
 #include "core/nf4.h"
 
+#include <cmath>
+#include <vector>
+
 namespace tl {
 
 void Ops::dropout_mask(uint64_t seed, double p, Tensor& mask) {
@@ -32,6 +35,42 @@ int64_t Ops::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
     hits += best == target;
   }
   return hits;
+}
+
+void Ops::attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
+                                   const Tensor& k_pos, int64_t window, Tensor& out) {
+  const int64_t S = q.dim(0), nh = q.dim(1), d = q.dim(2), L = k.dim(0), nkv = k.dim(1);
+  if (nkv < 1 || nh % nkv != 0 || v.dim(0) != L || k_pos.numel() != L || q_pos.numel() != S)
+    throw std::logic_error("attention_cached_forward: inconsistent shapes");
+  const Tensor qh = download(q).to(DType::F64), kh = download(k).to(DType::F64), vh = download(v).to(DType::F64);
+  const double *Q = qh.data<double>(), *K = kh.data<double>(), *V = vh.data<double>();
+  const int32_t *qp = q_pos.data<int32_t>(), *kp = k_pos.data<int32_t>();
+  Tensor o = Tensor::zeros({S * nh, d}, DType::F64);
+  std::vector<double> p(static_cast<size_t>(L));
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t h = 0; h < nh; ++h) {
+      const int64_t g = h / (nh / nkv);
+      const double* qv = Q + (s * nh + h) * d;
+      double top = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        const bool seen = kp[j] >= 0 && kp[j] <= qp[s] && (window <= 0 || qp[s] - kp[j] < window);
+        double dot = -INFINITY;
+        if (seen) {
+          dot = 0;
+          for (int64_t c = 0; c < d; ++c) dot += qv[c] * K[(j * nkv + g) * d + c];
+        }
+        p[size_t(j)] = dot;
+        top = std::max(top, dot);
+      }
+      // softmax(p) · V, shifted by the largest score for range.
+      double sum = 0;
+      for (auto& x : p) sum += (x = std::isinf(x) ? 0.0 : std::exp(x - top));
+      double* ov = o.data<double>() + (s * nh + h) * d;
+      for (int64_t j = 0; j < L; ++j)
+        if (p[size_t(j)] > 0)
+          for (int64_t c = 0; c < d; ++c) ov[c] += p[size_t(j)] / sum * V[(j * nkv + g) * d + c];
+    }
+  out = upload(o.view(out.shape()), out.dtype());
 }
 
 namespace {

@@ -52,6 +52,14 @@ class Ops {
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const AttentionMask& mask, Tensor& out) = 0;
 
+  // Attention of S new queries against L keys held by a KV cache, keys in any order (a ring
+  // buffer): q [S, nh, d], k, v [L, nkv, d] on this backend; q_pos I32 [S] and k_pos I32 [L]
+  // on the host, k_pos −1 for an empty slot. Query s sees key j iff 0 ≤ k_pos[j] ≤ q_pos[s]
+  // and, with a window, q_pos[s] − k_pos[j] < window: the mask attention_forward applies to
+  // positions. Scale 1.0 and GQA as there. The default computes on the host in double.
+  virtual void attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
+                                        const Tensor& k_pos, int64_t window, Tensor& out);
+
   // out = gelu_tanh(gate) ∘ up, elementwise.
   virtual void gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // out = a + b (same shape); out may alias a or b.

@@ -10,6 +10,7 @@ packages=(
   libdnnl-dev ocl-icd-opencl-dev  # oneDNN's CMake config needs OpenCL (a Recommends of libdnnl-dev)
   libgtest-dev libgmock-dev libbenchmark-dev
   openmpi-bin libopenmpi-dev  # data parallelism under mpirun (NCCL comes with the CUDA toolkit)
+  libcairo2-dev  # the heal report's PNG plots (torchless-eval --report)
   clang libclang-rt-14-dev
 )
 

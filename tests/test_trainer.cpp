@@ -13,6 +13,7 @@
 #include "core/init_model.h"
 #include "golden_util.h"
 #include "train/generate.h"
+#include "train/text_measures.h"
 #include "train/trainer.h"
 
 namespace tl {

@@ -211,10 +211,14 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
     ops_.rmsnorm_forward(t.v_raw, Tensor(), d, eps, t.v);
     st.kv[size_t(i)] = {t.k, t.v};
   }
-  const auto& [k, v] = st.kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
   t.attn = ops_.zeros({n, nh * d});
-  ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
-                         v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
+  if (st.cache) {
+    cached_attention(i, st, t);
+  } else {
+    const auto& [k, v] = st.kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
+    ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
+                           v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
+  }
   t.o = ops_.zeros({n, config_.hidden_size});
   linear(st, t.attn, lw.o_proj, t.o);
   return t.o;

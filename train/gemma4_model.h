@@ -2,6 +2,7 @@
 // the backend in its activation dtype.
 #pragma once
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "core/config.h"
@@ -78,6 +79,21 @@ struct Gemma4Grads {
   Gemma4Weights w;  // same field names; layer_scalar unused
 };
 
+// Keys and values kept between decoding steps (one sequence). A layer with its own K/V keeps
+// them on the host in the activation dtype: a full-attention layer keeps every position, a
+// sliding layer a ring of `window` slots (slot = position mod window), since a query at p sees
+// only positions p − window + 1 … p. KV-shared layers keep nothing: they read their source
+// layer's keys, as in the full forward.
+struct KvCache {
+  struct Layer {
+    Tensor k, v;               // host [capacity, nkv·d]
+    std::vector<int32_t> pos;  // position held by each slot, −1 when empty
+    int64_t ring = 0;          // > 0: a ring of this many slots (sliding); 0: grows
+  };
+  std::vector<Layer> layers;
+  int64_t length = 0;  // positions consumed so far (the next token's position)
+};
+
 class Gemma4Model {
  public:
   Gemma4Model(Gemma4Config config, Ops& ops);
@@ -94,6 +110,12 @@ class Gemma4Model {
   // residual stream before layer 0 and after each layer (HF's hidden_states order,
   // without the final norm).
   Tensor forward_hidden(const Batch& batch, std::vector<Tensor>* layer_outputs = nullptr);
+  // An empty cache for this model.
+  KvCache make_cache() const;
+  // Final-normed hidden states [S, H] of `ids` (host I32, S tokens) that continue the
+  // sequence in `cache` (positions cache.length …), appending their keys and values. The
+  // same values as forward_hidden over the whole sequence, for the new rows.
+  Tensor forward_cached(std::span<const int32_t> ids, KvCache& cache);
   // Soft-capped logits [B·S, V] from final hidden states.
   Tensor logits(const Tensor& hidden);
   // HF causal-LM loss: position t predicts labels[t+1] of its row; −100 is ignored; the
@@ -161,7 +183,11 @@ class Gemma4Model {
     bool keep = false;  // keeping what the backward needs
     // Per adapted projection: the (dropped-out) input and x·Aᵀ, for the LoRA backward.
     std::unordered_map<const Tensor*, std::pair<Tensor, Tensor>> lora_saved;
+    KvCache* cache = nullptr;            // decoding: attend over cached keys too
+    std::vector<Tensor> kv_pos;          // with a cache: host I32 positions of st.kv's keys
   };
+  // Attention of the new rows over cache + new keys (forward_cached's path).
+  void cached_attention(int i, ForwardState& st, LayerTape& t);
   Tensor dropout_mask(const LoraAdapter& a, const Shape& shape);
   // y = x·Wᵀ (+ the LoRA path when W has an adapter).
   void linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y);

@@ -1,12 +1,13 @@
-// Greedy decoding and a repetition measure: how the trainer shows what a heal did to a
-// surgically grown model (recipes.md §2: the raw upscale loops under greedy decoding; the
-// heal must make it coherent again).
+// Decoding with a KV cache (greedy and sampled), and the prompt and stop-token helpers the
+// trainer's and torchless-eval's generation checks use (recipes.md §2: the raw upscale loops
+// under greedy decoding; the heal must make it coherent again). Measures of the generated
+// text are in train/text_measures.h.
 #pragma once
 #include <cstdint>
+#include <filesystem>
+#include <random>
 #include <span>
 #include <vector>
-
-#include <filesystem>
 
 #include "core/tokenizer.h"
 #include "train/data.h"
@@ -19,16 +20,46 @@ struct GreedyResult {
   bool stopped = false;         // ended on a stop token rather than at max_new_tokens
 };
 
-// Appends the argmax token (the lowest id on a tie, as torch.argmax) until a stop token or
-// max_new_tokens. Each step runs the whole sequence again (no KV cache): exact, and cheap
-// at the lengths an evaluation uses. The model's training mode is left as it was.
+// Sampling settings, applied to each step's logits in this order (as transformers' logits
+// processors and llama.cpp's samplers do): repetition penalty, DRY, temperature, top-k,
+// top-p, min-p; then a draw. temperature 0 is greedy (argmax; the penalties still apply).
+struct SamplingOptions {
+  double temperature = 0.0;
+  int64_t top_k = 0;                // 0: off
+  double top_p = 1.0;               // 1: off
+  double min_p = 0.0;               // 0: off
+  double repetition_penalty = 1.0;  // CTRL (Keskar et al. 2019): 1: off
+  // DRY ("don't repeat yourself", text-generation-webui / llama.cpp): a token that would
+  // extend a repeat of n ≥ allowed_length tokens loses multiplier · base^(n − allowed_length).
+  double dry_multiplier = 0.0;      // 0: off
+  double dry_base = 1.75;
+  int64_t dry_allowed_length = 2;
+  std::vector<int32_t> dry_breakers;  // tokens a repeat may not run across (e.g. newline)
+  uint64_t seed = 0;
+};
+
+// Generation with a KV cache: the prompt in one cached forward, then one token per step.
+GreedyResult generate(Gemma4Model& model, Ops& ops, std::span<const int32_t> prompt, int64_t max_new_tokens,
+                      const SamplingOptions& options, std::span<const int32_t> stop_tokens = {});
+
+// Greedy decoding (argmax, the lowest id on a tie, as torch.argmax) with the KV cache.
 GreedyResult greedy_generate(Gemma4Model& model, Ops& ops, std::span<const int32_t> prompt, int64_t max_new_tokens,
                              std::span<const int32_t> stop_tokens = {});
+// The same without a cache: each step runs the whole sequence again (the reference the cache
+// is tested against). The model's training mode is left as it was.
+GreedyResult greedy_generate_uncached(Gemma4Model& model, Ops& ops, std::span<const int32_t> prompt,
+                                      int64_t max_new_tokens, std::span<const int32_t> stop_tokens = {});
 
-// seq-rep-n (Welleck et al. 2019): the share of the n-grams of `tokens` that repeat an
-// earlier n-gram of the same sequence, 1 − distinct/total; 0 when there are no n-grams.
-// A looping generation scores near 1, varied text near 0.
-double repetition_rate(std::span<const int32_t> tokens, int n = 4);
+// CTRL's penalty on every token of `context`: a logit x becomes x/p when x > 0, else x·p.
+void apply_repetition_penalty(std::vector<double>& logits, std::span<const int32_t> context, double penalty);
+// DRY: for each earlier occurrence of the context's last tokens, the token that followed it
+// would extend the repeat; its logit drops by multiplier · base^(n − allowed_length), n the
+// longest such repeat (≥ allowed_length), a breaker ending the match.
+void apply_dry(std::vector<double>& logits, std::span<const int32_t> context, const SamplingOptions& o);
+// The distribution a draw uses after temperature, top-k, top-p (the smallest set of most
+// likely tokens whose probability reaches top_p) and min-p (tokens below min_p · the top
+// probability removed): probabilities summing to 1, zeros for removed tokens.
+std::vector<double> sampling_distribution(const std::vector<double>& logits, const SamplingOptions& o);
 
 // The prompt to continue for a held-out example: its tokens before the first trained one
 // (for chat data, everything up to and including the model turn's opening). When every

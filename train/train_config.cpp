@@ -145,8 +145,8 @@ const std::vector<std::string>& train_config_keys() {
       "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
-      "eval_max_new_tokens", "seed", "overwrite_output_dir",
-      "resume_from_checkpoint",
+      "eval_max_new_tokens", "eval_reference_model", "eval_mc_file", "upscale_from", "upscale_slices", "seed",
+      "overwrite_output_dir", "resume_from_checkpoint",
       "ddp_timeout", "ddp_io_timeout", "ddp_bucket_mb", "ddp_check_sync_steps"};
   return keys;
 }
@@ -307,6 +307,18 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
     read(root, "seed", seed);
     throw Error(fmt::format("{}: seed must be at least 0 (got {})", file, seed));
   }
+  read(root, "eval_reference_model", c.eval_reference_model);
+  read(root, "eval_mc_file", c.eval_mc_file);
+  read(root, "upscale_from", c.upscale_from);
+  read(root, "upscale_slices", c.upscale_slices);
+  if (c.upscale_from.empty() != c.upscale_slices.empty())
+    throw Error(file + ": upscale_from and upscale_slices go together (the model to damage and its slices)");
+  // Paths relative to the YAML file, as base_model.
+  for (std::string* p : {&c.eval_reference_model, &c.eval_mc_file, &c.upscale_from})
+    if (!p->empty() && std::filesystem::path(*p).is_relative())
+      *p = (yaml.parent_path() / *p).lexically_normal().string();
+  if (!c.upscale_from.empty() && std::filesystem::path(c.base_model).is_relative())
+    c.base_model = (yaml.parent_path() / c.base_model).lexically_normal().string();
   read(root, "seed", c.seed);
   read(root, "overwrite_output_dir", c.overwrite_output_dir);
   read(root, "resume_from_checkpoint", c.resume_from_checkpoint);

@@ -65,6 +65,12 @@ struct TrainConfig {
   // repetition (seq-rep-4) and written to generations.jsonl; 0 turns them off (axolotl names).
   int64_t eval_table_size = 0;
   int64_t eval_max_new_tokens = 128;
+  // Cross-perplexity of those generations under this model (e.g. the one before surgery), and
+  // multiple-choice accuracy on this GPQA-style jsonl, at each evaluation.
+  std::string eval_reference_model, eval_mc_file;
+  // Damage before the heal: base_model is first written as the overlapping-slice upscale
+  // (recipes.md §2) of upscale_from with these slices ("0:4,2:6").
+  std::string upscale_from, upscale_slices;
   uint64_t seed = 42;
   // A new run in an output_dir holding another run's checkpoints is refused unless true
   // (then that run's files are removed first).

@@ -13,7 +13,10 @@
 #include "core/nf4.h"
 #include "core/plan.h"
 #include "core/weights.h"
+#include "core/surgery.h"
 #include "train/generate.h"
+#include "train/report.h"
+#include "train/text_measures.h"
 #include "train/peft_adapter.h"
 #include "core/output_dir.h"
 #include "train/run_dir.h"
@@ -37,6 +40,15 @@ Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log, Comm& comm)
 }
 
 void Trainer::setup_model() {
+  if (!cfg_.upscale_from.empty()) {
+    // The damage the heal must repair: an overlapping-slice upscale (recipes.md §2).
+    const Gemma4Config src = Gemma4Config::load(cfg_.upscale_from);
+    const SurgeryReport r = apply_layer_map(cfg_.upscale_from, cfg_.base_model,
+                                            slices_map(int(src.num_hidden_layers), cfg_.upscale_slices),
+                                            IdentityMode::None, false, /*force=*/true);
+    log_ << fmt::format("upscale          {} ({} layers) → {} ({} layers), slices {}\n", cfg_.upscale_from, r.layers_in,
+                        cfg_.base_model, r.layers_out, cfg_.upscale_slices);
+  }
   if (!fs::is_directory(cfg_.base_model))
     throw Error(fmt::format("{}: base_model '{}' is not a directory", cfg_.source.string(), cfg_.base_model));
   Gemma4Config mc = Gemma4Config::load(cfg_.base_model);
@@ -107,7 +119,10 @@ void Trainer::setup_data() {
   if (cfg_.eval_table_size > 0) {
     val_examples_ = val;
     stop_tokens_ = stop_tokens_for(cfg_.base_model, *tokenizer_);
+    if (!cfg_.eval_reference_model.empty())
+      reference_ = std::make_unique<EvalModel>(load_eval_model(cfg_.eval_reference_model, {}, false, ops_));
   }
+  if (!cfg_.eval_mc_file.empty()) mc_items_ = load_mc_jsonl(cfg_.eval_mc_file);
   const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps * comm_->world();
   const int64_t total = cfg_.max_steps > 0
                             ? cfg_.max_steps
@@ -207,42 +222,56 @@ double Trainer::evaluate() {
   return v[1] > 0 ? v[0] / v[1] : NAN;
 }
 
-double Trainer::generation_check(int64_t step) {
-  model_->set_training(false);
-  const int64_t max_prompt = std::max<int64_t>(1, cfg_.sequence_len - cfg_.eval_max_new_tokens);
-  std::ofstream out(fs::path(cfg_.output_dir) / "generations.jsonl", step == 0 ? std::ios::trunc : std::ios::app);
-  double rep_sum = 0;
-  int64_t prompts = 0, stopped = 0;
-  std::string sample;
-  for (const Example& e : val_examples_) {
-    if (prompts == cfg_.eval_table_size) break;
-    const std::vector<int32_t> prompt = generation_prompt(e, max_prompt);
-    if (prompt.empty()) continue;
-    const GreedyResult g = greedy_generate(*model_, ops_, prompt, cfg_.eval_max_new_tokens, stop_tokens_);
-    const double rep = repetition_rate(g.tokens, 4);
-    rep_sum += rep;
-    stopped += g.stopped;
-    const std::string text = tokenizer_->decode(g.tokens);
-    if (prompts == 0) sample = text;
-    out << nlohmann::json{{"step", step}, {"prompt", tokenizer_->decode(prompt)}, {"completion", text},
-                          {"rep4", rep}, {"stopped", g.stopped}}
-                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-        << "\n";
-    ++prompts;
+EvalMeasures Trainer::measure(int64_t step, double eval_loss) {
+  EvalMeasures m;
+  m.eval_loss = eval_loss;
+  m.perplexity = std::exp(eval_loss);
+  std::string line = fmt::format("step {}/{} | measures", step, schedule_.total_steps);
+  if (cfg_.eval_table_size > 0) {
+    model_->set_training(false);
+    const int64_t max_prompt = std::max<int64_t>(1, cfg_.sequence_len - cfg_.eval_max_new_tokens);
+    std::vector<std::vector<int32_t>> prompts;
+    for (const Example& e : val_examples_) {
+      if (int64_t(prompts.size()) == cfg_.eval_table_size) break;
+      if (auto p = generation_prompt(e, max_prompt); !p.empty()) prompts.push_back(std::move(p));
+    }
+    const std::vector<Generation> gens =
+        greedy_generations(*model_, ops_, prompts, cfg_.eval_max_new_tokens, stop_tokens_);
+    score_generations(m, gens);
+    if (reference_) m.cross_perplexity = cross_perplexity(*reference_->model, gens);
+    std::ofstream out(fs::path(cfg_.output_dir) / "generations.jsonl", step == 0 ? std::ios::trunc : std::ios::app);
+    last_texts_.clear();
+    for (const Generation& g : gens) {
+      const std::string text = tokenizer_->decode(g.tokens);
+      last_texts_.push_back({tokenizer_->decode(g.prompt), text});
+      out << nlohmann::json{{"step", step}, {"prompt", last_texts_.back().first}, {"completion", text},
+                            {"rep4", repetition_rate(g.tokens, 4)}, {"loops", loops(g.tokens)}, {"stopped", g.stopped}}
+                 .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+          << "\n";
+    }
+    if (!out) throw Error(fmt::format("{}: cannot write generations.jsonl", cfg_.output_dir));
+    if (gens.empty()) {
+      line += " | generation: no held-out example has a prompt to continue";
+    } else {
+      const GenerationScores& g = m.generation;
+      // One line of the first completion, so the log shows what the numbers mean.
+      const std::string shown = nlohmann::json(last_texts_[0].second.substr(0, 100))
+                                    .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      line += fmt::format(" | generation rep-4 {:.3f} loops {:.2f} distinct-2 {:.3f} over {} prompts ({} ended, {} new "
+                          "tokens max){} | {}",
+                          g.rep4, g.loop_fraction, g.distinct2, g.count, g.stopped, cfg_.eval_max_new_tokens,
+                          std::isfinite(m.cross_perplexity) ? fmt::format(", cross-ppl {:.2f}", m.cross_perplexity) : "",
+                          shown);
+    }
   }
-  if (!out) throw Error(fmt::format("{}: cannot write generations.jsonl", cfg_.output_dir));
-  if (prompts == 0) {
-    log_ << fmt::format("step {}/{} | generation: no held-out example has a prompt to continue\n", step,
-                        schedule_.total_steps);
-    return NAN;
+  if (!mc_items_.empty()) {
+    const McResult r = score_mc(*model_, ops_, *tokenizer_, mc_items_);
+    m.mc_accuracy = r.accuracy();
+    m.mc_accuracy_norm = r.accuracy_norm();
+    line += fmt::format(" | multiple choice {:.3f} ({} questions)", m.mc_accuracy, r.items);
   }
-  const double rep = rep_sum / double(prompts);
-  // One line of the first completion, so the log shows what the numbers mean.
-  std::string shown = nlohmann::json(sample.substr(0, 100)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  log_ << fmt::format("step {}/{} | generation rep-4 {:.3f} over {} prompts ({} ended, {} new tokens max) | {}\n", step,
-                      schedule_.total_steps, rep, prompts, stopped, cfg_.eval_max_new_tokens, shown)
-       << std::flush;
-  return rep;
+  log_ << line << "\n" << std::flush;
+  return m;
 }
 
 namespace {
@@ -277,7 +306,6 @@ double Trainer::run() {
   const fs::path metrics_path = out / "metrics.jsonl";
   if (writer()) truncate_metrics(metrics_path, state_.metrics_bytes);
 
-  double rep_before = NAN;
   if (state_.step == 0) {
     // The baseline the run improves on: held-out loss, and how the raw model generates.
     nlohmann::json rec;
@@ -286,9 +314,13 @@ double Trainer::run() {
       log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
       rec["eval_loss"] = base_loss;
     }
-    if (cfg_.eval_table_size > 0) {
-      on_writer("generation check", [&] { rep_before = generation_check(0); });
-      rec["gen_rep4"] = rep_before;
+    if (cfg_.eval_table_size > 0 || !mc_items_.empty()) {
+      // Rank 0 generates and writes generations.jsonl; the others wait.
+      on_writer("generation check", [&] {
+        before_ = measure(0, rec.contains("eval_loss") ? rec["eval_loss"].get<double>() : NAN);
+        before_texts_ = last_texts_;
+        rec.update(before_.to_json());
+      });
     }
     if (!rec.is_null() && writer()) {
       rec["step"] = 0;
@@ -340,6 +372,8 @@ double Trainer::run() {
       log_ << fmt::format("step {}/{} | eval_loss {:.4f}\n", state_.step, total, last_val) << std::flush;
       if (rec.is_null()) rec = {{"step", state_.step}};
       rec["eval_loss"] = last_val;
+      if (!last && (cfg_.eval_table_size > 0 || !mc_items_.empty()))
+        on_writer("generation check", [&] { rec.update(measure(state_.step, last_val).to_json()); });
     }
     check_sync(rec);
     if (!rec.is_null() && writer()) state_.metrics_bytes = append_line(metrics_path, rec.dump());
@@ -352,11 +386,26 @@ double Trainer::run() {
     if (!last && stop_if_signalled()) return NAN;
   }
   if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
-  double rep_after = NAN;
-  if (cfg_.eval_table_size > 0) {
-    on_writer("generation check", [&] {
-      rep_after = generation_check(total);
-      state_.metrics_bytes = append_line(metrics_path, nlohmann::json{{"step", total}, {"gen_rep4", rep_after}}.dump());
+  double rep_after = NAN, rep_before = before_.generation.count ? before_.generation.rep4 : NAN;
+  if (cfg_.eval_table_size > 0 || !mc_items_.empty()) {
+    on_writer("generation check and report", [&] {
+      const EvalMeasures after = measure(total, last_val);
+      rep_after = after.generation.count ? after.generation.rep4 : NAN;
+      nlohmann::json rec = after.to_json();
+      rec.erase("eval_loss");  // already in this step's record when eval_steps > 0
+      rec["step"] = total;
+      state_.metrics_bytes = append_line(metrics_path, rec.dump());
+      HealReport report;
+      report.title = fmt::format("Heal report: {}", fs::path(cfg_.base_model).filename().string());
+      report.before_label = "before (step 0)";
+      report.after_label = fmt::format("after (step {})", total);
+      report.before = before_;
+      report.after = after;
+      for (size_t i = 0; i < last_texts_.size() && i < 6; ++i)
+        report.samples.push_back({last_texts_[i].first, i < before_texts_.size() ? before_texts_[i].second : "",
+                                  last_texts_[i].second});
+      for (const fs::path& p : write_heal_report(out, report, metrics_path)) log_ << "plot: " << p.string() << "\n";
+      log_ << "report: " << (out / "report.md").string() << "\n";
     });
   }
   const double train_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

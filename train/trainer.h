@@ -13,6 +13,7 @@
 #include "train/comm.h"
 #include "train/ddp.h"
 #include "train/data.h"
+#include "train/evaluate.h"
 #include "train/gemma4_model.h"
 #include "train/optim.h"
 #include "train/train_config.h"
@@ -71,9 +72,10 @@ class Trainer {
   // adapter: full, a complete model checkpoint in dir/model instead.
   void write_adapter(const std::filesystem::path& dir, bool final_output) const;
   double evaluate();
-  // Greedy generations from the first eval_table_size held-out prompts: appended to
-  // generations.jsonl, summarised in the log; returns the mean seq-rep-4.
-  double generation_check(int64_t step);
+  // Greedy generations from the first eval_table_size held-out prompts (appended to
+  // generations.jsonl, scored by train/text_measures.h, with the cross-perplexity under
+  // eval_reference_model) and multiple-choice accuracy on eval_mc_file; logged in one line.
+  EvalMeasures measure(int64_t step, double eval_loss);
   // The next micro-batch of the data order; with build false only the position advances.
   MicroBatch next_micro_batch(bool build = true);
 
@@ -114,6 +116,10 @@ class Trainer {
   std::vector<Row> train_rows_, val_rows_;
   std::vector<Example> val_examples_;  // unpacked, for generation prompts
   std::vector<int32_t> stop_tokens_;
+  std::unique_ptr<EvalModel> reference_;
+  std::vector<McItem> mc_items_;
+  EvalMeasures before_;
+  std::vector<std::pair<std::string, std::string>> last_texts_, before_texts_;  // (prompt, completion)
   DataStats stats_;
   Schedule schedule_;
   TrainerState state_;

@@ -1,0 +1,149 @@
+// torchless-eval: the measures of a heal for any checkpoint (train/evaluate.h), and with
+// --report the heal report (train/report.h) comparing it with the model before.
+//   torchless-eval --model DIR [--adapter DIR] [--config heal.yaml | --data FILE --type chat]
+//                  [--prompts FILE] [--reference DIR] [--mc FILE] [--report [--out DIR]]
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <fstream>
+#include <iostream>
+
+#include "core/chat_template.h"
+#include "core/cpu/cpu_ops.h"
+#include "train/evaluate.h"
+#include "train/generate.h"
+#include "train/report.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Inputs {
+  std::vector<tl::Row> rows;                  // held-out rows
+  std::vector<std::vector<int32_t>> prompts;  // generation prompts
+  std::vector<tl::McItem> mc;
+  int64_t micro_batch = 4, max_new_tokens = 64;
+};
+
+// The measures of one model on the inputs.
+tl::EvalMeasures evaluate(tl::EvalModel& m, tl::Ops& ops, const Inputs& in, tl::EvalModel* reference,
+                          std::vector<tl::Generation>* gens_out) {
+  tl::EvalMeasures r;
+  if (!in.rows.empty()) {
+    const auto l = tl::held_out_loss(*m.model, in.rows, in.micro_batch);
+    r.eval_loss = l.mean();
+    r.perplexity = std::exp(l.mean());
+  }
+  if (!in.prompts.empty()) {
+    auto gens = tl::greedy_generations(*m.model, ops, in.prompts, in.max_new_tokens, m.stop_tokens);
+    tl::score_generations(r, gens);
+    if (reference) r.cross_perplexity = tl::cross_perplexity(*reference->model, gens);
+    if (gens_out) *gens_out = std::move(gens);
+  }
+  if (!in.mc.empty()) {
+    const tl::McResult mc = tl::score_mc(*m.model, ops, *m.tokenizer, in.mc);
+    r.mc_accuracy = mc.accuracy();
+    r.mc_accuracy_norm = mc.accuracy_norm();
+  }
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"torchless-eval: held-out loss, generation repetition, cross-perplexity and multiple-choice accuracy"};
+  std::string model, adapter, config, data, type = "chat", prompts, reference, mc, out, before_model;
+  bool nf4 = false, report = false;
+  int64_t table = 8;
+  Inputs in;
+  app.add_option("--model,-m", model, "checkpoint directory")->required();
+  app.add_option("--adapter", adapter, "a PEFT LoRA adapter directory (a heal's output_dir)");
+  app.add_flag("--4bit", nf4, "hold the base projections in NF4 (as QLoRA trains against them)");
+  app.add_option("--config,-c", config, "heal.yaml: held-out set = its validation split (same seed), prompts from it");
+  app.add_option("--data", data, "jsonl held out as a whole (instead of --config)");
+  app.add_option("--type", type, "--data's type: chat, completion, alpaca, sharegpt");
+  app.add_option("--prompts", prompts, "jsonl of {\"prompt\": …} user turns to generate from (default: held-out prompts)");
+  app.add_option("--table-size", table, "held-out prompts to generate from (default 8)");
+  app.add_option("--max-new-tokens,-n", in.max_new_tokens, "greedy tokens per prompt")->check(CLI::PositiveNumber);
+  app.add_option("--reference", reference, "a model to score the generations' cross-perplexity under (e.g. before surgery)");
+  app.add_option("--mc", mc, "GPQA-style multiple-choice jsonl");
+  app.add_flag("--report", report, "write the heal report (report.md, report.json, PNG plots)");
+  app.add_option("--before", before_model, "--report: the model 'before' (default: --model without --adapter)");
+  app.add_option("--out,-o", out, "--report: where to write it (default: the adapter's, else the model's directory)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (!config.empty() && !data.empty()) throw tl::Error("give --config or --data, not both");
+    tl::CpuOps ops(tl::DType::F32);
+    tl::EvalModel m = tl::load_eval_model(model, adapter, nf4, ops);
+    std::vector<tl::Example> held;
+    if (!config.empty() || !data.empty()) {
+      tl::TrainConfig cfg;
+      if (!config.empty()) {
+        cfg = tl::TrainConfig::load(config);
+      } else {
+        cfg.source = data;
+        tl::DatasetConfig d;
+        d.path = data;
+        d.type = type;
+        cfg.datasets = {d};
+        cfg.sequence_len = 1024;
+      }
+      tl::DataStats stats;
+      std::vector<tl::Example> all = tl::load_examples(cfg, *m.tokenizer, stats);
+      if (!config.empty()) tl::split_validation(all, held, cfg.val_set_size, cfg.seed);
+      else held = all;
+      in.rows = tl::make_rows(held, cfg.sequence_len, cfg.sample_packing);
+      in.micro_batch = cfg.micro_batch_size;
+    }
+    if (!prompts.empty()) {
+      std::ifstream pf(prompts);
+      if (!pf) throw tl::Error(prompts + ": cannot open the prompts file");
+      std::string line;
+      for (int64_t no = 1; std::getline(pf, line); ++no) {
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        const auto j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded() || !j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
+          throw tl::Error(fmt::format("{}:{}: not a JSON object with a 'prompt' string", prompts, no));
+        in.prompts.push_back(m.tokenizer->encode(
+            tl::render_chat({{"user", j["prompt"].get<std::string>(), ""}}, {.add_generation_prompt = true})));
+      }
+    } else {
+      for (const tl::Example& e : held) {
+        if (int64_t(in.prompts.size()) == table) break;
+        if (auto p = tl::generation_prompt(e, 512); !p.empty()) in.prompts.push_back(std::move(p));
+      }
+    }
+    if (!mc.empty()) in.mc = tl::load_mc_jsonl(mc);
+    std::unique_ptr<tl::EvalModel> ref;
+    if (!reference.empty()) ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
+
+    std::vector<tl::Generation> gens_after, gens_before;
+    const tl::EvalMeasures after = evaluate(m, ops, in, ref.get(), &gens_after);
+    std::cout << after.to_json().dump() << "\n";
+    if (!report) return 0;
+
+    tl::HealReport r;
+    r.title = fmt::format("Report: {}", fs::path(adapter.empty() ? model : adapter).filename().string());
+    const std::string before_dir = !before_model.empty() ? before_model : adapter.empty() ? "" : model;
+    if (!before_dir.empty()) {
+      tl::EvalModel b = tl::load_eval_model(before_dir, {}, nf4, ops);
+      r.before = evaluate(b, ops, in, ref.get(), &gens_before);
+      r.before_label = before_model.empty() ? "base (no adapter)" : fs::path(before_dir).filename().string();
+    }
+    r.after = after;
+    r.after_label = adapter.empty() ? fs::path(model).filename().string() : "with the adapter";
+    for (size_t i = 0; i < gens_after.size() && i < 6; ++i)
+      r.samples.push_back({m.tokenizer->decode(gens_after[i].prompt),
+                           i < gens_before.size() ? m.tokenizer->decode(gens_before[i].tokens) : "",
+                           m.tokenizer->decode(gens_after[i].tokens)});
+    const fs::path dir = !out.empty() ? fs::path(out) : !adapter.empty() ? fs::path(adapter) : fs::path(model);
+    fs::path metrics = dir / "metrics.jsonl";
+    if (!fs::exists(metrics) && !adapter.empty()) metrics = fs::path(adapter) / "metrics.jsonl";
+    for (const fs::path& p : tl::write_heal_report(dir, r, metrics)) std::cerr << "plot: " << p.string() << "\n";
+    std::cerr << "report: " << (dir / "report.md").string() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "torchless-eval: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
