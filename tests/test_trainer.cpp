@@ -96,7 +96,7 @@ TEST(Trainer, ValidationLossFalls) {
   EXPECT_LT(evals.back(), evals.front()) << log;
 }
 
-// The before/after generation check: each record of generations.jsonl is a greedy
+// The generation check before, at eval_steps and after: each record of generations.jsonl is a greedy
 // continuation of a held-out prompt. Before training (LoRA B = 0, no quantization) it must be
 // exactly what greedy_generate gives on the base model, which matches transformers'
 // generate (test_generate.cpp); the logged means are those of the records.
@@ -122,23 +122,32 @@ TEST(Trainer, GenerationCheckBeforeAndAfter) {
     ASSERT_EQ(prompt.front(), 2) << "chat prompts start with <bos>";
     const GreedyResult g = greedy_generate(base, ops, prompt, 12, stop);
     EXPECT_EQ(tok.decode(g.tokens), j["completion"].get<std::string>());
-    EXPECT_DOUBLE_EQ(repetition_rate(g.tokens, 4), j["rep4"].get<double>());
+    // Scored without the stop token that ended it.
+    const auto text = std::span<const int32_t>(g.tokens).first(g.tokens.size() - (g.stopped ? 1 : 0));
+    EXPECT_DOUBLE_EQ(repetition_rate(text, 4), j["rep4"].get<double>());
+    EXPECT_EQ(loops(text), j["loops"].get<bool>());
     EXPECT_EQ(g.stopped, j["stopped"].get<bool>());
   }
-  ASSERT_EQ(reps.size(), 2u) << log;
+  ASSERT_EQ(reps.size(), 3u) << log;  // before, at eval_steps (3) and after
   EXPECT_EQ(reps[0].size(), 3u);
+  EXPECT_EQ(reps[3].size(), 3u);
   EXPECT_EQ(reps[6].size(), 3u);
   // metrics.jsonl carries the means, before (step 0) and after (the last step).
   std::ifstream m(w.dir / "o/metrics.jsonl");
   std::map<int64_t, double> logged;
   while (std::getline(m, line))
     if (auto j = nlohmann::json::parse(line); j.contains("gen_rep4")) logged[j["step"]] = j["gen_rep4"];
-  for (int64_t step : {0, 6}) {
+  for (int64_t step : {0, 3, 6}) {
     double mean = 0;
     for (double r : reps[step]) mean += r / double(reps[step].size());
     EXPECT_NEAR(logged[step], mean, 1e-12) << "step " << step;
   }
   EXPECT_NE(log.find("generation rep-4"), std::string::npos) << log;
+  // The heal report: both columns, and the loss curve as a PNG.
+  const std::string report = test::slurp(w.dir / "o/report.md");
+  EXPECT_NE(report.find("| seq-rep-4 |"), std::string::npos) << report;
+  EXPECT_NE(report.find("| loop fraction |"), std::string::npos) << report;
+  EXPECT_EQ(test::slurp(w.dir / "o/loss.png").substr(1, 3), "PNG");
 }
 
 TEST(Generation, PromptIsTheUntrainedPrefix) {

@@ -243,9 +243,11 @@ EvalMeasures Trainer::measure(int64_t step, double eval_loss) {
     last_texts_.clear();
     for (const Generation& g : gens) {
       const std::string text = tokenizer_->decode(g.tokens);
+      // Scored as GenerationScores scores it: without the stop token.
+      const auto scored = std::span<const int32_t>(g.tokens).first(g.tokens.size() - (g.stopped ? 1 : 0));
       last_texts_.push_back({tokenizer_->decode(g.prompt), text});
       out << nlohmann::json{{"step", step}, {"prompt", last_texts_.back().first}, {"completion", text},
-                            {"rep4", repetition_rate(g.tokens, 4)}, {"loops", loops(g.tokens)}, {"stopped", g.stopped}}
+                            {"rep4", repetition_rate(scored, 4)}, {"loops", loops(scored)}, {"stopped", g.stopped}}
                  .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
           << "\n";
     }
