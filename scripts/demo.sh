@@ -16,3 +16,4 @@ rm -rf build/demo-heal
 echo
 echo "metrics:  build/demo-heal/metrics.jsonl"
 echo "adapter:  build/demo-heal/adapter_config.json, build/demo-heal/adapter_model.safetensors"
+echo "report:   build/demo-heal/report.md (loss.png, generation.png)"

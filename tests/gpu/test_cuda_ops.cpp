@@ -1,6 +1,7 @@
 // CudaOps against CpuOps (the reference): every op, forward and backward, on random inputs,
 // F32 and F64.
 // Each test skips when no CUDA device is present, so the binary passes on CPU-only CI.
+#include <cstring>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -152,6 +153,37 @@ TEST(CudaOps, Attention) {
       p.gpu.attention_forward(qd, kd, vd, mask_dev, outd2);  // device doc_ids
       expect_close(p.down(outd), out, tol(dt), "attention");
       expect_close(p.down(outd2), out, tol(dt), "attention (device doc_ids)");
+    }
+}
+
+// KV-cached attention (keys in ring order, one empty slot) against attention_forward over the
+// whole sequence on the CPU: same mask, same outputs.
+TEST(CudaOps, AttentionCached) {
+  if (!tl::CudaOps::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  for (DType dt : kDTypes)
+    for (int64_t window : {int64_t(0), int64_t(3)}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " window=" + std::to_string(window));
+      std::mt19937 rng(12);
+      Pair p(dt);
+      const int64_t S = 10, nh = 4, nkv = 2, d = 8;
+      Tensor q = random({1, S, nh, d}, dt, rng, -0.5, 0.5), k = random({1, S, nkv, d}, dt, rng, -0.5, 0.5),
+             v = random({1, S, nkv, d}, dt, rng);
+      Tensor out = p.cpu.zeros(q.shape());
+      p.cpu.attention_forward(q, k, v, AttentionMask{window, nullptr}, out);
+      // Keys stored rotated by 4 slots plus an empty slot (position −1) at the end.
+      Tensor kr = Tensor::zeros({S + 1, nkv, d}, dt), vr = Tensor::zeros({S + 1, nkv, d}, dt);
+      std::vector<int32_t> kpos(size_t(S + 1), -1), qpos;
+      const size_t row = size_t(nkv * d) * dtype_size(dt);
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t slot = (j + 4) % S;
+        std::memcpy(static_cast<char*>(kr.raw()) + slot * row, static_cast<char*>(k.raw()) + j * row, row);
+        std::memcpy(static_cast<char*>(vr.raw()) + slot * row, static_cast<char*>(v.raw()) + j * row, row);
+        kpos[size_t(slot)] = int32_t(j);
+        qpos.push_back(int32_t(j));
+      }
+      Tensor outd = p.gpu.zeros({S, nh, d});
+      p.gpu.attention_cached_forward(p.up(q.view({S, nh, d})), p.up(kr), p.up(vr), ints(qpos), ints(kpos), window, outd);
+      expect_close(p.down(outd).view(q.shape()), out, tol(dt) * 10, "attention_cached_forward");
     }
 }
 
