@@ -11,7 +11,7 @@ fail() { echo "FAIL: $*"; exit 1; }
 "$build/torchless-surgery" upscale "$src/models/tiny" "$tmp/up" --slices 0:4,1:4,4:6 >"$tmp/upscale.log"
 grep -q '"num_hidden_layers": 9' "$tmp/up/config.json" || fail "upscaled config: $(cat "$tmp/up/config.json")"
 grep -q '"num_kv_shared_layers": 2' "$tmp/up/config.json" || fail "KV-shared tail not kept"
-"$build/torchless-train" --config "$src/configs/demo-heal.yaml" base_model="$tmp/up" output_dir="$tmp/heal" \
+"$build/torchless-train" --config "$src/configs/demo-heal.yaml" upscale_from= upscale_slices= base_model="$tmp/up" output_dir="$tmp/heal" \
   max_steps=4 eval_steps=2 save_steps=0 eval_table_size=2 eval_max_new_tokens=16 >"$tmp/train.log" 2>&1 ||
   fail "train: $(tail -3 "$tmp/train.log")"
 grep -q "^step 0/4 | measures | generation rep-4 .* loops " "$tmp/train.log" || fail "no generation check before training"
