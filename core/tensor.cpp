@@ -1,6 +1,7 @@
 #include "core/tensor.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -8,6 +9,24 @@
 #include "core/half.h"
 
 namespace tl {
+
+namespace {
+std::atomic<int> g_device_access{0};
+}  // namespace
+
+DeviceAccess::DeviceAccess() { ++g_device_access; }
+DeviceAccess::~DeviceAccess() { --g_device_access; }
+bool DeviceAccess::open() { return g_device_access.load(std::memory_order_relaxed) > 0; }
+
+void Tensor::check_access() const {
+  if (!DeviceAccess::open())
+    throw std::logic_error("strict device: host code read or wrote the data of a device tensor " +
+                           shape_str(shape_) + " " + std::string(dtype_name(dtype_)) +
+                           " (download it through the backend, or do the work in an Ops primitive)");
+}
+
+// Host-readable: plain host memory, or strict-device memory inside the strict backend.
+static bool host_readable(Device d) { return d == Device::CPU || (d == Device::Strict && DeviceAccess::open()); }
 
 Tensor Tensor::zeros(Shape shape, DType dtype) {
   Tensor t;
@@ -103,12 +122,12 @@ void store_from_double(void* p, DType t, int64_t i, double v) {
 }  // namespace
 
 double Tensor::get(int64_t i) const {
-  if (device_ != Device::CPU) throw std::logic_error("Tensor::get on a device tensor");
+  if (!host_readable(device_)) throw std::logic_error("Tensor::get on a device tensor");
   return load_as_double(data_, dtype_, i);
 }
 
 Tensor Tensor::to(DType dtype) const {
-  if (device_ != Device::CPU) throw std::logic_error("Tensor::to on a device tensor");
+  if (!host_readable(device_)) throw std::logic_error("Tensor::to on a device tensor");
   Tensor out = zeros(shape_, dtype);
   if (dtype == dtype_) {
     std::memcpy(out.data_, data_, nbytes());

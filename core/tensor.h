@@ -9,7 +9,22 @@
 
 namespace tl {
 
-enum class Device : uint8_t { CPU, CUDA };
+// Strict: host memory that counts as device memory (CPU backend's strict-device mode, used
+// by tests to prove the trainer never touches device data from the host): its data
+// accessors throw unless a DeviceAccess scope (held only inside that backend) is open.
+enum class Device : uint8_t { CPU, CUDA, Strict };
+
+// While one is alive, Strict tensors' data may be read and written (the strict backend opens
+// one around each of its operations). Process-wide rather than thread-local so the
+// backend's OpenMP workers are covered too.
+class DeviceAccess {
+ public:
+  DeviceAccess();
+  ~DeviceAccess();
+  DeviceAccess(const DeviceAccess&) = delete;
+  DeviceAccess& operator=(const DeviceAccess&) = delete;
+  static bool open();
+};
 
 class Tensor {
  public:
@@ -30,11 +45,17 @@ class Tensor {
   int64_t numel() const { return shape_numel(shape_); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
 
-  void* raw() const { return data_; }
+  void* raw() const {
+    if (device_ == Device::Strict) check_access();
+    return data_;
+  }
   template <class T>
   T* data() const {
+    if (device_ == Device::Strict) check_access();
     return static_cast<T*>(data_);
   }
+  // Whether both view the same first element (never touches the data).
+  bool same_data(const Tensor& o) const { return data_ == o.data_; }
 
   // Same storage, new shape with the same number of elements.
   Tensor view(Shape shape) const;
@@ -49,6 +70,8 @@ class Tensor {
   double get(int64_t i) const;
 
  private:
+  // Throws std::logic_error: host code touched a strict-device tensor's data.
+  void check_access() const;
   std::shared_ptr<void> owner_;
   void* data_ = nullptr;
   Shape shape_;

@@ -18,6 +18,7 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/tokenizer.h"
 #include "core/safetensors.h"
+#include "tools/backend.h"
 #include "train/gemma4_model.h"
 
 namespace {
@@ -118,7 +119,11 @@ int main(int argc, char** argv) {
     if (input.empty() && text_file.empty() && chat_file.empty())
       throw tl::Error("give one of --input, --text or --chat");
     auto t0 = std::chrono::steady_clock::now();
-    tl::CpuOps ops(dtype == "f64" ? tl::DType::F64 : tl::DType::F32);
+    // fp32 products (no bf16): this tool checks logits against references to 1e-5.
+    tl::Backend backend = tl::make_backend(tl::parse_backend(backend_name, "--backend"),
+                                           {dtype == "f64" ? tl::DType::F64 : tl::DType::F32, false});
+    std::cout << fmt::format("backend {}\n", backend.description);
+    tl::Ops& ops = *backend.ops;
     auto cfg = tl::Gemma4Config::load(model_dir);
     tl::Gemma4Model model(cfg, ops);
     model.load(tl::Checkpoint::open(model_dir));

@@ -9,15 +9,17 @@
 
 #include <fmt/format.h>
 
-#include "core/cpu/cpu_ops.h"
-#include "core/cpu/gemm_bf16.h"
 #include "train/stop_signal.h"
 #include "train/comm.h"
 #include "train/ddp.h"
+#include "tools/backend.h"
+#if defined(TL_HAVE_NCCL)
+#include "cuda/nccl/comm_nccl.h"
+#endif
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"torchless-train: QLoRA / LoRA / full training of Gemma 4 checkpoints on the CPU"};
+  CLI::App app{"torchless-train: QLoRA / LoRA / full training of Gemma 4 checkpoints (GPU or CPU)"};
   std::string config;
   std::vector<std::string> overrides;
   bool dry_run = false;
@@ -33,16 +35,22 @@ int main(int argc, char** argv) {
     std::ostream quiet(nullptr);  // ranks other than 0 log nothing
     std::ostream& log = comm->rank() == 0 ? std::cout : quiet;
     if (comm->world() > 1) tl::check_ranks_agree(*comm, tl::startup_fingerprints(cfg, overrides));
-    // bf16: true multiplies as a GPU does under bf16 autocast (bf16 inputs, fp32 sums) where
-    // the CPU has bf16 instructions; elsewhere emulated bf16 would be slower than fp32.
-    const bool bf16 = cfg.bf16 && tl::cpu::native_bf16();
-    tl::CpuOps ops(tl::DType::F32, bf16 ? tl::CpuMatmul::Bf16 : tl::CpuMatmul::F32);
-    tl::Trainer trainer(cfg, ops, log, *comm);
+    // The backend comes next: it says which device (this rank's GPU) the plan is for.
+    tl::Backend backend = tl::make_backend(tl::parse_backend(cfg.backend, cfg.source.string() + ": backend"),
+                                           {tl::DType::F32, cfg.bf16});
+    log << fmt::format("backend          {}\n", backend.description) << std::flush;
+    // On GPUs the gradients are reduced by NCCL on the device; MPI carries its id and the
+    // host values. Without NCCL (or on the CPU) MPI reduces host memory.
+    tl::Comm* step_comm = comm.get();
+    std::unique_ptr<tl::Comm> device_comm;
+#if defined(TL_HAVE_NCCL)
+    if (backend.kind == tl::BackendKind::Cuda && comm->world() > 1) {
+      device_comm = tl::make_nccl_comm(*comm, cfg.ddp_timeout);
+      step_comm = device_comm.get();
+    }
+#endif
+    tl::Trainer trainer(cfg, *backend.ops, log, *step_comm);
     trainer.print_plan(log);
-    log << fmt::format("matmul           {} ({})\n",
-                       bf16 ? "bf16 inputs, fp32 accumulation (oneDNN)"
-                            : cfg.bf16 ? "fp32: this CPU has no bf16 instructions" : "fp32 (bf16: false)",
-                       tl::cpu::cpu_isa_name());
     if (dry_run) return 0;
     // Fault injection for the crash tests (tests/cli/train_runs.sh): SIGKILL this process in
     // the middle of saving checkpoint N, or in the middle of pruning after step N's save.

@@ -109,7 +109,7 @@ void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tenso
     ops_.linear_backward(xd, a.A, dxa, none, a.dA);
     return;
   }
-  if (xd.raw() == x.raw()) {  // no dropout: the input gradient goes straight into dx
+  if (xd.same_data(x)) {  // no dropout: the input gradient goes straight into dx
     ops_.linear_backward(xd, a.A, dxa, dx, a.dA);
     return;
   }

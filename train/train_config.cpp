@@ -144,6 +144,7 @@ const std::vector<std::string>& train_config_keys() {
       "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
       "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
+      "backend",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
       "eval_max_new_tokens", "eval_reference_model", "eval_mc_file", "upscale_from", "upscale_slices", "seed",
       "overwrite_output_dir", "resume_from_checkpoint",
@@ -288,6 +289,8 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   require_in<std::string>(file, "nan_policy", c.nan_policy, {"skip", "stop"});
   read(root, "gradient_checkpointing", c.gradient_checkpointing);
   read(root, "bf16", c.bf16);
+  read(root, "backend", c.backend);
+  require_in<std::string>(file, "backend", c.backend, {"auto", "cpu", "cuda"});
   read(root, "output_dir", c.output_dir);
   if (std::filesystem::path(c.output_dir).is_relative())
     c.output_dir = (yaml.parent_path() / c.output_dir).lexically_normal().string();

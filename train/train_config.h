@@ -55,6 +55,9 @@ struct TrainConfig {
 
   bool gradient_checkpointing = true;
   bool bf16 = true;
+  // Where the model runs: the GPU when there is one (auto), or the one named
+  // (tools/backend.h makes it; `cuda` without a GPU is an error).
+  std::string backend = "auto";
 
   std::string output_dir = "out";
   int64_t save_steps = 0;

@@ -337,10 +337,12 @@ double Trainer::run() {
   while (state_.step < total) {
     std::vector<MicroBatch> micro = next_step_batches();
     const double lr = cfg_.learning_rate * schedule_.factor(state_.step);
+    if (around_step) around_step(state_.step + 1, false);
     model_->set_training(true, uint64_t(state_.step));
     StepResult r = buckets_ ? train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm, comm_,
                                          buckets_.get())
                             : train_step(*model_, grads_, *optimizer_, ops_, micro, lr, cfg_.max_grad_norm);
+    if (around_step) around_step(state_.step + 1, true);
     ++state_.step;
     // Every rank takes as many rows; counted on this one (padding may differ by rank).
     for (const auto& mb : micro) tokens_done += mb.batch.ids.numel() * comm_->world();

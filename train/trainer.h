@@ -47,6 +47,9 @@ class Trainer {
   // Test hook: called while pruning, after a checkpoint was renamed aside and before it is
   // deleted (a kill here must leave no half-deleted checkpoint-N).
   std::function<void(const std::filesystem::path&)> during_prune;
+  // Test hook: called with the step number just before and just after each optimizer step
+  // (micro-batches, forward, backward, clipping, update), outside evaluation and saving.
+  std::function<void(int64_t step, bool after)> around_step;
   // Stop after this many steps (saving a checkpoint first), as an interrupted run would;
   // 0 runs to the end.
   int64_t stop_after_step = 0;

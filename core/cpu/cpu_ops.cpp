@@ -263,6 +263,32 @@ double CpuOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int
   return total;
 }
 
+// Ties go to the lower index (torch.argmax's first maximum).
+int64_t CpuOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
+  require(labels.dtype() == DType::I32, "count_argmax_hits: labels must be I32");
+  const int64_t n = labels.numel(), v = logits.numel() / std::max<int64_t>(1, n);
+  int64_t hits = 0;
+  dispatch(logits.dtype(), [&]<class T>() {
+    const T* l = logits.data<T>();
+    const int32_t* y = labels.data<int32_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      if (y[t] == -100) continue;
+      hits += std::max_element(l + t * v, l + (t + 1) * v) - (l + t * v) == y[t];
+    }
+  });
+  return hits;
+}
+
+Tensor CpuOps::dropout_mask(Shape shape, double p, uint64_t seed) {
+  Tensor mask = Tensor::zeros(std::move(shape), act_);
+  const double keep = 1.0 / (1.0 - p);
+  dispatch(act_, [&]<class T>() {
+    T* m = mask.data<T>();
+    for (int64_t i = 0; i < mask.numel(); ++i) m[i] = unit_double(splitmix64(seed + uint64_t(i))) >= p ? T(keep) : T(0);
+  });
+  return mask;
+}
+
 double CpuOps::norm2(const Tensor& x) {
   double sq = 0;
   dispatch(x.dtype(), [&]<class T>() {

@@ -1,0 +1,165 @@
+// The CPU backend's strict-device mode (core/cpu/strict_ops.h): host code cannot touch
+// device data, transfers are counted, and the whole demo heal runs under it with the CPU
+// backend's losses and only the batch (plus a few scalars) crossing per step.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/cpu/strict_ops.h"
+#include "core/math.h"
+#include "tools/backend.h"
+#include "train/trainer.h"
+
+namespace tl {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(StrictDevice, HostAccessToDeviceDataThrows) {
+  StrictOps ops;
+  Tensor host = Tensor::zeros({2, 3}, DType::F32);
+  for (int i = 0; i < 6; ++i) host.data<float>()[i] = float(i);
+  Tensor dev = ops.upload(host, DType::F32);
+  EXPECT_EQ(dev.device(), Device::Strict);
+  EXPECT_THROW(dev.data<float>(), std::logic_error);
+  EXPECT_THROW(dev.raw(), std::logic_error);
+  EXPECT_THROW(dev.get(0), std::logic_error);
+  EXPECT_THROW(dev.to(DType::F64), std::logic_error);
+  EXPECT_THROW(dev.slice_rows(1, 2).data<float>(), std::logic_error);  // views stay device memory
+  EXPECT_THROW(ops.zeros({3}).data<float>(), std::logic_error);
+  // A host tensor handed to a device op is refused, naming the op.
+  Tensor out = ops.zeros({2, 3});
+  try {
+    ops.add(dev, host, out);
+    FAIL() << "add accepted a host tensor";
+  } catch (const std::logic_error& e) {
+    EXPECT_NE(std::string(e.what()).find("add: argument 2"), std::string::npos) << e.what();
+  }
+  ops.add(dev, dev, out);  // through the backend it works: out = 2·x
+  Tensor back = ops.download(out);
+  EXPECT_EQ(back.device(), Device::CPU);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(back.data<float>()[i], 2.0f * float(i));
+  EXPECT_EQ(ops.transfers().uploads, 1);
+  EXPECT_EQ(ops.transfers().upload_bytes, 24);
+  EXPECT_EQ(ops.transfers().downloads, 1);
+  EXPECT_EQ(ops.transfers().download_bytes, 24);
+  EXPECT_DOUBLE_EQ(ops.norm2(out), std::sqrt(4.0 * (0 + 1 + 4 + 9 + 16 + 25)));
+  EXPECT_EQ(ops.transfers().scalar_reads, 1);
+}
+
+// The device-made dropout mask is the documented function of (seed, element): keep with
+// value 1/(1−p) when unit_double(splitmix64(seed + i)) ≥ p.
+TEST(StrictDevice, DropoutMaskIsMadeOnTheDevice) {
+  StrictOps ops;
+  const double p = 0.25;
+  Tensor mask = ops.download(ops.dropout_mask({64, 32}, p, 1234));
+  EXPECT_EQ(ops.transfers().uploads, 0);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < mask.numel(); ++i) {
+    const bool keep = unit_double(splitmix64(1234 + uint64_t(i))) >= p;
+    EXPECT_EQ(mask.data<float>()[i], keep ? float(1.0 / 0.75) : 0.0f) << i;
+    kept += keep;
+  }
+  EXPECT_NEAR(double(kept) / double(mask.numel()), 0.75, 0.03);
+}
+
+std::vector<double> losses(const fs::path& metrics, const char* key) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) out.push_back(j[key].get<double>());
+  }
+  return out;
+}
+
+struct HealRun {
+  std::vector<double> cpu_loss, strict_loss, cpu_eval, strict_eval;
+  std::vector<TransferStats> steps;  // strict mode's traffic inside each optimizer step
+};
+
+// configs/demo-heal.yaml (models/tiny, chat data) with `overrides`, once on the CPU backend
+// and once under strict-device mode, each in its own output directory.
+HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& overrides) {
+  const fs::path cfg_path = fs::path(TL_SOURCE_DIR) / "configs/demo-heal.yaml";
+  const fs::path dir = fs::temp_directory_path() / fmt::format("tl_strict_{}_{}", name, ::getpid());
+  fs::remove_all(dir);
+  // The demo's products: bf16 where this CPU multiplies bf16 natively, as torchless-train does.
+  const Backend ref = make_backend(BackendKind::Cpu, {DType::F32, TrainConfig::load(cfg_path, overrides).bf16});
+  const CpuMatmul matmul = static_cast<CpuOps&>(*ref.ops).matmul();
+  HealRun r;
+  auto run = [&](Ops& ops, const std::string& sub) {
+    std::vector<std::string> o = overrides;
+    o.push_back("output_dir=" + (dir / sub).string());
+    std::ostringstream log;
+    Trainer t(TrainConfig::load(cfg_path, o), ops, log);
+    TransferStats before;
+    if (auto* strict = dynamic_cast<StrictOps*>(&ops))
+      t.around_step = [&, strict](int64_t, bool after) {
+        const TransferStats& now = strict->transfers();
+        if (!after) {
+          before = now;
+          return;
+        }
+        r.steps.push_back({now.uploads - before.uploads, now.upload_bytes - before.upload_bytes,
+                           now.downloads - before.downloads, now.download_bytes - before.download_bytes,
+                           now.scalar_reads - before.scalar_reads, now.scalar_bytes - before.scalar_bytes});
+      };
+    t.run();
+  };
+  CpuOps cpu(DType::F32, matmul);
+  StrictOps strict(DType::F32, matmul);
+  run(cpu, "cpu");
+  run(strict, "strict");
+  r.cpu_loss = losses(dir / "cpu/metrics.jsonl", "loss");
+  r.strict_loss = losses(dir / "strict/metrics.jsonl", "loss");
+  r.cpu_eval = losses(dir / "cpu/metrics.jsonl", "eval_loss");
+  r.strict_eval = losses(dir / "strict/metrics.jsonl", "eval_loss");
+  fs::remove_all(dir);
+  return r;
+}
+
+// The same losses to 1e-6 (logged training losses and validation losses), and per optimizer
+// step only the batch up and scalars down. Each step has 2 micro-batches of 4×256 tokens;
+// each uploads ids, positions and document ids (I32) and its shifted labels (I32, in CE
+// chunks): at most 4·4 bytes per token. Scalars: one norm per trainable tensor (clipping),
+// and a loss sum, count and hit count per cross-entropy chunk of 256 tokens.
+void check_heal(const HealRun& r, size_t logged, size_t evals, size_t steps) {
+  ASSERT_EQ(r.cpu_loss.size(), logged);
+  ASSERT_EQ(r.strict_loss.size(), logged);
+  ASSERT_EQ(r.cpu_eval.size(), evals);
+  ASSERT_EQ(r.strict_eval.size(), evals);
+  for (size_t i = 0; i < logged; ++i) EXPECT_NEAR(r.strict_loss[i], r.cpu_loss[i], 1e-6) << "logged loss " << i;
+  for (size_t i = 0; i < evals; ++i) EXPECT_NEAR(r.strict_eval[i], r.cpu_eval[i], 1e-6) << "eval loss " << i;
+  EXPECT_LT(r.cpu_eval.back(), r.cpu_eval.front());  // it trained
+  const int64_t tokens = 2 * 4 * 256, batch_bytes = 4 * 4 * tokens;
+  // LoRA A and B on the 51 linear modules the demo's plan lists (q, k, v, o, gate, up, down,
+  // the PLE gate and projection of 6 layers less k and v of the 2 KV-shared ones, and the
+  // per-layer model projection): 102 trainable tensors.
+  const int64_t trainable = 102, ce_chunks = tokens / 256;
+  ASSERT_EQ(r.steps.size(), steps);
+  int64_t max_up = 0, max_scalars = 0;
+  for (const TransferStats& s : r.steps) {
+    EXPECT_EQ(s.downloads, 0);
+    EXPECT_LE(s.upload_bytes, batch_bytes);
+    EXPECT_LE(s.scalar_reads, trainable + 3 * ce_chunks);
+    max_up = std::max(max_up, s.upload_bytes);
+    max_scalars = std::max(max_scalars, s.scalar_reads);
+  }
+  std::cout << fmt::format("strict-device demo heal, per step: {} bytes up in {} uploads (the batch is {} bytes "
+                           "of I32 ids, positions, doc ids, labels), 0 bytes down, {} scalars ({} bytes)\n",
+                           max_up, r.steps.front().uploads, batch_bytes, max_scalars, 8 * max_scalars);
+}
+
+// The first 10 steps of the demo heal with an evaluation every 5: quick, for every build.
+TEST(StrictDevice, DemoHealFirstStepsMatchTheCpu) {
+  check_heal(run_demo_heal("short", {"max_steps=10", "eval_steps=5", "save_steps=5"}), 2, 3, 10);
+}
+
+// The whole demo heal (120 steps, evaluations at 0, 30, 60, 90, 120, checkpoints at 60).
+TEST(StrictDevice, WholeDemoHealMatchesTheCpu) { check_heal(run_demo_heal("whole", {}), 24, 5, 120); }
+
+}  // namespace
+}  // namespace tl
