@@ -16,7 +16,17 @@
 #if defined(TL_HAVE_NCCL)
 #include "cuda/nccl/comm_nccl.h"
 #endif
+#include "core/plan.h"
+#include "train/memory_plan.h"
 #include "train/trainer.h"
+
+namespace {
+bool has_weights(const std::filesystem::path& dir) {
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ".safetensors") return true;
+  return false;
+}
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"torchless-train: QLoRA / LoRA / full training of Gemma 4 checkpoints (GPU or CPU)"};
@@ -49,6 +59,18 @@ int main(int argc, char** argv) {
       step_comm = device_comm.get();
     }
 #endif
+    if (dry_run && !has_weights(cfg.base_model)) {
+      // A bare config (e.g. ../shared/models/*): the plan needs no weights and no data.
+      const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
+      const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
+                                                      : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
+      const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, trainable, backend.ops->act_dtype());
+      log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n",
+                         cfg.base_model, mc.num_hidden_layers, mc.hidden_size)
+          << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable)
+          << tl::format_memory_plan(mc, in);
+      return 0;
+    }
     tl::Trainer trainer(cfg, *backend.ops, log, *step_comm);
     trainer.print_plan(log);
     if (dry_run) return 0;

@@ -66,7 +66,11 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
       layer_forward(i, x, st, st.tapes[size_t(i)]);
     }
     layer_backward(i, dx, st, grads.w.layers[size_t(i)], dkv, dple);
-    if (checkpointing_) st.tapes[size_t(i)] = {};
+    if (checkpointing_) {  // every reader of this layer's K/V is done: free them and their gradients
+      st.tapes[size_t(i)] = {};
+      st.kv[size_t(i)] = {};
+      dkv[size_t(i)] = {};
+    }
     if (layer_grads_done) layer_grads_done(i);
   }
 

@@ -160,8 +160,13 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     LayerTape& tape = st.tapes[keep_tapes ? size_t(i) : 0];
     tape = {};
     layer_forward(i, x, st, tape);
-    // Gradient checkpointing: keep only the layer's input; the backward recomputes the rest.
-    if (keep_tapes && checkpointing_) tape = LayerTape{.x_in = tape.x_in};
+    // Gradient checkpointing: keep only the layer's input; the backward recomputes the rest,
+    // K/V included, except the K/V that later KV-shared layers read. Without a backward
+    // nothing but those shared K/V outlives the layer.
+    if (!keep_tapes || checkpointing_) {
+      if (!kv_read_later(i)) st.kv[size_t(i)] = {};
+      if (keep_tapes) tape = LayerTape{.x_in = tape.x_in};
+    }
     if (layer_outputs) layer_outputs->push_back(ops_.download(x));
   }
   st.final_in = x;
@@ -173,6 +178,12 @@ Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* laye
   ForwardState st;
   forward(batch, st, false, layer_outputs);
   return st.hidden;
+}
+
+bool Gemma4Model::kv_read_later(int i) const {
+  for (int j = i + 1; j < config_.num_hidden_layers; ++j)
+    if (config_.layer(j).kv_source == i) return true;
+  return false;
 }
 
 AttentionMask Gemma4Model::mask_for(int i, const ForwardState& st) const {

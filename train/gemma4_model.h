@@ -201,6 +201,8 @@ class Gemma4Model {
   Tensor dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   Tensor moe_block(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   AttentionMask mask_for(int i, const ForwardState& st) const;
+  // Whether a later KV-shared layer reads layer i's K/V.
+  bool kv_read_later(int i) const;
   Tensor rope_inv_freq(const LayerGeometry& g) const;
 
   // backward (gemma4_backward.cpp)

@@ -17,6 +17,7 @@
 #include "train/generate.h"
 #include "train/report.h"
 #include "train/text_measures.h"
+#include "train/memory_plan.h"
 #include "train/peft_adapter.h"
 #include "core/output_dir.h"
 #include "train/run_dir.h"
@@ -165,6 +166,17 @@ void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
                                   longest, need / double(1ull << 30), int(threads), have / double(1ull << 30)));
 }
 
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable, DType act) {
+  MemoryPlanInput in;
+  in.sequence_len = cfg.sequence_len;
+  in.micro_batch = cfg.micro_batch_size;
+  in.lora_params = trainable;
+  in.gradient_checkpointing = cfg.gradient_checkpointing;
+  in.load_in_4bit = cfg.load_in_4bit;
+  in.act_bytes = int(dtype_size(act));
+  return in;
+}
+
 void Trainer::print_plan(std::ostream& out) const {
   const double pct = 100.0 * double(trainable_params_) / double(std::max<int64_t>(1, total_params_));
   const auto& mc = model_->config();
@@ -179,6 +191,7 @@ void Trainer::print_plan(std::ostream& out) const {
   const double train_bytes = 16.0 * double(trainable_params_);
   out << fmt::format("memory           base weights {:.3f} GiB ({}), trainable state {:.3f} GiB\n",
                      base / double(1ull << 30), cfg_.load_in_4bit ? "NF4" : "bf16", train_bytes / double(1ull << 30));
+  out << format_memory_plan(mc, memory_plan_input(cfg_, trainable_params_, ops_.act_dtype()));
   out << fmt::format("data             {} examples, {} tokens ({} trained), {} truncated, {} dropped\n",
                      stats_.examples, stats_.tokens, stats_.trained_tokens, stats_.truncated, stats_.dropped);
   out << fmt::format("rows             {} train, {} validation (sequence_len {}, packing {})\n", train_rows_.size(),

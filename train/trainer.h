@@ -30,6 +30,10 @@ struct TrainerState {
   int64_t skipped_steps = 0;
 };
 
+struct MemoryPlanInput;
+// What the memory plan of a run with `cfg` on a backend storing activations in `act` takes.
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable_params, DType act);
+
 class Trainer {
  public:
   Trainer(TrainConfig cfg, Ops& ops, std::ostream& log);
