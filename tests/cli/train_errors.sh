@@ -23,5 +23,18 @@ expect missing_dataset "nothing.jsonl: cannot open dataset" "$train" --config "$
 printf 'not yaml: [\n' >"$tmp/bad.yaml"
 expect bad_yaml "bad.yaml: invalid YAML" "$train" --config "$tmp/bad.yaml"
 expect bad_base "is not a directory" "$train" --config "$tmp/heal.yaml" base_model=$tmp/none
+expect bad_backend "backend 'gpu' is not one of auto, cpu, cuda" "$train" --config "$tmp/heal.yaml" backend=gpu
+# backend: cuda without a usable GPU (no CUDA backend built, or no device): one line, exit 1.
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  expect cuda_without_gpu "backend: cuda was asked for but" "$train" --config "$tmp/heal.yaml" backend=cuda --dry-run
+  expect forward_cuda_without_gpu "backend: cuda was asked for but" "$build/torchless-forward" --backend cuda \
+    --model "$src/tests/golden/dense_kv" --input "$src/tests/golden/dense_kv/model.safetensors"
+  expect forward_bad_backend "--backend: 'tpu' is not a backend (auto, cpu, cuda)" "$build/torchless-forward" \
+    --backend tpu --model "$src/tests/golden/dense_kv" --input "$src/tests/golden/dense_kv/model.safetensors"
+fi
+# auto says what it chose before anything else.
+"$train" --config "$tmp/heal.yaml" --dry-run >"$tmp/plan" 2>&1
+if head -1 "$tmp/plan" | grep -qE '^backend +(cpu|cuda) \(auto: '; then passes=$((passes + 1)); else
+  fails=$((fails + 1)); echo "FAIL auto_prints_choice: $(head -1 "$tmp/plan")"; fi
 echo "train errors: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]
