@@ -165,7 +165,11 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     // nothing but those shared K/V outlives the layer.
     if (!keep_tapes || checkpointing_) {
       if (!kv_read_later(i)) st.kv[size_t(i)] = {};
-      if (keep_tapes) tape = LayerTape{.x_in = tape.x_in};
+      if (keep_tapes) {
+        LayerTape kept;
+        kept.x_in = tape.x_in;
+        tape = std::move(kept);
+      }
     }
     if (layer_outputs) layer_outputs->push_back(ops_.download(x));
   }
