@@ -71,6 +71,8 @@ class CudaOps final : public Ops {
   void rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) override;
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                          Tensor& out) override;
+  void attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
+                                const Tensor& k_pos, int64_t window, Tensor& out) override;
   void gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void add(const Tensor& a, const Tensor& b, Tensor& out) override;
   void mul(const Tensor& a, const Tensor& b, Tensor& out) override;

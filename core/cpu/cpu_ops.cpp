@@ -279,14 +279,11 @@ int64_t CpuOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
   return hits;
 }
 
-Tensor CpuOps::dropout_mask(Shape shape, double p, uint64_t seed) {
-  Tensor mask = Tensor::zeros(std::move(shape), act_);
-  const double keep = 1.0 / (1.0 - p);
-  dispatch(act_, [&]<class T>() {
+void CpuOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
+  dispatch(mask.dtype(), [&]<class T>() {
     T* m = mask.data<T>();
-    for (int64_t i = 0; i < mask.numel(); ++i) m[i] = unit_double(splitmix64(seed + uint64_t(i))) >= p ? T(keep) : T(0);
+    for (int64_t i = 0; i < mask.numel(); ++i) m[i] = T(dropout_keep(seed, i, p));
   });
-  return mask;
 }
 
 double CpuOps::norm2(const Tensor& x) {

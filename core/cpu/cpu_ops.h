@@ -45,7 +45,7 @@ class CpuOps final : public Ops {
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
 
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
-  Tensor dropout_mask(Shape shape, double p, uint64_t seed) override;
+  void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
 
   double norm2(const Tensor& x) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,

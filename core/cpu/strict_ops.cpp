@@ -133,8 +133,14 @@ int64_t StrictOps::count_argmax_hits(const Tensor& logits, const Tensor& labels)
   scalar(1);
   return cpu_.count_argmax_hits(logits, labels);
 }
-Tensor StrictOps::dropout_mask(Shape shape, double p, uint64_t seed) {
-  return to_device(cpu_.dropout_mask(std::move(shape), p, seed));
+void StrictOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
+  Scope s("dropout_mask", {&mask});
+  cpu_.dropout_mask(seed, p, mask);
+}
+void StrictOps::attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
+                                         const Tensor& k_pos, int64_t window, Tensor& out) {
+  Scope s("attention_cached_forward", {&q, &k, &v, &q_pos, &k_pos, &out});
+  cpu_.attention_cached_forward(q, k, v, q_pos, k_pos, window, out);
 }
 double StrictOps::norm2(const Tensor& x) {
   Scope s("norm2", {&x});

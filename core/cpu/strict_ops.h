@@ -48,7 +48,9 @@ class StrictOps final : public Ops {
   void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
-  Tensor dropout_mask(Shape shape, double p, uint64_t seed) override;
+  void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
+  void attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
+                                const Tensor& k_pos, int64_t window, Tensor& out) override;
   double norm2(const Tensor& x) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                     double eps, double wd, double bc1, double bc2) override;
