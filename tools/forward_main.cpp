@@ -96,7 +96,7 @@ void check_record(const tl::SafetensorsFile& rec, const std::string& file, int64
 
 int main(int argc, char** argv) {
   CLI::App app{"torchless-forward: Gemma 4 forward pass and loss on the CPU"};
-  std::string model_dir, input, text_file, chat_file, dtype = "f32";
+  std::string model_dir, input, text_file, chat_file, dtype = "f32", backend_name = "auto";
   app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();
   auto* in_opt = app.add_option("--input", input,
                                 "safetensors with input_ids [B,S] (and optionally labels, logits, loss to compare)");
@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
   in_opt->excludes(text_opt, chat_opt);
   text_opt->excludes(chat_opt);
   app.add_option("--dtype", dtype, "activation dtype: f32 or f64")->check(CLI::IsMember({"f32", "f64"}));
+  app.add_option("--backend", backend_name, "where the model runs: auto (the GPU when there is one), cpu, cuda");
   std::string output;
   app.add_option("--output", output,
                  "write a safetensors file (atomically) with input_ids [B,S], logits [B,S,V] and logprobs "
