@@ -83,6 +83,8 @@ Backend make_cuda(const BackendOptions& o, const std::string& why) {
   b.ops = std::make_unique<CudaOps>(o.act);
   b.kind = BackendKind::Cuda;
   b.device = rank;
+  CudaOps::reset_peak_memory();
+  b.peak_device_bytes = [] { return double(CudaOps::memory().used_peak); };
   b.description = fmt::format("cuda{}, GPU {} of {} ({}, {:.0f} GiB)", why, rank, count, prop.name,
                               double(prop.totalGlobalMem) / double(1ull << 30));
   return b;

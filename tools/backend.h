@@ -4,6 +4,7 @@
 // usable GPU is an error. Each process takes the GPU of its local rank (set by mpirun /
 // torchrun / Slurm), so one process per GPU is ready for DDP.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -36,6 +37,9 @@ struct Backend {
   BackendKind kind = BackendKind::Cpu;  // what was chosen (never Auto)
   int device = -1;                      // the CUDA device taken (local rank), -1 on the CPU
   std::string description;              // one line: what was chosen and why, and its numerics
+  // The device memory pool's high-water mark in bytes since the backend was made (CUDA);
+  // empty on the CPU, whose memory is the process's RSS.
+  std::function<double()> peak_device_bytes;
 };
 
 // Makes the backend `kind` asks for; with Cuda, sets the current device to local_rank()

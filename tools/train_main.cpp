@@ -58,6 +58,10 @@ int main(int argc, char** argv) {
       device_comm = tl::make_nccl_comm(*comm, cfg.ddp_timeout);
       step_comm = device_comm.get();
     }
+#else
+    if (backend.kind == tl::BackendKind::Cuda && comm->world() > 1)
+      throw tl::AgreedError("data parallelism on GPUs needs NCCL, which this build did not find (nccl.h and "
+                            "libnccl next to the CUDA toolkit)");
 #endif
     if (dry_run && !has_weights(cfg.base_model)) {
       // A bare config (e.g. ../shared/models/*): the plan needs no weights and no data.
@@ -90,6 +94,10 @@ int main(int argc, char** argv) {
     }
     tl::install_stop_signals();
     trainer.run();
+    if (backend.peak_device_bytes)  // the plan's promise, checked: measured beside planned
+      log << fmt::format("memory peak      {:.2f} GiB measured on GPU {} (pool high-water mark), {:.2f} GiB planned\n",
+                         backend.peak_device_bytes() / double(1ull << 30), backend.device,
+                         trainer.planned_peak_bytes() / double(1ull << 30));
     if (trainer.interrupted_by) {
       std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
                                trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,

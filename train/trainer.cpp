@@ -177,6 +177,10 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable, DTy
   return in;
 }
 
+double Trainer::planned_peak_bytes() const {
+  return plan_training_memory(model_->config(), memory_plan_input(cfg_, trainable_params_, ops_.act_dtype())).total();
+}
+
 void Trainer::print_plan(std::ostream& out) const {
   const double pct = 100.0 * double(trainable_params_) / double(std::max<int64_t>(1, total_params_));
   const auto& mc = model_->config();

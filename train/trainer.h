@@ -42,6 +42,8 @@ class Trainer {
   Trainer(TrainConfig cfg, Ops& ops, std::ostream& log, Comm& comm);
   // Prints the plan (parameters, trainable share, memory, data, steps).
   void print_plan(std::ostream& out) const;
+  // The planned peak device memory of one process (the "peak per GPU" line of print_plan).
+  double planned_peak_bytes() const;
   // Runs to the last step; returns the final validation loss (NaN without a split).
   double run();
 
