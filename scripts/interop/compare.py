@@ -44,10 +44,23 @@ for what in ("prompt", "tricky"):
            f"tokenizer ids on the {what} text: {len(ours)} torchless, {len(theirs)} llama.cpp"
            + ("" if ours == theirs else f", first difference at {first}"), tokens=len(ours))
 
-# Chat template: the GGUF's template through llama.cpp's Jinja engine against torchless' renderer.
+# Chat template: what each feeds the model. torchless' renderer writes the template's <bos>;
+# llama.cpp's common_chat_templates_apply strips it and llama-cli's tokenizer adds the BOS back
+# (add_special=true, as the GGUF's add_bos_token says), so the token ids are compared; the
+# strings are recorded, compared after torchless' leading <bos>.
+ours_ids = load_file(str(W / "tl_chat.safetensors"))["input_ids"][0].tolist()
+theirs_ids = ids("llama_chat_ids.txt")
 ours, theirs = meta_text("tl_chat.safetensors"), (W / "llama_chat.txt").read_text()
-report("chat_template", ours == theirs, f"rendered chat template: {len(ours)} bytes, "
-       + ("identical" if ours == theirs else f"differs (torchless {ours!r} / llama.cpp {theirs!r})"))
+bos = "<bos>"
+ours_after_bos = ours[len(bos):] if ours.startswith(bos) and not theirs.startswith(bos) else ours
+same_text = ours_after_bos == theirs
+first = next((i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids)) if a != b), min(len(ours_ids), len(theirs_ids)))
+report("chat_template", ours_ids == theirs_ids,
+       f"chat template token ids: {len(ours_ids)} torchless, {len(theirs_ids)} llama.cpp (rendered, then tokenized "
+       "as llama-cli does)" + ("" if ours_ids == theirs_ids else f", first difference at {first}")
+       + f"; text {len(theirs)} bytes, " + ("identical" if same_text else f"differs (torchless {ours!r} / llama.cpp {theirs!r})")
+       + (" after torchless' leading <bos>" if ours_after_bos != ours else ""),
+       tokens=len(ours_ids), text_identical=same_text)
 
 # Logits of every prompt position, f32 and Q8_0 GGUFs against torchless fp32.
 tl = load_file(str(W / "tl_prompt.safetensors"))

@@ -8,12 +8,12 @@
 #    Only the CPU library (libllama, ggml-cpu) and llama-common (the Jinja chat templates) are
 #    built, plus scripts/interop/llama_dump.cpp against them.
 # 2. Without MERGED_MODEL_DIR: the merged demo model, made with the current tools (a short
-#    configs/demo-heal.yaml QLoRA run on models/tiny, then torchless-merge).
+#    configs/demo-heal.yaml QLoRA run on its upscale of models/tiny, then torchless-merge).
 # 3. llama.cpp's own convert_hf_to_gguf.py (gguf from the sdist's gguf-py) writes f32 and Q8_0
 #    GGUFs.
-# 4. scripts/interop/compare.py: logits (f32 within 2e-4 of the largest logit), greedy tokens
-#    on a prompt longer than the sliding window, tokenizer ids on tricky text, the rendered
-#    chat template.
+# 4. scripts/interop/compare.py: logits (f32 GGUF, f32 K/V cache, no flash attention: within
+#    2e-4 of the largest logit), greedy tokens on a prompt longer than the sliding window,
+#    tokenizer ids on tricky text, the token ids of the rendered chat template.
 # Needs: a build (bash scripts/build.sh), cmake, a C++ compiler, and a Python with torch,
 # transformers, numpy, safetensors and sentencepiece for the converter (PYTHON, default
 # /work/pyenv/bin/python, else python3). Work files go to build/interop/.
@@ -60,7 +60,10 @@ if [ -z "$merged" ]; then
   ./build/torchless-train --config configs/demo-heal.yaml output_dir="$work/heal" max_steps=$steps \
     eval_steps=$steps save_steps=0 eval_table_size=4 eval_max_new_tokens=48 >"$work/heal.log"
   grep -o 'generation rep-4 [0-9.]* → [0-9.]*' "$work/heal.log" | sed 's/^/heal: /' || true
-  ./build/torchless-merge --base models/tiny --adapter "$work/heal" --out "$merged" >"$work/merge.log"
+  # The heal trains on its upscaled base (configs/demo-heal.yaml: upscale_from models/tiny, base_model
+  # build/demo-upscaled); the adapter names it, relative to the directory the training ran in.
+  base=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['base_model_name_or_path'])" "$work/heal/adapter_config.json")
+  ./build/torchless-merge --base "$base" --adapter "$work/heal" --out "$merged" >"$work/merge.log"
 fi
 ./build/torchless-surgery check --require-llama-cpp "$merged"
 
@@ -111,9 +114,26 @@ PY
 $dump tokenize "$work/model-f32.gguf" "$work/prompt.txt" >"$work/llama_prompt_ids.txt"
 $dump tokenize "$work/model-f32.gguf" "$work/tricky.txt" >"$work/llama_tricky_ids.txt"
 $dump chat "$work/model-f32.gguf" "$work/chat.json" >"$work/llama_chat.txt"
+$dump tokenize-as-cli "$work/model-f32.gguf" "$work/llama_chat.txt" >"$work/llama_chat_ids.txt"
+# The f32 GGUF with an f32 K/V cache and no flash attention (llama-cli -ctk f32 -ctv f32 -fa off):
+# the default f16 cache rounds every K and V to fp16, and flash attention casts an f32 K and V
+# to f16 anyway (src/llama-graph.cpp). Q8_0 with llama.cpp's defaults, as a user runs it; where
+# those crash (ggml's AMX Q8_0 kernels die at ldtilecfg on some CPUs), again without weight
+# repacking (llama-cli --no-repack), which keeps ggml's AMX kernels out.
+f32_settings=(--cache-type f32 --flash-attn off)
+q8_settings=()
+rc=0
+$dump logits "$work/model-q8_0.gguf" "$work/prompt_ids.txt" "$work/llama_q8_0_logits.f32" 2>"$work/q8_0-defaults.log" || rc=$?
+if [ $rc -ne 0 ]; then
+  why="exit status $rc"
+  [ $rc -gt 128 ] && why="SIG$(kill -l $((rc - 128)))"
+  echo "q8_0: llama.cpp's defaults failed ($why, stderr in $work/q8_0-defaults.log); rerun with --repack off"
+  q8_settings=(--repack off)
+fi
 for q in f32 q8_0; do
-  $dump logits "$work/model-$q.gguf" "$work/prompt_ids.txt" "$work/llama_${q}_logits.f32"
-  $dump greedy "$work/model-$q.gguf" "$work/prompt_ids.txt" ${GREEDY_TOKENS:-48} >"$work/llama_${q}_greedy.txt"
+  if [ $q = f32 ]; then settings=("${f32_settings[@]}"); else settings=("${q8_settings[@]}"); fi
+  $dump logits "$work/model-$q.gguf" "$work/prompt_ids.txt" "$work/llama_${q}_logits.f32" "${settings[@]}"
+  $dump greedy "$work/model-$q.gguf" "$work/prompt_ids.txt" ${GREEDY_TOKENS:-48} "${settings[@]}" >"$work/llama_${q}_greedy.txt"
   "$PY" - "$work" "$q" <<'PY'
 import sys
 import numpy as np
@@ -129,4 +149,5 @@ echo "llama.cpp: llama-cpp-python $version sdist, vendored llama.cpp $(git -C "$
   echo '(no git record)'); gguf-py $(sed -n 's/^version = "\(.*\)"/\1/p' "$llama/gguf-py/pyproject.toml")"
 echo "python: $("$PY" -c 'import torch, transformers, numpy; print("torch", torch.__version__, "transformers", transformers.__version__, "numpy", numpy.__version__)')"
 echo "model: $merged (sliding window $window)"
+echo "llama_dump settings: f32 GGUF ${f32_settings[*]}; q8_0 GGUF defaults (--cache-type f16 --flash-attn auto) ${q8_settings[*]}"
 "$PY" scripts/interop/compare.py "$work"
