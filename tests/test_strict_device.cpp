@@ -88,6 +88,7 @@ HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& o
   const fs::path cfg_path = fs::path(TL_SOURCE_DIR) / "configs/demo-heal.yaml";
   const fs::path dir = fs::temp_directory_path() / fmt::format("tl_strict_{}_{}", name, ::getpid());
   fs::remove_all(dir);
+  fs::create_directories(dir);
   // The demo's products: bf16 where this CPU multiplies bf16 natively, as torchless-train does.
   const Backend ref = make_backend(BackendKind::Cpu, {DType::F32, TrainConfig::load(cfg_path, overrides).bf16});
   const CpuMatmul matmul = static_cast<CpuOps&>(*ref.ops).matmul();

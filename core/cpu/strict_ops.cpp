@@ -139,7 +139,7 @@ void StrictOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
 }
 void StrictOps::attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
                                          const Tensor& k_pos, int64_t window, Tensor& out) {
-  Scope s("attention_cached_forward", {&q, &k, &v, &q_pos, &k_pos, &out});
+  Scope s("attention_cached_forward", {&q, &k, &v, &out});  // positions: host or device
   cpu_.attention_cached_forward(q, k, v, q_pos, k_pos, window, out);
 }
 double StrictOps::norm2(const Tensor& x) {
