@@ -27,7 +27,8 @@ __device__ void row_softmax_stats(const T* l, int64_t v, double& mx, double& z) 
 // it is set (not added) to
 //   (softmax(l) − onehot(y))·grad_scale·c,  c = 1 − (l/cap)² if cap > 0 else 1
 // (the cap factor is d/dx of cap·tanh(x/cap) expressed through the capped logit l),
-// and to 0 on ignored rows; computed in double and rounded to T once. The host adds the rows' losses in order: deterministic.
+// and to 0 on ignored rows; computed in double and rounded to T once. The host adds the
+// rows' losses in order: deterministic.
 template <class T>
 __global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, T* dlogits,
                                      double grad_scale, double cap, int64_t v) {

@@ -49,9 +49,10 @@ __global__ void rmsnorm_backward_kernel(const T* x, const T* w, const T* dy, T* 
   if (rstd_out && threadIdx.x == 0) rstd_out[blockIdx.x] = rstd;
   if (!dx) return;
   const double c = rstd * rstd * rstd * dot / double(d);
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
-    dx[off + j] = narrow<T>(widen(dx[off + j]) + acc_t<T>(rstd * double(widen(gr[j])) * (w ? double(widen(w[j])) : 1.0) -
-                                                          double(widen(xr[j])) * c));
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const double g = rstd * double(widen(gr[j])) * (w ? double(widen(w[j])) : 1.0) - double(widen(xr[j])) * c;
+    dx[off + j] = narrow<T>(widen(dx[off + j]) + acc_t<T>(g));
+  }
 }
 
 // dW[j] += Σ_rows dy[r,j]·x[r,j]·r_r, in two deterministic steps: blockIdx.y sums a chunk of
