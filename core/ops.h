@@ -2,8 +2,10 @@
 // once against it; core/cpu implements it on the host (the reference), cuda/ on the GPU.
 //
 // Conventions: activations are contiguous tensors of the backend's activation dtype
-// (F32, or F64 for gradient checks on the CPU); rows are tokens; weights are stored
-// PyTorch-style [out, in] so Linear(x) = x·Wᵀ. Index tensors are I32.
+// (F32, F64 for gradient checks on the CPU, or BF16 on the GPU); rows are tokens; weights
+// are stored PyTorch-style [out, in] so Linear(x) = x·Wᵀ. Index tensors are I32. Trainable
+// master weights (LoRA), their gradients and Adam moments have master_dtype(): F32 beside
+// BF16 activations, so linear_forward/backward then take an F32 W (and give an F32 dW).
 #pragma once
 #include "core/tensor.h"
 
@@ -23,6 +25,9 @@ class Ops {
   virtual ~Ops() = default;
   virtual Device device() const = 0;
   virtual DType act_dtype() const = 0;
+  // The dtype of trainable master weights, their gradients and optimizer moments: F32 when
+  // activations are BF16 (fp32 masters, issue 10), else the activation dtype.
+  DType master_dtype() const { return act_dtype() == DType::BF16 ? DType::F32 : act_dtype(); }
 
   // Zero-filled tensor on this backend.
   virtual Tensor zeros(Shape shape, DType dtype) = 0;

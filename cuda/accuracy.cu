@@ -1,5 +1,6 @@
 // Token accuracy on the device: rows whose label ≠ −100 and whose argmax logit is the label.
-// The argmax takes the first maximum (ties to the lower index), as Ops::count_argmax_hits.
+// The argmax takes the first maximum (ties to the lower index), as Ops::count_argmax_hits;
+// values compare in acc_t<T> (bf16 widens to fp32 exactly).
 #include "cuda/cuda_util.cuh"
 
 namespace tl {
@@ -13,22 +14,25 @@ constexpr int kArgmaxThreads = 256;
 template <class T>
 __global__ void argmax_hits_kernel(const T* logits, const int32_t* labels, int64_t v,
                                    unsigned long long* hits) {
+  using A = cuda::acc_t<T>;
   const int64_t row = blockIdx.x;
   const int32_t target = labels[row];
   if (target == -100) return;  // block-uniform: no thread reaches the barriers below
   const T* l = logits + row * v;
-  T best = l[0];
+  A best = cuda::widen(l[0]);
   int64_t at = 0;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x)
-    if (l[j] > best || (l[j] == best && j < at)) best = l[j], at = j;
-  __shared__ T vals[kArgmaxThreads];
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const A lj = cuda::widen(l[j]);
+    if (lj > best || (lj == best && j < at)) best = lj, at = j;
+  }
+  __shared__ A vals[kArgmaxThreads];
   __shared__ int64_t idx[kArgmaxThreads];
   vals[threadIdx.x] = best;
   idx[threadIdx.x] = at;
   __syncthreads();
   for (int s = kArgmaxThreads / 2; s > 0; s >>= 1) {
     if (int(threadIdx.x) < s) {
-      const T ov = vals[threadIdx.x + s];
+      const A ov = vals[threadIdx.x + s];
       const int64_t oi = idx[threadIdx.x + s];
       if (ov > vals[threadIdx.x] || (ov == vals[threadIdx.x] && oi < idx[threadIdx.x])) {
         vals[threadIdx.x] = ov;

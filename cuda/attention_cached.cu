@@ -4,7 +4,8 @@
 //                          q_pos[s] − k_pos[j] < window (no window: window ≤ 0); else masked
 //   out     = Σ_j softmax(score)_j · v_j   (max subtracted; a row that sees nothing is 0)
 // The scores of a row live in a [S·nh, L] scratch from the pool: generation has few queries
-// (S = 1 per decoded token), so this is O(S·nh·L), never O(L²).
+// (S = 1 per decoded token), so this is O(S·nh·L), never O(L²). Scores, softmax and the
+// weighted sum run in acc_t<T> (fp32 for bf16 storage); only the output is rounded to T.
 #include <cmath>
 
 #include "cuda/cuda_util.cuh"
@@ -15,41 +16,42 @@ namespace {
 
 constexpr int kCachedThreads = 128;
 
-template <class T>
+template <class T, class A = cuda::acc_t<T>>
 __global__ void cached_attention_kernel(const T* Q, const T* K, const T* V, const int32_t* qpos, const int32_t* kpos,
-                                        int64_t L, int64_t nh, int64_t nkv, int64_t d, int64_t window, T* scores,
+                                        int64_t L, int64_t nh, int64_t nkv, int64_t d, int64_t window, A* scores,
                                         T* O) {
+  using cuda::widen;
   const int64_t row = blockIdx.x, s = row / nh, h = row % nh, g = h / (nh / nkv);
   const T* q = Q + row * d;
-  T* p = scores + row * L;
+  A* p = scores + row * L;
   const int32_t at = qpos[s];
-  T top = -INFINITY;
+  A top = -INFINITY;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     const int32_t kp = kpos[j];
     const bool seen = kp >= 0 && kp <= at && (window <= 0 || int64_t(at) - kp < window);
-    T dot = -INFINITY;
+    A dot = -INFINITY;
     if (seen) {
       dot = 0;
       const T* k = K + (j * nkv + g) * d;
-      for (int64_t c = 0; c < d; ++c) dot += q[c] * k[c];
+      for (int64_t c = 0; c < d; ++c) dot += widen(q[c]) * widen(k[c]);
     }
     p[j] = dot;
     top = max(top, dot);
   }
   top = cuda::block_reduce(top, cuda::Max{});
-  T sum = 0;
+  A sum = 0;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
-    const T e = isinf(p[j]) ? T(0) : exp(p[j] - top);
+    const A e = isinf(p[j]) ? A(0) : exp(p[j] - top);
     p[j] = e;
     sum += e;
   }
   sum = cuda::block_reduce(sum, cuda::Sum{});  // its barriers also publish every p[j]
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    T acc = 0;
+    A acc = 0;
     if (sum > 0)
       for (int64_t j = 0; j < L; ++j)
-        if (p[j] > 0) acc += p[j] / sum * V[(j * nkv + g) * d + c];
-    O[row * d + c] = acc;
+        if (p[j] > 0) acc += p[j] / sum * widen(V[(j * nkv + g) * d + c]);
+    O[row * d + c] = cuda::narrow<T>(acc);
   }
 }
 
@@ -72,10 +74,11 @@ void CudaOps::attention_cached_forward(const Tensor& q, const Tensor& k, const T
   const cuda::DeviceInts qp = cuda::device_ints(q_pos, "attention_cached_forward q_pos");
   const cuda::DeviceInts kp = cuda::device_ints(k_pos, "attention_cached_forward k_pos");
   cuda::dispatch(q.dtype(), [&]<class T>() {
-    auto scores = cuda::device_alloc(size_t(S * nh * std::max<int64_t>(L, 1)) * sizeof(T));
+    using A = cuda::acc_t<T>;
+    auto scores = cuda::device_alloc(size_t(S * nh * std::max<int64_t>(L, 1)) * sizeof(A));
     cached_attention_kernel<T><<<unsigned(S * nh), kCachedThreads>>>(q.data<T>(), k.data<T>(), v.data<T>(), qp.ptr,
                                                                      kp.ptr, L, nh, nkv, d, window,
-                                                                     static_cast<T*>(scores.get()), out.data<T>());
+                                                                     static_cast<A*>(scores.get()), out.data<T>());
     TL_CUDA_LAUNCHED("cached_attention_kernel");
   });
 }

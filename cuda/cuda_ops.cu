@@ -80,7 +80,9 @@ std::vector<int32_t> host_ints(const Tensor& t, const char* what) {
 using cuda::require;
 
 CudaOps::CudaOps(DType act, CudaMatmul matmul) : act_(act), matmul_(matmul) {
-  require(act == DType::F32 || act == DType::F64, "activation dtype must be F32 or F64");
+  require(act == DType::F32 || act == DType::F64 || act == DType::BF16, "activation dtype must be F32, F64 or BF16");
+  // bf16 activations are only ever multiplied as bf16 (tensor cores, fp32 compute).
+  require(act != DType::BF16 || matmul == CudaMatmul::Bf16, "BF16 activations need CudaMatmul::Bf16");
 }
 
 CudaOps::~CudaOps() {

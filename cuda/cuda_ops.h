@@ -1,11 +1,19 @@
 // The CUDA implementation of Ops. It computes what CpuOps (the reference) computes, for
-// activation dtypes F32 and F64, with tensors living on the current CUDA device.
+// activation dtypes F32, F64 and BF16, with tensors living on the current CUDA device.
 //
-// Numerics: activations, LoRA master weights, gradients and Adam moments are fp32 (F64 for
-// gradient checks). With CudaMatmul::Bf16 (the trainer's `bf16: true`) the projections run
-// as cuBLASLt GEMMs with bf16 inputs, fp32 compute and fp32 outputs on tensor cores: the
-// numerics of CpuMatmul::Bf16 and of a GPU under bf16 autocast. Softmax, log-sum-exp, norm
-// statistics and the loss stay in fp32 or wider. NF4 bases stay on the device as NF4.
+// Numerics:
+// - F32 / F64: activations, LoRA master weights, gradients and Adam moments in that dtype
+//   (F64 for gradient checks). With CudaMatmul::Bf16 the large projections run as cuBLASLt
+//   GEMMs with bf16 inputs, fp32 compute and fp32 outputs: the numerics of CpuMatmul::Bf16.
+// - BF16 (the trainer's `bf16: true` on a GPU, issue 10): activations and frozen weights are
+//   stored in bf16; every kernel loads to fp32, computes in fp32 (acc_t, cuda_util.cuh) and
+//   rounds once on the store; every product is a cuBLASLt bf16 GEMM with fp32 compute on
+//   tensor cores. LoRA master weights, their gradients and Adam moments stay F32 tensors
+//   (linear_forward/backward take an F32 W beside bf16 x; Ops::master_dtype). Softmax, the
+//   attention scores, log-sum-exp, norm statistics, the loss, norms and accuracy are fp32
+//   or wider; the bf16 copies of the attention probabilities (and of dS) that multiply V
+//   (and K, Q) are rounded once, as flash attention does.
+// NF4 bases stay on the device as NF4.
 //
 // Index inputs (ids, positions, doc_ids, rows, labels) and rope's inv_freq may live on the
 // host or the device; host ones are copied over per call. Activations, weights and every
@@ -130,15 +138,15 @@ class CudaOps final : public Ops {
     return matmul_ == CudaMatmul::Bf16 && act_ == DType::F32 && multiply_adds >= (int64_t(1) << 22);
   }
   // Reused device buffer `slot` of at least `bytes` (grown, never shrunk; stream order makes
-  // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands, 3 the NF4 dequant scratch,
-  // 4, 5 attention's score/probability blocks.
+  // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands (0 also an F32 master W
+  // rounded for bf16 activations), 3 the NF4 dequant scratch, 4, 5 attention's score /
+  // probability blocks, 6, 7 their bf16 copies (bf16 activations).
   void* scratch(int slot, size_t bytes);
   // C(fp32, column-major) = op(A)·op(B) + beta·C with A and B rounded to bf16 (cuBLASLt).
   void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float beta, float* c, int64_t ldc, const uint16_t* a16 = nullptr);
-  // The same product with A, B and C in the activation dtype (F32 or F64), by cuBLASLt.
-  void gemm_act(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
-                int64_t ldb, double beta, void* c, int64_t ldc);
+  // W as a bf16 operand: itself when BF16, else (an F32 master) rounded into scratch slot 0.
+  const void* bf16_weight(const Tensor& w);
   // The dequantized weight [out, in] in the scratch: bf16 (`bf16`), else the activation dtype.
   const void* nf4_dequantized(const Nf4Tensor& w, bool bf16);
 

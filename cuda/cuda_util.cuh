@@ -1,7 +1,9 @@
-// Helpers shared by the CUDA op files (nvcc only): error checks, dtype dispatch, launch
-// sizes, index-tensor staging and deterministic warp/block reductions.
+// Helpers shared by the CUDA op files (nvcc only): error checks, dtype dispatch, the
+// storage/arithmetic conversions, launch sizes, index-tensor staging and deterministic
+// warp/block reductions.
 #pragma once
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -9,6 +11,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cuda_ops.h"
@@ -29,12 +32,66 @@ void require(bool ok, const char* what);
 // `t` must be a device tensor (activations and weights are never staged implicitly).
 void require_device(const Tensor& t, const char* what);
 
-// Runs f.template operator()<T>() for the activation dtype `t` (float or double).
+using bf16 = __nv_bfloat16;
+
+// Runs f.template operator()<T>() for the storage type of the activation dtype `t`:
+// float (F32), double (F64) or bf16 (BF16).
 template <class F>
 void dispatch(DType t, F&& f) {
   if (t == DType::F32) f.template operator()<float>();
   else if (t == DType::F64) f.template operator()<double>();
-  else throw std::invalid_argument("CudaOps: activations must be F32 or F64");
+  else if (t == DType::BF16) f.template operator()<bf16>();
+  else throw std::invalid_argument("CudaOps: activations must be F32, F64 or BF16");
+}
+
+// The same for code that exists in float and double only (cuBLAS SGEMM/DGEMM paths; bf16
+// takes its own path before reaching them).
+template <class F>
+void dispatch_wide(DType t, F&& f) {
+  if (t == DType::F32) f.template operator()<float>();
+  else if (t == DType::F64) f.template operator()<double>();
+  else throw std::invalid_argument("CudaOps: this path needs F32 or F64 tensors");
+}
+
+// The type a kernel computes in for storage type T: bf16 values are loaded to float, every
+// operation runs in float and the result is rounded to bf16 once, on the store. float and
+// double compute in themselves, so for them widen/narrow are the identity and the F32/F64
+// kernels are the arithmetic they always were.
+template <class T>
+struct Accumulate {
+  using type = T;
+};
+template <>
+struct Accumulate<bf16> {
+  using type = float;
+};
+template <class T>
+using acc_t = typename Accumulate<T>::type;
+
+// Storage -> arithmetic type.
+template <class T>
+__device__ __forceinline__ acc_t<T> widen(T v) {
+  if constexpr (std::is_same_v<T, bf16>) return __bfloat162float(v);
+  else return v;
+}
+
+// Any arithmetic value (float or double) -> storage type T, rounding to nearest even once
+// (a double goes to bf16 directly, not through float).
+template <class T, class V>
+__device__ __forceinline__ T narrow(V v) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if constexpr (std::is_same_v<V, double>) return __double2bfloat16(v);
+    else return __float2bfloat16_rn(float(v));
+  } else {
+    return T(v);
+  }
+}
+
+// *p += v, atomically, in T (bf16 atomics need sm_80, the oldest architecture built).
+template <class T>
+__device__ __forceinline__ void atomic_add(T* p, acc_t<T> v) {
+  if constexpr (std::is_same_v<T, bf16>) atomicAdd(p, __float2bfloat16_rn(v));
+  else atomicAdd(p, v);
 }
 
 constexpr int kThreads = 256;
@@ -57,6 +114,8 @@ std::shared_ptr<void> device_alloc(size_t bytes);
 
 // Round-to-nearest-even fp32 -> bf16, as core/half.h's float_to_bf16 (and __float2bfloat16_rn).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
+// bf16 -> fp32 (exact).
+void from_bf16(const uint16_t* src, float* dst, int64_t n);
 
 // An I32 index tensor as a device pointer: device tensors are used in place, host tensors
 // are copied to a temporary kept alive by `keep`.

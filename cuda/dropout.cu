@@ -9,7 +9,7 @@ namespace tl {
 namespace {
 template <class T>
 __global__ void dropout_mask_kernel(uint64_t seed, double p, T* mask, int64_t n) {
-  TL_GRID_STRIDE(i, n) mask[i] = T(dropout_keep(seed, i, p));
+  TL_GRID_STRIDE(i, n) mask[i] = cuda::narrow<T>(dropout_keep(seed, i, p));
 }
 }  // namespace
 

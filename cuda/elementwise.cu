@@ -1,7 +1,8 @@
 // Elementwise ops (add, mul, scale, scale_rows, softcap, gelu_tanh·up, and the backward of the last
 // two) and the column copy.
 // Grid-stride loops over the flat index; each element is read before it is written by the
-// same thread, so outputs may alias inputs as the Ops interface allows.
+// same thread, so outputs may alias inputs as the Ops interface allows. Arithmetic runs in
+// acc_t<T> (float for bf16 storage), rounded once on the store.
 #include "core/math.h"
 #include "cuda/cuda_util.cuh"
 
@@ -9,37 +10,41 @@ namespace tl {
 
 namespace {
 
+using cuda::acc_t;
+using cuda::narrow;
+using cuda::widen;
+
 template <class T>
 __global__ void add_kernel(const T* a, const T* b, T* out, int64_t n) {
-  TL_GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+  TL_GRID_STRIDE(i, n) out[i] = narrow<T>(widen(a[i]) + widen(b[i]));
 }
 
 template <class T>
 __global__ void mul_kernel(const T* a, const T* b, T* out, int64_t n) {
-  TL_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+  TL_GRID_STRIDE(i, n) out[i] = narrow<T>(widen(a[i]) * widen(b[i]));
 }
 
 template <class T>
-__global__ void scale_kernel(T* x, T s, int64_t n) {
-  TL_GRID_STRIDE(i, n) x[i] *= s;
+__global__ void scale_kernel(T* x, acc_t<T> s, int64_t n) {
+  TL_GRID_STRIDE(i, n) x[i] = narrow<T>(widen(x[i]) * s);
 }
 
 // x[m, :] *= s[m]; x viewed [M, d].
 template <class T>
 __global__ void scale_rows_kernel(T* x, const T* s, int64_t n, int64_t d) {
-  TL_GRID_STRIDE(i, n) x[i] *= s[i / d];
+  TL_GRID_STRIDE(i, n) x[i] = narrow<T>(widen(x[i]) * widen(s[i / d]));
 }
 
 // x = cap·tanh(x/cap), the shared formula from core/math.h.
 template <class T>
-__global__ void softcap_kernel(T* x, T cap, int64_t n) {
-  TL_GRID_STRIDE(i, n) x[i] = softcap(x[i], cap);
+__global__ void softcap_kernel(T* x, acc_t<T> cap, int64_t n) {
+  TL_GRID_STRIDE(i, n) x[i] = narrow<T>(softcap(widen(x[i]), cap));
 }
 
 // out = gelu_tanh(gate)·up, gelu_tanh from core/math.h.
 template <class T>
 __global__ void gelu_tanh_mul_kernel(const T* gate, const T* up, T* out, int64_t n) {
-  TL_GRID_STRIDE(i, n) out[i] = gelu_tanh(gate[i]) * up[i];
+  TL_GRID_STRIDE(i, n) out[i] = narrow<T>(gelu_tanh(widen(gate[i])) * widen(up[i]));
 }
 
 // dgate += dout·up·gelu'(gate), dup += dout·gelu(gate); either may be null (not wanted).
@@ -47,17 +52,18 @@ template <class T>
 __global__ void gelu_tanh_mul_backward_kernel(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
                                               int64_t n) {
   TL_GRID_STRIDE(i, n) {
-    if (dgate) dgate[i] += dout[i] * up[i] * gelu_tanh_grad(gate[i]);
-    if (dup) dup[i] += dout[i] * gelu_tanh(gate[i]);
+    if (dgate) dgate[i] = narrow<T>(widen(dgate[i]) + widen(dout[i]) * widen(up[i]) * gelu_tanh_grad(widen(gate[i])));
+    if (dup) dup[i] = narrow<T>(widen(dup[i]) + widen(dout[i]) * gelu_tanh(widen(gate[i])));
   }
 }
 
 // Given y = cap·tanh(x/cap): dx = dy·(1 − (y/cap)²), in place on dy.
 template <class T>
-__global__ void softcap_backward_kernel(const T* y, T cap, T* dy, int64_t n) {
+__global__ void softcap_backward_kernel(const T* y, acc_t<T> cap, T* dy, int64_t n) {
+  using A = acc_t<T>;
   TL_GRID_STRIDE(i, n) {
-    const T t = y[i] / cap;
-    dy[i] *= T(1) - t * t;
+    const A t = widen(y[i]) / cap;
+    dy[i] = narrow<T>(widen(dy[i]) * (A(1) - t * t));
   }
 }
 
@@ -122,7 +128,7 @@ void CudaOps::scale(Tensor& x, double s) {
   const int64_t n = x.numel();
   if (n == 0) return;
   cuda::dispatch(x.dtype(), [&]<class T>() {
-    scale_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), T(s), n);
+    scale_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), acc_t<T>(s), n);
     TL_CUDA_LAUNCHED("scale_kernel");
   });
 }
@@ -145,7 +151,7 @@ void CudaOps::softcap_forward(Tensor& x, double cap) {
   const int64_t n = x.numel();
   if (n == 0) return;
   cuda::dispatch(x.dtype(), [&]<class T>() {
-    softcap_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), T(cap), n);
+    softcap_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), acc_t<T>(cap), n);
     TL_CUDA_LAUNCHED("softcap_kernel");
   });
 }
@@ -155,7 +161,7 @@ void CudaOps::softcap_backward(const Tensor& y, double cap, Tensor& dy) {
   const int64_t n = y.numel();
   if (n == 0) return;
   cuda::dispatch(y.dtype(), [&]<class T>() {
-    softcap_backward_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(y.data<T>(), T(cap), dy.data<T>(), n);
+    softcap_backward_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(y.data<T>(), acc_t<T>(cap), dy.data<T>(), n);
     TL_CUDA_LAUNCHED("softcap_backward_kernel");
   });
 }

@@ -44,10 +44,13 @@ LtGemm::Plan& LtGemm::plan(const Key& key) {
   if (auto it = plans_.find(key); it != plans_.end()) return it->second;
   const auto [type, ta, tb, m, n, k, lda, ldb, ldc, al_a, al_b, al_c] = key;
   const bool f64 = type == int64_t(LtType::F64);
-  const cudaDataType_t in_t = f64 ? CUDA_R_64F : type == int64_t(LtType::Bf16) ? CUDA_R_16BF : CUDA_R_32F;
-  const cudaDataType_t out_t = f64 ? CUDA_R_64F : CUDA_R_32F;
+  const bool bf16_in = type == int64_t(LtType::Bf16F32) || type == int64_t(LtType::Bf16Bf16);
+  const cudaDataType_t in_t = f64 ? CUDA_R_64F : bf16_in ? CUDA_R_16BF : CUDA_R_32F;
+  const cudaDataType_t out_t = f64 ? CUDA_R_64F : type == int64_t(LtType::Bf16Bf16) ? CUDA_R_16BF : CUDA_R_32F;
+  // The scale type (of alpha and beta) follows the compute type, not C's: fp32 for bf16 C.
+  const cudaDataType_t scale_t = f64 ? CUDA_R_64F : CUDA_R_32F;
   Plan p;
-  TL_LT_CHECK(cublasLtMatmulDescCreate(&p.desc, f64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F, out_t));
+  TL_LT_CHECK(cublasLtMatmulDescCreate(&p.desc, f64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F, scale_t));
   const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   TL_LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
   TL_LT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));

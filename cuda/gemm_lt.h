@@ -1,5 +1,8 @@
 // GEMMs through cuBLASLt:  C[m,n] = op(A)·op(B) + beta·C   (column-major, as cublasSgemm)
-//   Bf16: A, B bf16, C fp32, fp32 compute (tensor cores);  F32 / F64: everything in that type.
+//   Bf16F32:  A, B bf16, C fp32, fp32 compute and scale (tensor cores);
+//   Bf16Bf16: A, B, C bf16, fp32 compute and scale: op(A)·op(B) + beta·C is formed in fp32
+//             and rounded to bf16 once (bf16 activations);
+//   F32 / F64: everything in that type.
 // A training step multiplies a handful of shapes over and over, so each shape's matmul
 // descriptor, matrix layouts and the heuristic's algorithm are made once and cached.
 #pragma once
@@ -13,7 +16,7 @@
 
 namespace tl::cuda {
 
-enum class LtType { Bf16, F32, F64 };
+enum class LtType { Bf16F32, Bf16Bf16, F32, F64 };
 
 class LtGemm {
  public:

@@ -9,15 +9,17 @@ namespace tl {
 
 namespace {
 
-// Row statistics in double, as the reference: mx = max_j l_j, z = Σ_j exp(l_j − mx).
-// Every thread of the block gets both.
+using cuda::widen;
+
+// Row statistics in double, as the reference (whatever the storage type): mx = max_j l_j,
+// z = Σ_j exp(l_j − mx). Every thread of the block gets both.
 template <class T>
 __device__ void row_softmax_stats(const T* l, int64_t v, double& mx, double& z) {
   mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = max(mx, double(l[j]));
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = max(mx, double(widen(l[j])));
   mx = cuda::block_reduce(mx, cuda::Max{});
   z = 0;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) z += exp(double(l[j]) - mx);
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) z += exp(double(widen(l[j])) - mx);
   z = cuda::block_reduce(z, cuda::Sum{});
 }
 
@@ -25,7 +27,8 @@ __device__ void row_softmax_stats(const T* l, int64_t v, double& mx, double& z) 
 // it is set (not added) to
 //   (softmax(l) − onehot(y))·grad_scale·c,  c = 1 − (l/cap)² if cap > 0 else 1
 // (the cap factor is d/dx of cap·tanh(x/cap) expressed through the capped logit l),
-// and to 0 on ignored rows. The host adds the rows' losses in order: deterministic.
+// and to 0 on ignored rows; computed in double and rounded to T once. The host adds the
+// rows' losses in order: deterministic.
 template <class T>
 __global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, T* dlogits,
                                      double grad_scale, double cap, int64_t v) {
@@ -36,18 +39,18 @@ __global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, dou
   if (y == -100) {  // block-uniform, so no thread is left waiting at a barrier
     if (threadIdx.x == 0) loss[n] = 0;
     if (g)
-      for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = T(0);
+      for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = cuda::narrow<T>(0.0);
     return;
   }
   double mx, z;
   row_softmax_stats(l, v, mx, z);
-  if (threadIdx.x == 0) loss[n] = mx + log(z) - double(l[y]);
+  if (threadIdx.x == 0) loss[n] = mx + log(z) - double(widen(l[y]));
   if (!g) return;
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    const double lj = double(l[j]);
+    const double lj = double(widen(l[j]));
     const double p = exp(lj - mx) / z - (j == y ? 1.0 : 0.0);
     const double c = cap > 0 ? 1.0 - (lj / cap) * (lj / cap) : 1.0;
-    g[j] = T(p * grad_scale * c);
+    g[j] = cuda::narrow<T>(p * grad_scale * c);
   }
 }
 

@@ -7,7 +7,11 @@ namespace tl {
 
 namespace {
 
-// One thread per token, replaying the reference's arithmetic in T:
+using cuda::acc_t;
+using cuda::narrow;
+using cuda::widen;
+
+// One thread per token, replaying the reference's arithmetic in acc_t<T> (fp32 for bf16):
 //   e_j = exp(l_j − max l),  z = Σ_j e_j (j ascending),  p_j = e_j / z
 //   top k by p, ties to the lower index (the reference's stable sort)
 //   weight_r = p_{idx_r} / Σ_{r'} p_{idx_r'} · per_expert_scale[idx_r]
@@ -22,36 +26,50 @@ __device__ bool ranks_before(T pa, int a, T pb, int b) {
 template <class T>
 __global__ void moe_route_kernel(const T* logits, const T* per_expert_scale, T* weights, int32_t* idx,
                                  int64_t n, int e, int k) {
+  using A = acc_t<T>;
   TL_GRID_STRIDE(t, n) {
     const T* l = logits + t * e;
-    T mx = l[0];
-    for (int j = 1; j < e; ++j) mx = l[j] > mx ? l[j] : mx;
-    T z = 0;
-    for (int j = 0; j < e; ++j) z += T(std::exp(l[j] - mx));
-    auto p = [&](int j) { return T(std::exp(l[j] - mx)) / z; };
+    A mx = widen(l[0]);
+    for (int j = 1; j < e; ++j) mx = widen(l[j]) > mx ? widen(l[j]) : mx;
+    A z = 0;
+    for (int j = 0; j < e; ++j) z += A(std::exp(widen(l[j]) - mx));
+    auto p = [&](int j) { return A(std::exp(widen(l[j]) - mx)) / z; };
 
-    T top = 0;
-    int prev = -1;
-    T prev_p = 0;
-    for (int r = 0; r < k; ++r) {
+    // The best expert strictly after pick (prev, prev_p) in the order (any expert when
+    // prev < 0), its p in best_p.
+    auto next = [&](int prev, A prev_p, A& best_p) {
       int best = -1;
-      T best_p = 0;
+      best_p = 0;
       for (int j = 0; j < e; ++j) {
-        const T pj = p(j);
+        const A pj = p(j);
         if (prev >= 0 && !ranks_before(prev_p, prev, pj, j)) continue;  // already taken
         if (best < 0 || ranks_before(pj, j, best_p, best)) {
           best = j;
           best_p = pj;
         }
       }
-      idx[t * k + r] = best;
-      weights[t * k + r] = best_p;  // p for now; divided by Σ p_top below
-      top += best_p;
-      prev = best;
+      return best;
+    };
+    // Two passes over the picks, so nothing is kept per pick and each weight is rounded to
+    // T once: Σ p_top first, then idx and the weights p / Σ p_top · scale.
+    A top = 0;
+    int prev = -1;
+    A prev_p = 0;
+    for (int r = 0; r < k; ++r) {
+      A best_p;
+      prev = next(prev, prev_p, best_p);
       prev_p = best_p;
+      top += best_p;
     }
-    for (int r = 0; r < k; ++r)
-      weights[t * k + r] = weights[t * k + r] / top * per_expert_scale[idx[t * k + r]];
+    prev = -1;
+    prev_p = 0;
+    for (int r = 0; r < k; ++r) {
+      A best_p;
+      prev = next(prev, prev_p, best_p);
+      prev_p = best_p;
+      idx[t * k + r] = prev;
+      weights[t * k + r] = narrow<T>(best_p / top * widen(per_expert_scale[prev]));
+    }
   }
 }
 
@@ -67,16 +85,19 @@ __global__ void moe_route_backward_kernel(const T* logits, const T* scale, const
     const T* l = logits + t * e;
     const int32_t* ix = idx + t * k;
     double mx = -INFINITY, z = 0, dot = 0;
-    for (int64_t j = 0; j < k; ++j) mx = max(mx, double(l[ix[j]]));
-    for (int64_t j = 0; j < k; ++j) z += exp(double(l[ix[j]]) - mx);
-    auto pt = [&](int64_t j) { return exp(double(l[ix[j]]) - mx) / z; };
-    auto dpt = [&](int64_t j) { return double(dw[t * k + j]) * double(scale[ix[j]]); };
+    for (int64_t j = 0; j < k; ++j) mx = max(mx, double(widen(l[ix[j]])));
+    for (int64_t j = 0; j < k; ++j) z += exp(double(widen(l[ix[j]])) - mx);
+    auto pt = [&](int64_t j) { return exp(double(widen(l[ix[j]])) - mx) / z; };
+    auto dpt = [&](int64_t j) { return double(widen(dw[t * k + j])) * double(widen(scale[ix[j]])); };
     for (int64_t j = 0; j < k; ++j) {
       dot += pt(j) * dpt(j);
-      if (contrib) contrib[t * k + j] = double(dw[t * k + j]) * pt(j);
+      if (contrib) contrib[t * k + j] = double(widen(dw[t * k + j])) * pt(j);
     }
     if (dlogits)
-      for (int64_t j = 0; j < k; ++j) dlogits[t * e + ix[j]] += T(pt(j) * (dpt(j) - dot));
+      for (int64_t j = 0; j < k; ++j) {
+        T& dl = dlogits[t * e + ix[j]];
+        dl = narrow<T>(widen(dl) + acc_t<T>(pt(j) * (dpt(j) - dot)));
+      }
   }
 }
 
@@ -89,7 +110,7 @@ __global__ void moe_dscale_kernel(const int32_t* idx, const double* contrib, T* 
   for (int64_t i = threadIdx.x; i < nk; i += blockDim.x)
     if (idx[i] == ex) a += contrib[i];
   a = cuda::block_reduce(a, cuda::Sum{});
-  if (threadIdx.x == 0) dscale[ex] += T(a);
+  if (threadIdx.x == 0) dscale[ex] = narrow<T>(widen(dscale[ex]) + acc_t<T>(a));
 }
 
 }  // namespace

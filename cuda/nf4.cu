@@ -3,8 +3,9 @@
 // layer dequantizes the whole projection into a reused scratch and multiplies it there:
 //   w[i] = round_orig(nf4_code_value(q[i]) · absmax_f32[i/64])      (core/nf4.h)
 //   y = x·Wᵀ (forward);  dx += dy·W (backward; the base is frozen)
-// in bf16 on tensor cores when the product runs in bf16 (CudaMatmul::Bf16), else in the
-// activation dtype, so the product is the CPU backend's to fp32 summation order.
+// in bf16 on tensor cores when the product runs in bf16 (CudaMatmul::Bf16, and always with
+// BF16 activations, whose x, y, dy and dx are bf16 too), else in the activation dtype, so
+// the product is the CPU backend's to fp32 summation order.
 // The quantize kernel is nf4_quantize's first pass (per-block absmax, reciprocal, codes) on
 // the device, so loading can quantize a weight where it was uploaded.
 #include <climits>
@@ -153,7 +154,7 @@ const void* CudaOps::nf4_dequantized(const Nf4Tensor& w, bool bf16) {
     TL_CUDA_LAUNCHED("nf4_dequant_kernel");
   };
   if (bf16) launch(static_cast<uint16_t*>(out));
-  else if (act_ == DType::F32) launch(static_cast<float*>(out));
+  else if (act_ == DType::F32) launch(static_cast<float*>(out));  // (BF16 activations always take bf16)
   else launch(static_cast<double*>(out));
   return out;
 }
@@ -168,9 +169,13 @@ void CudaOps::linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y)
   cuda::require(y.numel() == n * out, "linear_nf4: y size");
   cuda::require(n <= INT_MAX && in <= INT_MAX && out <= INT_MAX, "linear_nf4: dimension exceeds cuBLAS int range");
   if (n == 0 || out == 0) return;
-  const bool bf16 = bf16_for(n * out * in);
+  const bool bf16 = act_ == DType::BF16 || bf16_for(n * out * in);
   const void* wd = nf4_dequantized(w, bf16);
   // yᵀ[out,n] = op_T(W's buffer [in,out]) · (x's buffer [in,n])   (see linear.cu)
+  if (act_ == DType::BF16) {
+    lt().run(cuda::LtType::Bf16Bf16, true, false, out, n, in, wd, in, x.raw(), in, 0.0, y.raw(), out, nullptr);
+    return;
+  }
   if (bf16) {
     gemm_bf16(true, false, out, n, in, nullptr, in, x.data<float>(), in, 0.0f, y.data<float>(), out,
               static_cast<const uint16_t*>(wd));
@@ -200,9 +205,13 @@ void CudaOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& 
   cuda::require(n <= INT_MAX && in <= INT_MAX && out <= INT_MAX,
                 "linear_nf4_backward: dimension exceeds cuBLAS int range");
   if (n == 0 || in == 0) return;
-  const bool bf16 = bf16_for(n * out * in);
+  const bool bf16 = act_ == DType::BF16 || bf16_for(n * out * in);
   const void* wd = nf4_dequantized(w, bf16);
   // dxᵀ[in,n] += (W's buffer [in,out])·(dy's buffer [out,n])
+  if (act_ == DType::BF16) {
+    lt().run(cuda::LtType::Bf16Bf16, false, false, in, n, out, wd, in, dy.raw(), out, 1.0, dx.raw(), in, nullptr);
+    return;
+  }
   if (bf16) {
     gemm_bf16(false, false, in, n, out, nullptr, in, dy.data<float>(), out, 1.0f, dx.data<float>(), in,
               static_cast<const uint16_t*>(wd));

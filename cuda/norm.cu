@@ -7,19 +7,26 @@ namespace tl {
 
 namespace {
 
+using cuda::acc_t;
+using cuda::narrow;
+using cuda::widen;
+
 // y = x · (mean(x²) + eps)^(-1/2) · w. Σx² is accumulated in double (as the CPU reference
-// does); rstd is then rounded to T and the row scaled in T, in the reference's order
-// (x·rstd)·w. w == nullptr: no scale. Safe in place (y == x): every read of the row
+// does); rstd is then rounded to acc_t<T> and the row scaled in it, in the reference's
+// order (x·rstd)·w, rounded to T once (bf16: as HF's Gemma RMSNorm, which computes in fp32
+// and casts back). w == nullptr: no scale. Safe in place (y == x): every read of the row
 // finishes before the reduction's barrier.
 template <class T>
 __global__ void rmsnorm_kernel(const T* x, const T* w, T* y, int64_t d, double eps) {
+  using A = acc_t<T>;
   const T* xr = x + int64_t(blockIdx.x) * d;
   T* yr = y + int64_t(blockIdx.x) * d;
   double ss = 0;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) ss += double(xr[j]) * double(xr[j]);
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) ss += double(widen(xr[j])) * double(widen(xr[j]));
   ss = cuda::block_reduce(ss, cuda::Sum{});
-  const T rstd = T(1.0 / sqrt(ss / double(d) + eps));
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = w ? xr[j] * rstd * w[j] : xr[j] * rstd;
+  const A rstd = A(1.0 / sqrt(ss / double(d) + eps));
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+    yr[j] = narrow<T>(w ? widen(xr[j]) * rstd * widen(w[j]) : widen(xr[j]) * rstd);
 }
 
 // Per row, in double: r = (mean(x²)+eps)^-½, dot = Σ x∘dy∘w,
@@ -32,8 +39,9 @@ __global__ void rmsnorm_backward_kernel(const T* x, const T* w, const T* dy, T* 
   const T *xr = x + off, *gr = dy + off;
   double ss = 0, dot = 0;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-    ss += double(xr[j]) * double(xr[j]);
-    dot += double(xr[j]) * double(gr[j]) * (w ? double(w[j]) : 1.0);
+    const double xj = widen(xr[j]);
+    ss += xj * xj;
+    dot += xj * double(widen(gr[j])) * (w ? double(widen(w[j])) : 1.0);
   }
   ss = cuda::block_reduce(ss, cuda::Sum{});
   dot = cuda::block_reduce(dot, cuda::Sum{});
@@ -41,8 +49,10 @@ __global__ void rmsnorm_backward_kernel(const T* x, const T* w, const T* dy, T* 
   if (rstd_out && threadIdx.x == 0) rstd_out[blockIdx.x] = rstd;
   if (!dx) return;
   const double c = rstd * rstd * rstd * dot / double(d);
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
-    dx[off + j] += T(rstd * double(gr[j]) * (w ? double(w[j]) : 1.0) - double(xr[j]) * c);
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const double g = rstd * double(widen(gr[j])) * (w ? double(widen(w[j])) : 1.0) - double(widen(xr[j])) * c;
+    dx[off + j] = narrow<T>(widen(dx[off + j]) + acc_t<T>(g));
+  }
 }
 
 // dW[j] += Σ_rows dy[r,j]·x[r,j]·r_r, in two deterministic steps: blockIdx.y sums a chunk of
@@ -54,7 +64,7 @@ __global__ void rmsnorm_dw_partial_kernel(const T* x, const T* dy, const double*
   if (j >= d) return;
   const int64_t r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
   double a = 0;
-  for (int64_t r = r0; r < r1; ++r) a += double(dy[r * d + j]) * double(x[r * d + j]) * rstd[r];
+  for (int64_t r = r0; r < r1; ++r) a += double(widen(dy[r * d + j])) * double(widen(x[r * d + j])) * rstd[r];
   partial[blockIdx.y * d + j] = a;
 }
 
@@ -63,7 +73,7 @@ __global__ void rmsnorm_dw_finish_kernel(const double* partial, T* dw, int64_t c
   TL_GRID_STRIDE(j, d) {
     double a = 0;
     for (int64_t c = 0; c < chunks; ++c) a += partial[c * d + j];
-    dw[j] += T(a);
+    dw[j] = narrow<T>(widen(dw[j]) + acc_t<T>(a));
   }
 }
 

@@ -4,9 +4,12 @@
 
 namespace tl {
 
+using cuda::acc_t;
 using cuda::blocks_for;
 using cuda::dispatch;
 using cuda::kThreads;
+using cuda::narrow;
+using cuda::widen;
 
 namespace {
 
@@ -15,24 +18,27 @@ namespace {
 template <class T>
 __global__ void sumsq_kernel(const T* x, int64_t n, double* partial) {
   double acc = 0;
-  TL_GRID_STRIDE(i, n) acc += double(x[i]) * double(x[i]);
+  TL_GRID_STRIDE(i, n) acc += double(widen(x[i])) * double(widen(x[i]));
   acc = cuda::block_reduce(acc, cuda::Sum{});
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 // p ← p·(1 − lr·wd);  m ← m + (g − m)(1−β1);  v ← β2·v + (1−β2)·g²;
 // p ← p − (lr/bc1)·m / (√v/√bc2 + eps)
-template <class T>
-__global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, T decay, T b1, T b2, T step_size,
-                             T sqrt_bc2, T eps) {
+// in acc_t<T>. The trainer's parameters are F32 masters (LoRA); a BF16 tensor (a frozen-dtype
+// weight trained in place) is updated in fp32 and rounded once per step.
+template <class T, class A = acc_t<T>>
+__global__ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, A decay, A b1, A b2, A step_size,
+                             A sqrt_bc2, A eps) {
   TL_GRID_STRIDE(i, n) {
-    T pi = p[i] * decay;
-    T mi = m[i] + (g[i] - m[i]) * (T(1) - b1);
-    T vi = v[i] * b2 + g[i] * g[i] * (T(1) - b2);
+    const A gi = widen(g[i]), m0 = widen(m[i]);
+    A pi = widen(p[i]) * decay;
+    A mi = m0 + (gi - m0) * (A(1) - b1);
+    A vi = widen(v[i]) * b2 + gi * gi * (A(1) - b2);
     pi -= step_size * mi / (sqrt(vi) / sqrt_bc2 + eps);
-    p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
+    p[i] = narrow<T>(pi);
+    m[i] = narrow<T>(mi);
+    v[i] = narrow<T>(vi);
   }
 }
 
@@ -57,12 +63,17 @@ double CudaOps::norm2(const Tensor& x) {
 void CudaOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
                            double eps, double wd, double bc1, double bc2) {
   cuda::require(p.numel() == g.numel() && m.numel() == p.numel() && v.numel() == p.numel(), "adamw sizes");
+  cuda::require(g.dtype() == p.dtype() && m.dtype() == p.dtype() && v.dtype() == p.dtype(), "adamw dtypes");
   cuda::require_device(p, "adamw p");
+  cuda::require_device(g, "adamw g");
+  cuda::require_device(m, "adamw m");
+  cuda::require_device(v, "adamw v");
   const int64_t n = p.numel();
   dispatch(p.dtype(), [&]<class T>() {
+    using A = acc_t<T>;
     adamw_kernel<T><<<blocks_for(n), kThreads>>>(p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), n,
-                                                 T(1.0 - lr * wd), T(beta1), T(beta2), T(lr / bc1),
-                                                 T(std::sqrt(bc2)), T(eps));
+                                                 A(1.0 - lr * wd), A(beta1), A(beta2), A(lr / bc1),
+                                                 A(std::sqrt(bc2)), A(eps));
     TL_CUDA_LAUNCHED("adamw_kernel");
   });
 }

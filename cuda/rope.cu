@@ -11,21 +11,23 @@ namespace {
 // rotates by θ = pos·inv_freq[i]:  (a, b) -> (a·cosθ − b·sinθ,  b·cosθ + a·sinθ).
 // The backward is the transpose, a rotation by −θ, i.e. the same with sinθ negated
 // (exact, so it matches the reference's a·c + b·s, b·c − a·s).
-// θ, cos and sin are computed in T, as the reference (and HF) do; inv_freq[i] = 0 leaves
-// the pair unchanged (cos 0 = 1, sin 0 = 0).
+// θ, cos and sin are computed in acc_t<T> (T itself for F32/F64, as the reference and HF
+// do; fp32 for bf16 storage, as HF computes cos/sin), the rotation too, and each output is
+// rounded to T once. inv_freq[i] = 0 leaves the pair unchanged (cos 0 = 1, sin 0 = 0).
 template <class T>
 __global__ void rope_kernel(T* x, const int32_t* pos, const double* inv_freq, int64_t n, int64_t heads,
                             int64_t half, bool inverse) {
+  using A = cuda::acc_t<T>;
   const int64_t total = n * heads * half;
   TL_GRID_STRIDE(e, total) {
     const int64_t i = e % half, th = e / half;  // th = t·heads + h
     const int64_t t = th / heads;
-    const T theta = T(pos[t]) * T(inv_freq[i]);
-    const T c = std::cos(theta), s = inverse ? -std::sin(theta) : std::sin(theta);
+    const A theta = A(pos[t]) * A(inv_freq[i]);
+    const A c = std::cos(theta), s = inverse ? -std::sin(theta) : std::sin(theta);
     T* p = x + th * 2 * half;
-    const T a = p[i], b = p[i + half];
-    p[i] = a * c - b * s;
-    p[i + half] = b * c + a * s;
+    const A a = cuda::widen(p[i]), b = cuda::widen(p[i + half]);
+    p[i] = cuda::narrow<T>(a * c - b * s);
+    p[i + half] = cuda::narrow<T>(b * c + a * s);
   }
 }
 

@@ -8,12 +8,17 @@ namespace tl {
 
 namespace {
 
-// out[r, j] = table[ids[r], j] · scale (ids were range-checked on the host).
+using cuda::acc_t;
+using cuda::narrow;
+using cuda::widen;
+
+// out[r, j] = table[ids[r], j] · scale (ids were range-checked on the host), in acc_t<T>.
 template <class T>
-__global__ void embedding_kernel(const T* table, const int32_t* ids, T scale, T* out, int64_t n, int64_t d) {
+__global__ void embedding_kernel(const T* table, const int32_t* ids, acc_t<T> scale, T* out, int64_t n,
+                                 int64_t d) {
   TL_GRID_STRIDE(e, n * d) {
     const int64_t r = e / d, j = e % d;
-    out[e] = table[int64_t(ids[r]) * d + j] * scale;
+    out[e] = narrow<T>(widen(table[int64_t(ids[r]) * d + j]) * scale);
   }
 }
 
@@ -29,25 +34,25 @@ __global__ void gather_kernel(const W* src, const int32_t* rows, W* out, int64_t
 
 // dst[rows[m], :] += scale[m] · src[m, :] (scale == null: 1). Rows may repeat, so the adds
 // are atomic; with repeated rows the summation order (hence the last bits) is not
-// deterministic.
+// deterministic. bf16: the product is formed in fp32, rounded, and added by a bf16 atomic.
 template <class T>
 __global__ void scatter_add_kernel(const T* src, const int32_t* rows, const T* scale, T* dst, int64_t m,
                                    int64_t d) {
   TL_GRID_STRIDE(e, m * d) {
     const int64_t r = e / d, j = e % d;
-    atomicAdd(dst + int64_t(rows[r]) * d + j, scale ? scale[r] * src[e] : src[e]);
+    cuda::atomic_add(dst + int64_t(rows[r]) * d + j, scale ? widen(scale[r]) * widen(src[e]) : widen(src[e]));
   }
 }
 
 // dtable[ids[r], :] += scale · dout[r, :], skipping ids equal to `skip`. Atomic, since
 // tokens repeat (same caveat on summation order as above).
 template <class T>
-__global__ void embedding_backward_kernel(const int32_t* ids, const T* dout, T scale, int64_t skip, T* dtable,
-                                          int64_t n, int64_t d) {
+__global__ void embedding_backward_kernel(const int32_t* ids, const T* dout, acc_t<T> scale, int64_t skip,
+                                          T* dtable, int64_t n, int64_t d) {
   TL_GRID_STRIDE(e, n * d) {
     const int64_t r = e / d, j = e % d;
     const int64_t id = ids[r];
-    if (id != skip) atomicAdd(dtable + id * d + j, scale * dout[e]);
+    if (id != skip) cuda::atomic_add(dtable + id * d + j, scale * widen(dout[e]));
   }
 }
 
@@ -57,9 +62,9 @@ __global__ void rowwise_dot_kernel(const T* a, const int32_t* rows, const T* b, 
   const T* x = a + int64_t(blockIdx.x) * d;
   const T* y = b + int64_t(rows[blockIdx.x]) * d;
   double acc = 0;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) acc += double(x[j]) * double(y[j]);
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) acc += double(widen(x[j])) * double(widen(y[j]));
   acc = cuda::block_reduce(acc, cuda::Sum{});
-  if (threadIdx.x == 0) out[blockIdx.x] = T(acc);
+  if (threadIdx.x == 0) out[blockIdx.x] = narrow<T>(acc);
 }
 
 // Ids are range-checked on the host (a small copy back when they live on the device): an
@@ -82,7 +87,7 @@ void CudaOps::embedding_forward(const Tensor& table, const Tensor& ids, double s
   check_ids(ids, v, -1);
   cuda::DeviceInts dids = cuda::device_ints(ids, "embedding ids must be I32");
   cuda::dispatch(table.dtype(), [&]<class T>() {
-    embedding_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(table.data<T>(), dids.ptr, T(scale),
+    embedding_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(table.data<T>(), dids.ptr, acc_t<T>(scale),
                                                                      out.data<T>(), n, d);
     TL_CUDA_LAUNCHED("embedding_kernel");
   });
@@ -100,7 +105,7 @@ void CudaOps::embedding_backward(const Tensor& ids, const Tensor& dout, double s
   check_ids(ids, v, skip_id);
   cuda::DeviceInts dids = cuda::device_ints(ids, "embedding ids must be I32");
   cuda::dispatch(dtable.dtype(), [&]<class T>() {
-    embedding_backward_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(dids.ptr, dout.data<T>(), T(scale),
+    embedding_backward_kernel<T><<<cuda::blocks_for(n * d), cuda::kThreads>>>(dids.ptr, dout.data<T>(), acc_t<T>(scale),
                                                                               skip_id, dtable.data<T>(), n, d);
     TL_CUDA_LAUNCHED("embedding_backward_kernel");
   });

@@ -79,18 +79,28 @@ Backend make_cuda(const BackendOptions& o, const std::string& why) {
   if (cudaSetDevice(rank) != cudaSuccess) throw Error(fmt::format("backend: cuda: cannot select GPU {}", rank));
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, rank);
+  // `bf16: true` (the trainer's default) on a GPU: bf16 activations, fp32 compute, fp32 LoRA
+  // masters (issue 10). Exact checks (torchless-forward, bf16 off) keep fp32 or fp64.
+  const bool bf16 = cuda_activation_dtype(o) == DType::BF16;
   Backend b;
-  b.ops = std::make_unique<CudaOps>(o.act);
+  if (bf16) b.ops = std::make_unique<CudaOps>(DType::BF16, CudaMatmul::Bf16);
+  else b.ops = std::make_unique<CudaOps>(o.act);
   b.kind = BackendKind::Cuda;
   b.device = rank;
   CudaOps::reset_peak_memory();
   b.peak_device_bytes = [] { return double(CudaOps::memory().used_peak); };
-  b.description = fmt::format("cuda{}, GPU {} of {} ({}, {:.0f} GiB)", why, rank, count, prop.name,
-                              double(prop.totalGlobalMem) / double(1ull << 30));
+  b.description = fmt::format("cuda{}, GPU {} of {} ({}, {:.0f} GiB), {}", why, rank, count, prop.name,
+                              double(prop.totalGlobalMem) / double(1ull << 30),
+                              bf16 ? "bf16 activations, fp32 accumulation, softmax, norms and loss, fp32 LoRA masters "
+                                     "(cuBLASLt)"
+                              : o.act == DType::F64 ? "fp64"
+                                                    : "fp32");
   return b;
 }
 #endif
 }  // namespace
+
+DType cuda_activation_dtype(const BackendOptions& o) { return o.bf16 && o.act == DType::F32 ? DType::BF16 : o.act; }
 
 Backend make_backend(BackendKind kind, const BackendOptions& opts) {
   if (kind == BackendKind::Cpu) return make_cpu(opts, "");

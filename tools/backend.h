@@ -42,6 +42,10 @@ struct Backend {
   std::function<double()> peak_device_bytes;
 };
 
+// The activation dtype the CUDA backend runs with under `opts` (BF16 when bf16 is on and F32
+// was asked for), whether or not this machine has a GPU: what a dry run plans a GPU for.
+DType cuda_activation_dtype(const BackendOptions& opts);
+
 // Makes the backend `kind` asks for; with Cuda, sets the current device to local_rank()
 // first. Throws tl::Error (one line) when `cuda` is asked for and cannot be had.
 Backend make_backend(BackendKind kind, const BackendOptions& opts = {});

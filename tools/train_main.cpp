@@ -26,6 +26,16 @@ bool has_weights(const std::filesystem::path& dir) {
     if (e.path().extension() == ".safetensors") return true;
   return false;
 }
+// --dry-run on a bare config (e.g. ../shared/models/*): the plan needs no weights and no data.
+void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act) {
+  const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
+  const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
+                                                  : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
+  log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n", cfg.base_model,
+                     mc.num_hidden_layers, mc.hidden_size)
+      << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable)
+      << tl::format_memory_plan(mc, tl::memory_plan_input(cfg, trainable, act));
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -45,9 +55,18 @@ int main(int argc, char** argv) {
     std::ostream quiet(nullptr);  // ranks other than 0 log nothing
     std::ostream& log = comm->rank() == 0 ? std::cout : quiet;
     if (comm->world() > 1) tl::check_ranks_agree(*comm, tl::startup_fingerprints(cfg, overrides));
+    const tl::BackendKind kind = tl::parse_backend(cfg.backend, cfg.source.string() + ": backend");
+    const tl::BackendOptions backend_opts{tl::DType::F32, cfg.bf16};
+    if (dry_run && !has_weights(cfg.base_model) && kind == tl::BackendKind::Cuda && !tl::cuda_available()) {
+      // Planning a GPU run needs no GPU: a bare config with `backend: cuda` is planned with the
+      // CUDA backend's numerics on any machine (training itself then needs the GPU).
+      log << "backend          cuda (dry run on a machine without a usable GPU: planned with the CUDA "
+             "backend's numerics)\n";
+      plan_bare_config(log, cfg, tl::cuda_activation_dtype(backend_opts));
+      return 0;
+    }
     // The backend comes next: it says which device (this rank's GPU) the plan is for.
-    tl::Backend backend = tl::make_backend(tl::parse_backend(cfg.backend, cfg.source.string() + ": backend"),
-                                           {tl::DType::F32, cfg.bf16});
+    tl::Backend backend = tl::make_backend(kind, backend_opts);
     log << fmt::format("backend          {}\n", backend.description) << std::flush;
     // On GPUs the gradients are reduced by NCCL on the device; MPI carries its id and the
     // host values. Without NCCL (or on the CPU) MPI reduces host memory.
@@ -64,15 +83,7 @@ int main(int argc, char** argv) {
                             "libnccl next to the CUDA toolkit)");
 #endif
     if (dry_run && !has_weights(cfg.base_model)) {
-      // A bare config (e.g. ../shared/models/*): the plan needs no weights and no data.
-      const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
-      const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
-                                                      : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
-      const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, trainable, backend.ops->act_dtype());
-      log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n",
-                         cfg.base_model, mc.num_hidden_layers, mc.hidden_size)
-          << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable)
-          << tl::format_memory_plan(mc, in);
+      plan_bare_config(log, cfg, backend.ops->act_dtype());
       return 0;
     }
     tl::Trainer trainer(cfg, *backend.ops, log, *step_comm);

@@ -17,10 +17,13 @@ LoraAdapter& Gemma4Model::attach_lora(const std::string& name, const Tensor& A, 
   if (dropout < 0 || dropout >= 1) throw Error(fmt::format("LoRA '{}': dropout {} not in [0, 1)", name, dropout));
   LoraAdapter a;
   a.name = name;
-  a.A = ops_.upload(A, ops_.act_dtype());
-  a.B = ops_.upload(B, ops_.act_dtype());
-  a.dA = ops_.zeros(A.shape());
-  a.dB = ops_.zeros(B.shape());
+  // fp32 masters even beside bf16 activations (Ops::master_dtype): the backend rounds them
+  // to bf16 for each product, and their gradients come out of its fp32 accumulators.
+  const DType master = ops_.master_dtype();
+  a.A = ops_.upload(A, master);
+  a.B = ops_.upload(B, master);
+  a.dA = ops_.zeros(A.shape(), master);
+  a.dB = ops_.zeros(B.shape(), master);
   a.scaling = scaling;
   a.dropout = dropout;
   a.dropout_seed = dropout_seed;

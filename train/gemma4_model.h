@@ -142,8 +142,8 @@ class Gemma4Model {
   Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
 
   // Attaches a LoRA adapter to the projection HF calls `name` (e.g.
-  // "layers.3.self_attn.q_proj.weight"); A, B are host tensors, uploaded in the activation
-  // dtype. Its gradients (dA, dB) are zeroed and accumulated by forward_backward.
+  // "layers.3.self_attn.q_proj.weight"); A, B are host tensors, uploaded in the backend's
+  // master dtype (F32 beside BF16 activations, else the activation dtype). Its gradients (dA, dB) are zeroed and accumulated by forward_backward.
   LoraAdapter& attach_lora(const std::string& name, const Tensor& A, const Tensor& B, double scaling,
                            double dropout = 0.0, uint64_t dropout_seed = 0);
   std::vector<LoraAdapter*> adapters();  // in the order they were attached

@@ -12,8 +12,8 @@ namespace tl {
 
 struct LoraAdapter {
   std::string name;   // the base weight's HF name, e.g. "layers.3.self_attn.q_proj.weight"
-  Tensor A, B;        // on the backend, in the activation dtype (fp32 master weights)
-  Tensor dA, dB;      // gradients, same shapes
+  Tensor A, B;        // on the backend, in Ops::master_dtype() (fp32 master weights)
+  Tensor dA, dB;      // gradients, same shapes and dtype
   double scaling = 1.0;
   double dropout = 0.0;
   uint64_t dropout_seed = 0;  // with the step counter, fixes the dropout mask of each pass

@@ -68,6 +68,13 @@ void Trainer::setup_model() {
       if (s.is_linear) model_->quantize_nf4(s.name, ckpt.entry(prefix_ + s.name).dtype, cfg_.double_quant);
   }
 
+  // Base weights live in the activation dtype. Beside BF16 activations (a GPU with bf16: true)
+  // training them would update bf16 weights with bf16 gradients and moments, without the
+  // fp32 masters LoRA gets; refuse rather than train worse than asked.
+  if (ops_.act_dtype() == DType::BF16 && (cfg_.adapter == "full" || !cfg_.full_train_layers.empty()))
+    throw Error(fmt::format("{}: {} trains base weights, which this backend holds in bf16 (no fp32 master "
+                            "copies); set bf16: false to train them in fp32",
+                            cfg_.source.string(), cfg_.adapter == "full" ? "adapter: full" : "full_train_layers"));
   std::vector<ParamSlot> slots;
   if (cfg_.adapter == "full") {
     grads_ = model_->zero_grads();

@@ -115,9 +115,10 @@ void Trainer::resume(const fs::path& dir) {
     const auto& file = lora ? adapter : full;
     if (!file || !file->contains(key))
       throw Error(fmt::format("{}: checkpoint has no tensor '{}' (trained with another adapter setup?)", dir.string(), key));
-    *p.value = ops_.upload(file->get(key), ops_.act_dtype());
-    p.m = ops_.upload(moments.get(p.name + ".exp_avg"), ops_.act_dtype());
-    p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), ops_.act_dtype());
+    // Each in the dtype the run holds it in (F32 LoRA masters beside BF16 activations).
+    *p.value = ops_.upload(file->get(key), p.value->dtype());
+    p.m = ops_.upload(moments.get(p.name + ".exp_avg"), p.m.dtype());
+    p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), p.v.dtype());
   }
   log_ << fmt::format("resumed from {} at step {} (run {})\n", dir.string(), state_.step, run_id_);
 }
