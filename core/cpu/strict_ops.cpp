@@ -140,7 +140,11 @@ void StrictOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
 void StrictOps::attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
                                          const Tensor& k_pos, int64_t window, Tensor& out) {
   Scope s("attention_cached_forward", {&q, &k, &v, &out});  // positions: host or device
-  cpu_.attention_cached_forward(q, k, v, q_pos, k_pos, window, out);
+  // CpuOps' (the interface's default) result is a new host tensor: copy it into out's
+  // device memory, as a backend writing in place would.
+  Tensor result = out;
+  cpu_.attention_cached_forward(q, k, v, q_pos, k_pos, window, result);
+  if (result.raw() != out.raw()) std::memcpy(out.raw(), result.raw(), out.nbytes());
 }
 double StrictOps::norm2(const Tensor& x) {
   Scope s("norm2", {&x});

@@ -36,5 +36,28 @@ fi
 "$train" --config "$tmp/heal.yaml" --dry-run >"$tmp/plan" 2>&1
 if head -1 "$tmp/plan" | grep -qE '^backend +(cpu|cuda) \(auto: '; then passes=$((passes + 1)); else
   fails=$((fails + 1)); echo "FAIL auto_prints_choice: $(head -1 "$tmp/plan")"; fi
+# The 31B QLoRA plan per GPU (seq 2048, micro-batch 1, r 16 on every projection, gradient
+# checkpointing) from the bare released config: at most 22 GiB with the CUDA backend's bf16
+# activations, with or without a GPU on this machine (issue 10; Unsloth reports 22 GB).
+cat >"$tmp/31b.yaml" <<YAML
+base_model: $src/../shared/models/gemma-4-31B-it
+adapter: qlora
+lora_r: 16
+lora_alpha: 16
+lora_target_linear: true
+sequence_len: 2048
+micro_batch_size: 1
+gradient_checkpointing: true
+datasets:
+  - path: $src/data/demo/heal.jsonl
+    type: chat
+output_dir: $tmp/out31
+YAML
+if "$train" --config "$tmp/31b.yaml" backend=cuda --dry-run >"$tmp/plan31" 2>&1; then
+  peak=$(sed -n 's/^peak per GPU *\([0-9.]*\) GiB.*/\1/p' "$tmp/plan31")
+  if [ -n "$peak" ] && grep -q "bf16 activations" "$tmp/plan31" && awk -v p="$peak" 'BEGIN { exit !(p <= 22.0 && p > 18.0) }'; then
+    passes=$((passes + 1)); echo "ok 31B plan: $peak GiB per GPU"
+  else fails=$((fails + 1)); echo "FAIL plan_31b: $(cat "$tmp/plan31")"; fi
+else fails=$((fails + 1)); echo "FAIL plan_31b exited non-zero: $(cat "$tmp/plan31")"; fi
 echo "train errors: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]
