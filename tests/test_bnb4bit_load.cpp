@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "core/cpu/cpu_ops.h"
+#include "core/surgery.h"
 #include "core/weights.h"
 #include "golden_util.h"
 #include "nf4_test_util.h"
@@ -168,6 +169,10 @@ TEST(Bnb4bitLoad, MergeSurgeryAndFullTrainingRefuseIt) {
       "is pre-quantized by bitsandbytes (4-bit); this needs a full-precision checkpoint");
   EXPECT_EQ(check_text_decoder(Gemma4Config::load(test::golden(kBnb)), Checkpoint::open(test::golden(kBnb)), true),
             int64_t(text_decoder_weights(Gemma4Config::load(test::golden(kBnb))).size()));
+  test::expect_error(
+      [&] { apply_layer_map(test::golden(kBnb), tmp / "upscaled", slices_map(6, "0:4,2:6"), IdentityMode::None, false, true); },
+      "cannot rewrite a checkpoint pre-quantized by bitsandbytes");
+  EXPECT_FALSE(fs::exists(tmp / "upscaled"));
   for (const char* adapter : {"lora", "full"}) {
     const fs::path yaml = tmp / fmt::format("{}.yaml", adapter);
     std::ofstream(yaml) << "base_model: " << test::golden(kBnb) << "\nadapter: " << adapter

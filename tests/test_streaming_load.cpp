@@ -7,6 +7,7 @@
 
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/strict_ops.h"
+#include "core/plan.h"
 #include "core/weights.h"
 #include "golden_util.h"
 #include "nf4_test_util.h"
@@ -42,16 +43,24 @@ TEST(StreamingLoad, QuantizesWhileReadingAndNeverUploadsProjectionsOrExperts) {
   // What must have been uploaded: the tensors that stay dense (embeddings, norms, router
   // scales), in F32, and nothing else.
   int64_t dense_bytes = 0, quantized_bytes = 0;
+  // The memory plan's NF4 footprint: what the loaded tensors hold (codes, 16-float NF4 map,
+  // nested codes, nested absmax, 256-float dynamic map), the dense ones counted in bf16.
+  double held_bytes = 0;
+  auto nf4_held = [](const Nf4Tensor& t) {
+    return double(t.packed.size() + 16 * 4 + t.absmax_q.size() + 4 * (t.nested_absmax.size() + t.nested_map.size()));
+  };
   int projections = 0, experts = 0;
   for (const WeightSpec& s : text_decoder_weights(m->config())) {
     if (s.component == Component::LayerScalar) continue;
     const bool q = s.is_linear || s.component == Component::Experts;
     (q ? quantized_bytes : dense_bytes) += 4 * shape_numel(s.shape);
+    if (!q) held_bytes += 2.0 * double(shape_numel(s.shape));
     if (!q) continue;
     const Tensor w = ckpt.get(prefix + s.name);
     if (s.is_linear) {
       ASSERT_NE(m->nf4(s.name), nullptr) << s.name;
       test::expect_same_nf4(*m->nf4(s.name), nf4_quantize(w, true), s.name);
+      held_bytes += nf4_held(*m->nf4(s.name));
       ++projections;
     } else {
       ASSERT_EQ(m->nf4(s.name), nullptr);
@@ -60,6 +69,7 @@ TEST(StreamingLoad, QuantizesWhileReadingAndNeverUploadsProjectionsOrExperts) {
         ASSERT_NE(got, nullptr) << s.name << " expert " << e;
         const Tensor slice = w.slice_rows(e, e + 1).view({s.shape[1], s.shape[2]});
         test::expect_same_nf4(*got, nf4_quantize(slice, true), fmt::format("{} expert {}", s.name, e));
+        held_bytes += nf4_held(*got);
         // The values the expert GEMMs multiply by: the slice's own NF4 dequantization.
         EXPECT_EQ(test::compare(nf4_dequantize(*got, DType::F32), nf4_dequantize(nf4_quantize(slice, true), DType::F32))
                       .max_abs,
@@ -71,6 +81,7 @@ TEST(StreamingLoad, QuantizesWhileReadingAndNeverUploadsProjectionsOrExperts) {
   }
   EXPECT_EQ(projections, 6 * 7 + 4);  // q k o gate up down router per layer; v on the 4 sliding (K=V full)
   EXPECT_EQ(experts, 6 * 2 * 8);
+  EXPECT_EQ(held_bytes, plan_model(m->config()).bytes_nf4);  // the plan counts experts as they are held
   const TransferStats& t = strict.transfers();
   EXPECT_EQ(t.upload_bytes, dense_bytes) << "uploaded " << t.uploads << " tensors";
   EXPECT_LT(t.upload_bytes, quantized_bytes / 4);  // measured: 144832 B dense vs 1757184 B quantized, in F32

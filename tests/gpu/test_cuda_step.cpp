@@ -1,8 +1,9 @@
 // Whole training steps of the four golden variants (tests/golden/<variant>) on the GPU:
 //   * F64 LoRA: three AdamW steps with warmup, clipping and accumulation equal PEFT's
 //     recorded losses, norms and weights (the independent reference, as tests/test_peft_golden);
-//   * the QLoRA step as torchless-train runs it (NF4 double-quantized bases on the device,
-//     LoRA dropout 0.1 masks made on the device, bf16 projections, fp32 master weights):
+//   * the QLoRA step as torchless-train runs it (NF4 double-quantized bases and MoE experts
+//     on the device, LoRA dropout 0.1 masks made on the device, bf16 projections, fp32
+//     master weights):
 //     CUDA against CPU with the same settings.
 #include <nlohmann/json.hpp>
 
@@ -23,11 +24,9 @@ struct StepModel {
   StepModel(const std::string& dir, Ops& ops, bool qlora, double dropout) {
     model = std::make_unique<Gemma4Model>(Gemma4Config::load(dir), ops);
     Checkpoint ckpt = Checkpoint::open(dir);
-    model->load(ckpt);
+    // QLoRA as torchless-train loads it: streamed, projections and MoE experts in NF4.
+    model->load(ckpt, qlora ? Gemma4LoadOptions::nf4(true) : Gemma4LoadOptions{});
     prefix = decoder_prefix(ckpt);
-    if (qlora)
-      for (const WeightSpec& s : text_decoder_weights(model->config()))
-        if (s.is_linear) model->quantize_nf4(s.name, ckpt.entry(prefix + s.name).dtype, true);
     PeftAdapter ad = read_peft_adapter(dir + "/lora/initial");
     uint64_t seed = 7;
     for (const auto& a : ad.adapters)
