@@ -20,7 +20,8 @@ inline void expect_same_nf4(const Nf4Tensor& got, const Nf4Tensor& want, const s
   EXPECT_EQ(got.orig_dtype, want.orig_dtype) << what;
   EXPECT_EQ(got.double_quant, want.double_quant) << what;
   int64_t differing = 0;
-  for (size_t i = 0; i < std::min(got.packed.size(), want.packed.size()); ++i) differing += got.packed[i] != want.packed[i];
+  for (size_t i = 0; i < std::min(got.packed.size(), want.packed.size()); ++i)
+    differing += got.packed[i] != want.packed[i];
   EXPECT_EQ(got.packed.size(), want.packed.size()) << what;
   EXPECT_EQ(differing, 0) << what << ": packed bytes that differ";
   EXPECT_EQ(got.absmax_q, want.absmax_q) << what;

@@ -90,7 +90,8 @@ TEST(Bnb4bitLoad, SameNf4BytesAsQuantizingTheSource) {
       if (got.absmax_q[b] == ours.absmax_q[b]) continue;
       ++table_codes;
       const float x = (block_absmax[b] - ours.offset) * (1.0f / ours.nested_absmax[b / kNf4NestedBlockSize]);
-      const double near = std::abs(x - ours.nested_map[ours.absmax_q[b]]), far = std::abs(x - ours.nested_map[got.absmax_q[b]]);
+      const double near = std::abs(x - ours.nested_map[ours.absmax_q[b]]),
+                   far = std::abs(x - ours.nested_map[got.absmax_q[b]]);
       EXPECT_LE(near, far) << s.name << " block " << b;
       EXPECT_LE(far - near, 2.0 / 65536 + 1e-7) << s.name << " block " << b;
     }
@@ -170,7 +171,10 @@ TEST(Bnb4bitLoad, MergeSurgeryAndFullTrainingRefuseIt) {
   EXPECT_EQ(check_text_decoder(Gemma4Config::load(test::golden(kBnb)), Checkpoint::open(test::golden(kBnb)), true),
             int64_t(text_decoder_weights(Gemma4Config::load(test::golden(kBnb))).size()));
   test::expect_error(
-      [&] { apply_layer_map(test::golden(kBnb), tmp / "upscaled", slices_map(6, "0:4,2:6"), IdentityMode::None, false, true); },
+      [&] {
+        apply_layer_map(test::golden(kBnb), tmp / "upscaled", slices_map(6, "0:4,2:6"), IdentityMode::None, false,
+                        true);
+      },
       "cannot rewrite a checkpoint pre-quantized by bitsandbytes");
   EXPECT_FALSE(fs::exists(tmp / "upscaled"));
   for (const char* adapter : {"lora", "full"}) {
