@@ -154,6 +154,11 @@ SurgeryReport apply_layer_map(const fs::path& src, const fs::path& out, const La
       throw Error("layer map has identity layers but no identity mode (zero-out or zero-postnorm)");
   const Gemma4Config nc = map_config(c, map, keep_kv_producers);
   Checkpoint ckpt = Checkpoint::open(src);
+  // Identity layers zero weights and PLE slices columns: neither is possible on packed NF4.
+  if (const std::string q = first_bnb_4bit(ckpt); !q.empty())
+    throw Error(fmt::format("{}: cannot rewrite a checkpoint pre-quantized by bitsandbytes ('{}' is 4-bit); use "
+                            "the full-precision model",
+                            src.string(), q));
   const std::string prefix = decoder_prefix(ckpt);
   const std::string layers = prefix + "layers.";
   const int64_t P = c.hidden_size_per_layer_input, M = int64_t(map.size());

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <nlohmann/json.hpp>
+
 #include "core/safetensors.h"
 
 namespace tl {
@@ -87,7 +89,40 @@ std::string decoder_prefix(const Checkpoint& ckpt) {
                           "'{}embed_tokens.weight')", ckpt.dir().string(), kNestedPrefix, kPlainPrefix));
 }
 
-int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt) {
+namespace {
+constexpr const char* kBnbStateSuffixes[] = {".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"};
+
+// The "shape" a Linear4bit's quant_state JSON records (the weight's original shape).
+Shape bnb_4bit_shape(const Checkpoint& ckpt, const std::string& full) {
+  for (const char* suffix : kBnbStateSuffixes) {
+    if (!ckpt.contains(full + suffix)) continue;
+    const Tensor qs = ckpt.get(full + suffix);
+    try {
+      return nlohmann::json::parse(std::string(qs.data<char>(), size_t(qs.numel()))).at("shape").get<Shape>();
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(fmt::format("{}: '{}{}' is not a bitsandbytes quant_state with a shape: {}", ckpt.dir().string(),
+                              full, suffix, e.what()));
+    }
+  }
+  throw std::logic_error("bnb_4bit_shape of a tensor that is not pre-quantized");
+}
+}  // namespace
+
+bool is_bnb_4bit(const Checkpoint& ckpt, const std::string& full) {
+  if (!ckpt.contains(full) || ckpt.entry(full).dtype != DType::U8) return false;
+  for (const char* suffix : kBnbStateSuffixes)
+    if (ckpt.contains(full + suffix)) return true;
+  return false;
+}
+
+std::string first_bnb_4bit(const Checkpoint& ckpt) {
+  for (const std::string& name : ckpt.names())
+    for (const char* suffix : kBnbStateSuffixes)
+      if (name.ends_with(suffix)) return name.substr(0, name.size() - std::string(suffix).size());
+  return "";
+}
+
+int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt, bool allow_bnb_4bit) {
   const std::string prefix = decoder_prefix(ckpt);
   int64_t n = 0;
   for (const WeightSpec& s : text_decoder_weights(c)) {
@@ -95,6 +130,19 @@ int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt) {
     if (!ckpt.contains(full))
       throw Error(fmt::format("{}: missing tensor '{}' (expected shape {})", ckpt.dir().string(), full,
                               shape_str(s.shape)));
+    if (is_bnb_4bit(ckpt, full)) {
+      if (!allow_bnb_4bit)
+        throw Error(fmt::format("{}: tensor '{}' is pre-quantized by bitsandbytes (4-bit); this needs a "
+                                "full-precision checkpoint (the model the -bnb-4bit one was made from)",
+                                ckpt.dir().string(), full));
+      const Shape shape = bnb_4bit_shape(ckpt, full);
+      if (!s.is_linear || shape != s.shape)
+        throw Error(fmt::format("{}: pre-quantized tensor '{}' has shape {} but the config implies {}{}",
+                                ckpt.dir().string(), full, shape_str(shape), shape_str(s.shape),
+                                s.is_linear ? "" : " (not a projection)"));
+      ++n;
+      continue;
+    }
     const TensorEntry& e = ckpt.entry(full);
     if (e.shape != s.shape)
       throw Error(fmt::format("{}: tensor '{}' has shape {} but the config implies {}", ckpt.dir().string(),

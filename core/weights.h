@@ -29,8 +29,16 @@ std::vector<WeightSpec> text_decoder_weights(const Gemma4Config& c);
 class Checkpoint;
 // Checks that `ckpt` holds every text-decoder tensor of `c` with the right shape and a float
 // dtype, under either HF prefix, reading headers only; returns how many it checked and
-// throws tl::Error naming the first tensor at fault.
-int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt);
+// throws tl::Error naming the first tensor at fault. With `allow_bnb_4bit`, a projection
+// bitsandbytes stored pre-quantized passes when its quant_state's shape is the config's;
+// without, it is an error saying that a full-precision checkpoint is needed.
+int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt, bool allow_bnb_4bit = false);
+// Whether the tensor `full` (e.g. "model.layers.0.self_attn.q_proj.weight") is a Linear4bit
+// weight that bitsandbytes stored pre-quantized: U8, with "<full>.quant_state.bitsandbytes__nf4"
+// (or __fp4) beside it, as `*-bnb-4bit` checkpoints hold their projections.
+bool is_bnb_4bit(const Checkpoint& ckpt, const std::string& full);
+// The first pre-quantized weight of `ckpt` (a `*-bnb-4bit` checkpoint), or "" when none is.
+std::string first_bnb_4bit(const Checkpoint& ckpt);
 // The prefix under which `ckpt` stores the decoder ("model.language_model." or "model.").
 std::string decoder_prefix(const Checkpoint& ckpt);
 

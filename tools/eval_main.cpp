@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   Inputs in;
   app.add_option("--model,-m", model, "checkpoint directory")->required();
   app.add_option("--adapter", adapter, "a PEFT LoRA adapter directory (a heal's output_dir)");
-  app.add_flag("--4bit", nf4, "hold the base projections in NF4 (as QLoRA trains against them)");
+  app.add_flag("--4bit", nf4, "hold the base projections and MoE experts in NF4 (as QLoRA trains against them)");
   app.add_option("--config,-c", config, "heal.yaml: held-out set = its validation split (same seed), prompts from it");
   app.add_option("--data", data, "jsonl held out as a whole (instead of --config)");
   app.add_option("--type", type, "--data's type: chat, completion, alpaca, sharegpt");

@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   std::vector<int32_t> breakers;
   app.add_option("--model,-m", model, "checkpoint directory (config.json, safetensors, tokenizer.json)")->required();
   app.add_option("--adapter", adapter, "a PEFT LoRA adapter directory to apply");
-  app.add_flag("--4bit", nf4, "hold the base projections in NF4 (as QLoRA trains against them)");
+  app.add_flag("--4bit", nf4, "hold the base projections and MoE experts in NF4 (as QLoRA trains against them)");
   auto* one = app.add_option("--prompt,-p", prompt, "one prompt (a user turn)");
   auto* many = app.add_option("--prompts", prompts, "jsonl of prompts: {\"prompt\": …} or {\"messages\": […]} per line");
   auto* interactive = app.add_flag("--chat", chat, "interactive chat in the terminal (empty line or /exit ends)");

@@ -179,9 +179,14 @@ int main(int argc, char** argv) {
           continue;
         }
         auto ckpt = tl::Checkpoint::open(dir);
-        int64_t n = tl::check_text_decoder(cfg, ckpt);
-        std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all)\n{}: {}\n", dir, n,
-                                 ckpt.names().size(), dir, tl::llama_cpp_kv_summary(cfg));
+        int64_t n = tl::check_text_decoder(cfg, ckpt, /*allow_bnb_4bit=*/true);
+        const bool bnb = !tl::first_bnb_4bit(ckpt).empty();
+        std::cout << fmt::format("{}: ok ({} text-decoder tensors, {} tensors in all{})\n{}: {}\n", dir, n,
+                                 ckpt.names().size(),
+                                 bnb ? "; projections pre-quantized by bitsandbytes: QLoRA and inference only, "
+                                       "no merge or surgery"
+                                     : "",
+                                 dir, tl::llama_cpp_kv_summary(cfg));
         if (check_llama && !tl::llama_cpp_kv_problem(cfg).empty())
           throw tl::Error(dir + "/config.json: " + tl::llama_cpp_kv_summary(cfg));
       }

@@ -22,15 +22,14 @@ EvalModel load_eval_model(const fs::path& model_dir, const fs::path& adapter_dir
   const Gemma4Config config = Gemma4Config::load(model_dir);
   const Checkpoint ckpt = Checkpoint::open(model_dir);
   m.model = std::make_unique<Gemma4Model>(config, ops);
-  m.model->load(ckpt);
+  // Streaming; a -bnb-4bit checkpoint's projections stay in its NF4 whatever load_in_4bit says
+  // (as transformers loads it: there is no full-precision copy to compute from).
+  m.model->load(ckpt, load_in_4bit ? Gemma4LoadOptions::nf4(true) : Gemma4LoadOptions{});
   const std::string prefix = decoder_prefix(ckpt);
   const fs::path tok = model_dir / "tokenizer.json";
   if (!fs::exists(tok)) throw Error(fmt::format("{}: no tokenizer.json beside the weights", model_dir.string()));
   m.tokenizer = std::make_unique<Tokenizer>(Tokenizer::load(tok.string()));
   m.stop_tokens = stop_tokens_for(model_dir, *m.tokenizer);
-  if (load_in_4bit)
-    for (const WeightSpec& s : text_decoder_weights(config))
-      if (s.is_linear) m.model->quantize_nf4(s.name, ckpt.entry(prefix + s.name).dtype, true);
   if (adapter_dir.empty()) return m;
   if (!fs::is_directory(adapter_dir))
     throw Error(fmt::format("{}: adapter directory not found", adapter_dir.string()));

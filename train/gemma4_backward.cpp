@@ -190,6 +190,18 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   linear_backward(st, t.a, lw.k_proj, dk_raw, da, g.k_proj);
 }
 
+void Gemma4Model::expert_linear_backward(const Tensor& x, const Tensor& w, int64_t e, const Tensor& dy, Tensor& dx,
+                                         Tensor& dw) {
+  if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
+    if (dw.defined()) throw Error("MoE experts held in NF4 are frozen and have no gradient");
+    ops_.linear_nf4_backward(dy, q->second[size_t(e)], dx);
+    return;
+  }
+  const Shape slice{w.dim(1), w.dim(2)};
+  Tensor dw_e = dw.defined() ? dw.slice_rows(e, e + 1).view(slice) : Tensor();
+  ops_.linear_backward(x, w.slice_rows(e, e + 1).view(slice), dy, dx, dw_e);
+}
+
 void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t, const Tensor& dm2,
                                Gemma4LayerWeights& g, Tensor& dx1) {
   const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
@@ -208,15 +220,13 @@ void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, L
     ops_.gather_rows(dm2, x.rows, dout);
     ops_.scale_rows(dout, x.scales);
     Tensor dh = like(ops_, x.h), dgate = like(ops_, x.gate), dup = like(ops_, x.up);
-    Tensor down_g = g.experts_down.defined() ? g.experts_down.slice_rows(e, e + 1).view({H, I}) : Tensor();
-    ops_.linear_backward(x.h, lw.experts_down.slice_rows(e, e + 1).view({H, I}), dout, dh, down_g);
+    expert_linear_backward(x.h, lw.experts_down, e, dout, dh, g.experts_down);
     ops_.gelu_tanh_mul_backward(x.gate, x.up, dh, dgate, dup);
     Tensor dgu = ops_.zeros({m, 2 * I});
     ops_.copy_columns(dgate, 0, dgu, 0, I);
     ops_.copy_columns(dup, 0, dgu, I, I);
     Tensor dye = like(ops_, x.ye);
-    Tensor gu_g = g.experts_gate_up.defined() ? g.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}) : Tensor();
-    ops_.linear_backward(x.ye, lw.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}), dgu, dye, gu_g);
+    expert_linear_backward(x.ye, lw.experts_gate_up, e, dgu, dye, g.experts_gate_up);
     ops_.scatter_rows(dye, x.rows, dy2);
   }
   ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, dy2, dx1, g.pre_feedforward_layernorm_2);

@@ -69,6 +69,13 @@ const Nf4Tensor* Gemma4Model::nf4(const std::string& name) {
   return it == nf4_.end() ? nullptr : &it->second;
 }
 
+const Nf4Tensor* Gemma4Model::expert_nf4(const std::string& name, int64_t e) {
+  Tensor* w = weight_slot(w_, name);
+  auto it = w ? expert_nf4_.find(w) : expert_nf4_.end();
+  if (it == expert_nf4_.end() || e < 0 || e >= int64_t(it->second.size())) return nullptr;
+  return &it->second[size_t(e)];
+}
+
 void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y) {
   if (auto q = nf4_.find(&w); q != nf4_.end()) ops_.linear_nf4_forward(x, q->second, y);
   else ops_.linear_forward(x, w, y);

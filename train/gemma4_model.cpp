@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/weights.h"
@@ -68,23 +69,59 @@ Tensor Gemma4Model::rope_inv_freq(const LayerGeometry& g) const {
   return f;
 }
 
-void Gemma4Model::load(const Checkpoint& ckpt) {
-  check_text_decoder(config_, ckpt);  // names the first missing or mis-shaped tensor
+Gemma4LoadOptions Gemma4LoadOptions::nf4(bool double_quant, std::vector<int> full_precision_layers) {
+  Gemma4LoadOptions o;
+  o.double_quant = double_quant;
+  o.quantize = [full = std::move(full_precision_layers)](const WeightSpec& s) {
+    if (!s.is_linear && s.component != Component::Experts) return false;
+    return std::find(full.begin(), full.end(), s.layer) == full.end();
+  };
+  return o;
+}
+
+void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options) {
+  check_text_decoder(config_, ckpt, /*allow_bnb_4bit=*/true);  // names the first missing or mis-shaped tensor
   const std::string prefix = decoder_prefix(ckpt);
   const DType act = ops_.act_dtype();
-  auto fetch = [&](const WeightSpec& s) { return ckpt.get(prefix + s.name); };
   w_ = {};
+  nf4_.clear();
+  expert_nf4_.clear();
   w_.layers.resize(size_t(config_.num_hidden_layers));
+  // One tensor at a time: read it, then either quantize it on the host (the full-precision
+  // copy is dropped at the end of the iteration, never uploaded) or upload it.
   for (const WeightSpec& s : text_decoder_weights(config_)) {
-    Tensor host = fetch(s);
+    const std::string full = prefix + s.name;
+    Tensor* slot = weight_slot(w_, s.name);
+    if (s.component != Component::LayerScalar && !slot) throw std::logic_error("unmapped weight " + s.name);
+    if (is_bnb_4bit(ckpt, full)) {  // bitsandbytes' own bytes, used as they are
+      set_nf4(s.name, nf4_from_state_dict(full.substr(0, full.size() - 6), ckpt));  // prefix without "weight"
+      continue;
+    }
+    Tensor host = ckpt.get(full);
     if (s.component == Component::LayerScalar) {
       w_.layers[size_t(s.layer)].layer_scalar = host.get(0);
       continue;
     }
-    Tensor dev = ops_.upload(host, act);
-    Tensor* slot = weight_slot(w_, s.name);
-    if (!slot) throw std::logic_error("unmapped weight " + s.name);
-    *slot = dev;
+    if (!options.quantize || !options.quantize(s)) {
+      *slot = ops_.upload(host, act);
+      continue;
+    }
+    // bitsandbytes quantizes the weight in the dtype it was loaded in (quant_state.dtype);
+    // NF4 takes F32 / BF16 / F16, so an F64 checkpoint is quantized from its F32 rounding.
+    if (host.dtype() == DType::F64) host = host.to(DType::F32);
+    if (s.shape.size() == 2) {
+      set_nf4(s.name, nf4_quantize(host, options.double_quant));
+    } else if (s.component == Component::Experts && s.shape.size() == 3) {
+      // Each expert's [out, in] slice is its own NF4 matrix (as memory_plan counts it).
+      std::vector<Nf4Tensor> experts;
+      for (int64_t e = 0; e < s.shape[0]; ++e)
+        experts.push_back(nf4_quantize(host.slice_rows(e, e + 1).view({s.shape[1], s.shape[2]}), options.double_quant));
+      *slot = Tensor::wrap(nullptr, nullptr, s.shape, act, ops_.device());  // shape only
+      expert_nf4_[slot] = std::move(experts);
+    } else {
+      throw Error(fmt::format("NF4: '{}' {} is neither a projection nor an expert tensor", s.name,
+                              shape_str(s.shape)));
+    }
   }
   if (config_.tie_word_embeddings) {
     w_.lm_head = w_.embed_tokens;
@@ -292,7 +329,7 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
     x.ye = ops_.zeros({m, H});
     ops_.gather_rows(t.y2, x.rows, x.ye);
     Tensor gu = ops_.zeros({m, 2 * I});
-    ops_.linear_forward(x.ye, lw.experts_gate_up.slice_rows(e, e + 1).view({2 * I, H}), gu);
+    expert_linear(x.ye, lw.experts_gate_up, e, gu);
     x.gate = ops_.zeros({m, I});
     x.up = ops_.zeros({m, I});
     ops_.copy_columns(gu, 0, x.gate, 0, I);  // rows [0, I) of gate_up_proj are the gate
@@ -300,12 +337,20 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
     x.h = ops_.zeros({m, I});
     ops_.gelu_tanh_mul_forward(x.gate, x.up, x.h);
     x.out = ops_.zeros({m, H});
-    ops_.linear_forward(x.h, lw.experts_down.slice_rows(e, e + 1).view({H, I}), x.out);
+    expert_linear(x.h, lw.experts_down, e, x.out);
     ops_.scatter_add_rows(x.out, x.rows, x.scales, t.m2);
     if (moe_observer) moe_observer(t.layer, e, x.rows, x.scales, x.out);
     t.experts.push_back(std::move(x));
   }
   return t.m2;
+}
+
+void Gemma4Model::expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y) {
+  if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
+    ops_.linear_nf4_forward(x, q->second[size_t(e)], y);
+    return;
+  }
+  ops_.linear_forward(x, w.slice_rows(e, e + 1).view({w.dim(1), w.dim(2)}), y);
 }
 
 void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t) {

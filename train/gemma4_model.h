@@ -7,6 +7,7 @@
 
 #include "core/config.h"
 #include "core/ops.h"
+#include "core/weights.h"
 #include "core/nf4.h"
 #include "core/safetensors.h"
 #include "train/lora.h"
@@ -94,13 +95,30 @@ struct KvCache {
   int64_t length = 0;  // positions consumed so far (the next token's position)
 };
 
+// What Gemma4Model::load holds in NF4 (QLoRA's frozen base).
+struct Gemma4LoadOptions {
+  // Tensors for which this is true are quantized on the host as they are read (nf4_quantize
+  // of the checkpoint's values, as bitsandbytes quantizes the loaded weight) and never
+  // uploaded in full precision: 2-D projections as one Nf4Tensor, 3-D expert tensors
+  // [E, out, in] as one Nf4Tensor per expert slice. Null: nothing is quantized.
+  std::function<bool(const WeightSpec&)> quantize;
+  bool double_quant = true;
+
+  // QLoRA's choice: every projection and every MoE expert in NF4, except in the layers listed
+  // (trained in full precision, `full_train_layers`).
+  static Gemma4LoadOptions nf4(bool double_quant, std::vector<int> full_precision_layers = {});
+};
+
 class Gemma4Model {
  public:
   Gemma4Model(Gemma4Config config, Ops& ops);
 
-  // Loads the decoder from a checkpoint, found under "model.language_model." or "model.";
-  // throws tl::Error naming a missing or mis-shaped tensor.
-  void load(const Checkpoint& ckpt);
+  // Loads the decoder from a checkpoint, found under "model.language_model." or "model.",
+  // one tensor at a time: peak host memory is the final host footprint plus one tensor, peak
+  // device memory the final footprint. Projections a bitsandbytes checkpoint stores
+  // pre-quantized (U8 + quant_state) are installed in NF4 with their bytes as they are,
+  // whatever `options` says. Throws tl::Error naming a missing or mis-shaped tensor.
+  void load(const Checkpoint& ckpt, const Gemma4LoadOptions& options = {});
 
   const Gemma4Config& config() const { return config_; }
   const Gemma4Weights& weights() const { return w_; }
@@ -152,6 +170,9 @@ class Gemma4Model {
   // frees the dense copy; the shape stays. Forward and backward dequantize it by tiles.
   void quantize_nf4(const std::string& name, DType stored, bool double_quant);
   const Nf4Tensor* nf4(const std::string& name);
+  // Expert e of a 3-D expert tensor held in NF4 ("layers.3.experts.gate_up_proj"); nullptr
+  // when that tensor is dense.
+  const Nf4Tensor* expert_nf4(const std::string& name, int64_t e);
   // Installs a base already quantized elsewhere (on the device while streaming, or read from
   // a bitsandbytes checkpoint); the dense slot keeps only the shape.
   void set_nf4(const std::string& name, Nf4Tensor q);
@@ -219,6 +240,13 @@ class Gemma4Model {
   std::vector<Tensor> inv_freq_;  // per layer, host F64
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
   std::unordered_map<const Tensor*, Nf4Tensor> nf4_;     // frozen NF4 bases, same keys
+  // Frozen NF4 experts: per 3-D expert slot, one Nf4Tensor per expert's [out, in] slice.
+  std::unordered_map<const Tensor*, std::vector<Nf4Tensor>> expert_nf4_;
+  // y = x·W_eᵀ for expert e of `w` ([E, out, in]), dense or NF4.
+  void expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y);
+  // dx += dy·W_e; dW_e += dyᵀ·x when `dw` (the whole [E, out, in] gradient) is defined.
+  void expert_linear_backward(const Tensor& x, const Tensor& w, int64_t e, const Tensor& dy, Tensor& dx,
+                              Tensor& dw);
   std::vector<const Tensor*> lora_order_;
   bool training_ = false;
   bool checkpointing_ = false;

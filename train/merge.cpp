@@ -45,6 +45,12 @@ MergeReport merge_adapter(const fs::path& base, const fs::path& adapter_dir, con
   // with the shape the config implies and a float dtype.
   const Gemma4Config cfg = Gemma4Config::load(base);
   Checkpoint ckpt = Checkpoint::open(base);
+  // W' = W + s·B·A needs W itself; a -bnb-4bit checkpoint holds only NF4 codes of it, and a
+  // merge into dequantized NF4 would bake the quantization error into every merged weight.
+  if (const std::string q = first_bnb_4bit(ckpt); !q.empty())
+    throw Error(fmt::format("{}: cannot merge into a base pre-quantized by bitsandbytes ('{}' is 4-bit); merging "
+                            "needs the full-precision base model the -bnb-4bit checkpoint was made from",
+                            base.string(), q));
   check_text_decoder(cfg, ckpt);
   const std::string prefix = decoder_prefix(ckpt);
   PeftAdapter ad = read_peft_adapter(adapter_dir);

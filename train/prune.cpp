@@ -49,6 +49,11 @@ PruneReport prune_experts(const fs::path& src, const fs::path& out, const std::v
   CpuOps ops(DType::F32);
   Gemma4Model model(c, ops);
   Checkpoint ckpt = Checkpoint::open(src);
+  // The pruned router keeps rows of router.proj: packed NF4 bytes have no rows to keep.
+  if (const std::string q = first_bnb_4bit(ckpt); !q.empty())
+    throw Error(fmt::format("{}: cannot prune a checkpoint pre-quantized by bitsandbytes ('{}' is 4-bit); prune "
+                            "the full-precision model and quantize afterwards",
+                            src.string(), q));
   model.load(ckpt);
   const std::string prefix = decoder_prefix(ckpt);
 

@@ -54,19 +54,28 @@ void Trainer::setup_model() {
     throw Error(fmt::format("{}: base_model '{}' is not a directory", cfg_.source.string(), cfg_.base_model));
   Gemma4Config mc = Gemma4Config::load(cfg_.base_model);
   Checkpoint ckpt = Checkpoint::open(cfg_.base_model);
+  if (const std::string q = first_bnb_4bit(ckpt); !q.empty()) {
+    // A -bnb-4bit checkpoint holds only NF4 projections: they can be the frozen base of
+    // QLoRA, nothing else (training them needs the full-precision model).
+    if (!cfg_.load_in_4bit)
+      throw Error(fmt::format("{}: base_model '{}' is pre-quantized by bitsandbytes ('{}' is 4-bit); train it "
+                              "with adapter: qlora (load_in_4bit: true), or use the full-precision model",
+                              cfg_.source.string(), cfg_.base_model, q));
+    if (!cfg_.full_train_layers.empty())
+      throw Error(fmt::format("{}: full_train_layers needs full-precision weights, but base_model '{}' is "
+                              "pre-quantized by bitsandbytes ('{}' is 4-bit)",
+                              cfg_.source.string(), cfg_.base_model, q));
+  }
   model_ = std::make_unique<Gemma4Model>(mc, ops_);
-  model_->load(ckpt);
+  // QLoRA: every projection and MoE expert (outside full_train_layers) is quantized to NF4 as
+  // bitsandbytes does it, while streaming the checkpoint, from the dtype the checkpoint stores
+  // (bnb's quant_state.dtype); a pre-quantized checkpoint's bytes are used as they are. Held
+  // in NF4 from here on; forward and backward dequantize by tiles.
+  model_->load(ckpt, cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant, cfg_.full_train_layers)
+                                       : Gemma4LoadOptions{});
   prefix_ = decoder_prefix(ckpt);
   total_params_ = plan_model(mc).total_params;
   const auto specs = text_decoder_weights(mc);
-
-  if (cfg_.load_in_4bit) {
-    // QLoRA: every projection is quantized to NF4 as bitsandbytes does it and computed from
-    // its dequantized values (in the dtype the checkpoint stores, as bnb's quant_state.dtype).
-    // Held in NF4 from here on; forward and backward dequantize by tiles.
-    for (const WeightSpec& s : specs)
-      if (s.is_linear) model_->quantize_nf4(s.name, ckpt.entry(prefix_ + s.name).dtype, cfg_.double_quant);
-  }
 
   // Base weights live in the activation dtype. Beside BF16 activations (a GPU with bf16: true)
   // training them would update bf16 weights with bf16 gradients and moments, without the
@@ -75,6 +84,7 @@ void Trainer::setup_model() {
     throw Error(fmt::format("{}: {} trains base weights, which this backend holds in bf16 (no fp32 master "
                             "copies); set bf16: false to train them in fp32",
                             cfg_.source.string(), cfg_.adapter == "full" ? "adapter: full" : "full_train_layers"));
+
   std::vector<ParamSlot> slots;
   if (cfg_.adapter == "full") {
     grads_ = model_->zero_grads();

@@ -1,7 +1,7 @@
 // Whole training steps of the four golden variants (tests/golden/<variant>) on the GPU:
 //   * F64 LoRA: three AdamW steps with warmup, clipping and accumulation equal PEFT's
 //     recorded losses, norms and weights (the independent reference, as tests/test_peft_golden);
-//   * the QLoRA step as torchless-train runs it (NF4 double-quantized bases on the device,
+//   * the QLoRA step as torchless-train runs it (NF4 double-quantized bases and MoE experts on the device,
 //     LoRA dropout 0.1 masks made on the device, bf16 projections, fp32 master weights):
 //     CUDA against CPU with the same settings;
 //   * the same step with bf16 activations (torchless-train's GPU numerics, issue 10) against the
@@ -24,16 +24,14 @@ namespace {
 struct StepModel {
   std::unique_ptr<Gemma4Model> model;
   std::string prefix;
-  // nf4_from: the dtype the bases are rounded to before NF4 quantization (default: the
-  // checkpoint's, as the trainer does).
-  StepModel(const std::string& dir, Ops& ops, bool qlora, double dropout, std::optional<DType> nf4_from = {}) {
+  // With load_in_4bit both backends quantize the checkpoint's stored values while reading
+  // them (the streaming load), so their NF4 bytes are the same whatever the activations.
+  StepModel(const std::string& dir, Ops& ops, bool qlora, double dropout) {
     model = std::make_unique<Gemma4Model>(Gemma4Config::load(dir), ops);
     Checkpoint ckpt = Checkpoint::open(dir);
-    model->load(ckpt);
+    // QLoRA as torchless-train loads it: streamed, projections and MoE experts in NF4.
+    model->load(ckpt, qlora ? Gemma4LoadOptions::nf4(true) : Gemma4LoadOptions{});
     prefix = decoder_prefix(ckpt);
-    if (qlora)
-      for (const WeightSpec& s : text_decoder_weights(model->config()))
-        if (s.is_linear) model->quantize_nf4(s.name, nf4_from.value_or(ckpt.entry(prefix + s.name).dtype), true);
     PeftAdapter ad = read_peft_adapter(dir + "/lora/initial");
     uint64_t seed = 7;
     for (const auto& a : ad.adapters)
@@ -129,7 +127,7 @@ TEST_P(CudaStep, QloraStepWithBf16ActivationsTracksCpu) {
   const std::string dir = test::golden(GetParam());
   CpuOps cpu(DType::F32, CpuMatmul::Bf16);
   CudaOps gpu(DType::BF16, CudaMatmul::Bf16);
-  StepModel sc(dir, cpu, true, 0.1, DType::BF16), sg(dir, gpu, true, 0.1, DType::BF16);
+  StepModel sc(dir, cpu, true, 0.1), sg(dir, gpu, true, 0.1);
   auto micro = two_micro_batches(dir);
   {  // One forward and backward: the loss and every adapter gradient.
     sc.model->set_training(true, 0);
@@ -149,7 +147,7 @@ TEST_P(CudaStep, QloraStepWithBf16ActivationsTracksCpu) {
       EXPECT_LE(rel_l2(gpu.download(ag[i]->dB), ac[i]->dB), 5e-2) << ag[i]->name << " dB";
     }
   }
-  StepModel tc(dir, cpu, true, 0.1, DType::BF16), tg(dir, gpu, true, 0.1, DType::BF16);
+  StepModel tc(dir, cpu, true, 0.1), tg(dir, gpu, true, 0.1);
   AdamW oc({1e-3, 0.9, 0.999, 1e-8, 0.01}, lora_param_slots(*tc.model, tc.prefix), cpu);
   AdamW og({1e-3, 0.9, 0.999, 1e-8, 0.01}, lora_param_slots(*tg.model, tg.prefix), gpu);
   Gemma4Grads nc = tc.model->no_grads(), ng = tg.model->no_grads();
