@@ -141,10 +141,10 @@ void check_heal(const HealRun& r, size_t logged, size_t evals, size_t steps) {
   for (size_t i = 0; i < evals; ++i) EXPECT_NEAR(r.strict_eval[i], r.cpu_eval[i], 1e-6) << "eval loss " << i;
   EXPECT_LT(r.cpu_eval.back(), r.cpu_eval.front());  // it trained
   const int64_t tokens = 2 * 4 * 256, batch_bytes = 4 * 4 * tokens;
-  // LoRA A and B on the 51 linear modules the demo's plan lists (q, k, v, o, gate, up, down,
-  // the PLE gate and projection of 6 layers less k and v of the 2 KV-shared ones, and the
-  // per-layer model projection): 102 trainable tensors.
-  const int64_t trainable = 102, ce_chunks = tokens / 256;
+  // LoRA A and B on the 87 linear modules the demo's plan lists (q, k, v, o, gate, up, down,
+  // the PLE gate and projection of the upscaled model's 10 layers less k and v of its 2
+  // KV-shared ones, and the per-layer model projection): 174 trainable tensors.
+  const int64_t trainable = 174, ce_chunks = tokens / 256;
   ASSERT_EQ(r.steps.size(), steps);
   int64_t max_up = 0, max_scalars = 0;
   for (const TransferStats& s : r.steps) {

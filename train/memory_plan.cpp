@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "core/plan.h"
@@ -59,9 +60,16 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
   // above and only the backward temporaries come on top.
   p.working_set = ((in.gradient_checkpointing ? tape_max : 0.0) + backward_max) * T * a +
                   (P > 0 ? 2.0 * double(c.num_hidden_layers * P) * T * a : 0.0);  // PLE inputs and gradient
-  // Scores and probabilities of one block of queries against the sequence, fp32, all heads.
-  p.attention = 2.0 * double(std::min(in.attention_block, in.sequence_len)) * double(in.sequence_len) *
-                double(nh) * double(in.micro_batch) * 4.0;
+  // cuda/attention.cu, per (batch, head) and block of rows queries (rows·S ≤ 2^24): fp32
+  // scores P and dP; with bf16 activations bf16 copies of P and dS to multiply V, K and Q, and
+  // dK, dV summed in fp32 over the blocks and heads of a group before one rounding.
+  const double S = double(in.sequence_len);
+  const double rows = std::clamp(std::floor(double(in.attention_block_elems) / S), 1.0, S);
+  double kv_width = 0;
+  for (int i = 0; i < c.num_hidden_layers; ++i)
+    kv_width = std::max(kv_width, double(c.layer(i).num_kv_heads * c.layer(i).head_dim));
+  p.attention = rows * S * (2.0 * 4.0 + (in.act_bytes == 2 ? 2.0 * 2.0 : 0.0)) +
+                (in.act_bytes == 2 ? 2.0 * T * kv_width * 4.0 : 0.0);
   p.cross_entropy = 2.0 * double(std::min<int64_t>(in.ce_chunk, int64_t(T))) * double(c.vocab_size) * 4.0;
   // The largest projection (or one expert's gate_up) dequantized to bf16.
   double largest = 0;

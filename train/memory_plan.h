@@ -8,7 +8,9 @@
 //                   whole tape (without), T = micro_batch · seq tokens
 //   kv_kept         K/V of layers that later KV-shared layers read (kept across the step)
 //   working_set     the widest layer's recomputed tape plus its backward temporaries
-//   attention       one query block's fp32 scores and probabilities [block, S] per head
+//   attention       the GPU attention's scratch: one (batch, head) block of fp32 scores and
+//                   their gradient [rows, S] (rows·S ≤ 2^24), with bf16 activations also bf16
+//                   copies of both and fp32 sums of dK and dV [T, kv width]
 //   cross_entropy   one chunk's fp32 logits and their gradient [chunk, V]
 //   dequant         the bf16 scratch one dequantized projection (or expert) is multiplied from
 //   slack           the stream-ordered pool's rounding and fragmentation: 5% of the transient
@@ -28,7 +30,7 @@ struct MemoryPlanInput {
   bool load_in_4bit = true;
   int act_bytes = 2;            // bytes per stored activation element (bf16 on the GPU)
   int64_t ce_chunk = 256;       // tokens per cross-entropy chunk (gemma4_backward.cpp)
-  int64_t attention_block = 256;  // queries per attention block
+  int64_t attention_block_elems = int64_t(1) << 24;  // scores per attention block (cuda/attention.cu)
 };
 
 struct MemoryPlan {
