@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -73,5 +74,27 @@ struct Pair {
   Tensor up(const Tensor& host) { return gpu.upload(host, host.dtype()); }
   Tensor down(const Tensor& dev) { return gpu.download(dev); }
 };
+
+// A KV cache holding keys/values k, v [1, S, nkv, d] rotated by `shift` slots, plus one empty
+// slot (position −1) at the end, as attention_cached_forward reads it: the rows, their
+// positions, and the query positions 0…S−1.
+struct RotatedCache {
+  Tensor k, v;
+  std::vector<int32_t> k_pos, q_pos;
+};
+inline RotatedCache rotated_cache(const Tensor& k, const Tensor& v, int64_t shift = 4) {
+  const int64_t S = k.dim(1), nkv = k.dim(2), d = k.dim(3);
+  RotatedCache c{Tensor::zeros({S + 1, nkv, d}, k.dtype()), Tensor::zeros({S + 1, nkv, d}, v.dtype()),
+                 std::vector<int32_t>(size_t(S + 1), -1), {}};
+  const size_t row = size_t(nkv * d) * dtype_size(k.dtype());
+  for (int64_t j = 0; j < S; ++j) {
+    const int64_t slot = (j + shift) % S;
+    std::memcpy(static_cast<char*>(c.k.raw()) + slot * row, static_cast<const char*>(k.raw()) + j * row, row);
+    std::memcpy(static_cast<char*>(c.v.raw()) + slot * row, static_cast<const char*>(v.raw()) + j * row, row);
+    c.k_pos[size_t(slot)] = int32_t(j);
+    c.q_pos.push_back(int32_t(j));
+  }
+  return c;
+}
 
 }  // namespace tl::gpu_test

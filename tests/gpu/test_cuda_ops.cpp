@@ -170,19 +170,10 @@ TEST(CudaOps, AttentionCached) {
              v = random({1, S, nkv, d}, dt, rng);
       Tensor out = p.cpu.zeros(q.shape());
       p.cpu.attention_forward(q, k, v, AttentionMask{window, nullptr}, out);
-      // Keys stored rotated by 4 slots plus an empty slot (position −1) at the end.
-      Tensor kr = Tensor::zeros({S + 1, nkv, d}, dt), vr = Tensor::zeros({S + 1, nkv, d}, dt);
-      std::vector<int32_t> kpos(size_t(S + 1), -1), qpos;
-      const size_t row = size_t(nkv * d) * dtype_size(dt);
-      for (int64_t j = 0; j < S; ++j) {
-        const int64_t slot = (j + 4) % S;
-        std::memcpy(static_cast<char*>(kr.raw()) + slot * row, static_cast<char*>(k.raw()) + j * row, row);
-        std::memcpy(static_cast<char*>(vr.raw()) + slot * row, static_cast<char*>(v.raw()) + j * row, row);
-        kpos[size_t(slot)] = int32_t(j);
-        qpos.push_back(int32_t(j));
-      }
+      const RotatedCache c = rotated_cache(k, v);
       Tensor outd = p.gpu.zeros({S, nh, d});
-      p.gpu.attention_cached_forward(p.up(q.view({S, nh, d})), p.up(kr), p.up(vr), ints(qpos), ints(kpos), window, outd);
+      p.gpu.attention_cached_forward(p.up(q.view({S, nh, d})), p.up(c.k), p.up(c.v), ints(c.q_pos), ints(c.k_pos),
+                                     window, outd);
       expect_close(p.down(outd).view(q.shape()), out, tol(dt) * 10, "attention_cached_forward");
     }
 }

@@ -237,19 +237,10 @@ TEST(CudaOpsBf16, AttentionCached) {
     Tensor q = bf({1, S, nh, d}, rng, -0.5, 0.5), k = bf({1, S, nkv, d}, rng, -0.5, 0.5), v = bf({1, S, nkv, d}, rng);
     Tensor out = p.cpu.zeros(q.shape());
     p.cpu.attention_forward(q, k, v, AttentionMask{window, nullptr}, out);
-    Tensor kr = Tensor::zeros({S + 1, nkv, d}, DType::F32), vr = Tensor::zeros({S + 1, nkv, d}, DType::F32);
-    std::vector<int32_t> kpos(size_t(S + 1), -1), qpos;
-    const size_t row = size_t(nkv * d) * 4;
-    for (int64_t j = 0; j < S; ++j) {
-      const int64_t slot = (j + 4) % S;
-      std::memcpy(static_cast<char*>(kr.raw()) + slot * row, static_cast<char*>(k.raw()) + j * row, row);
-      std::memcpy(static_cast<char*>(vr.raw()) + slot * row, static_cast<char*>(v.raw()) + j * row, row);
-      kpos[size_t(slot)] = int32_t(j);
-      qpos.push_back(int32_t(j));
-    }
+    const RotatedCache c = rotated_cache(k, v);
     Tensor outd = p.gpu.zeros({S, nh, d});
-    p.gpu.attention_cached_forward(p.up(q.view({S, nh, d})), p.up(kr), p.up(vr), ints(qpos), ints(kpos), window,
-                                   outd);
+    p.gpu.attention_cached_forward(p.up(q.view({S, nh, d})), p.up(c.k), p.up(c.v), ints(c.q_pos), ints(c.k_pos),
+                                   window, outd);
     expect_close(p.down(outd).view(q.shape()), out, kOne, "attention_cached_forward");
   }
 }
