@@ -1,5 +1,7 @@
 #include "tools/backend.h"
 
+#include "core/cpu/thread_policy.h"
+
 #include <fmt/format.h>
 
 #include <cstdlib>
@@ -60,11 +62,11 @@ Backend make_cpu(const BackendOptions& o, const std::string& why) {
   Backend b;
   b.ops = std::make_unique<CpuOps>(o.act, bf16 ? CpuMatmul::Bf16 : CpuMatmul::F32);
   b.kind = BackendKind::Cpu;
-  b.description = fmt::format("cpu{}, {} ({})", why,
+  b.description = fmt::format("cpu{}, {} ({}; {})", why,
                               bf16 ? "bf16 inputs, fp32 accumulation (oneDNN)"
                               : o.bf16 && o.act == DType::F32 ? "fp32: this CPU has no bf16 instructions"
                                                                : o.act == DType::F64 ? "fp64" : "fp32",
-                              cpu::cpu_isa_name());
+                              cpu::cpu_isa_name(), describe_threads());
   return b;
 }
 

@@ -13,6 +13,7 @@
 #include "train/evaluate.h"
 #include "train/generate.h"
 #include "train/report.h"
+#include "core/cpu/thread_policy.h"
 
 namespace fs = std::filesystem;
 
@@ -51,6 +52,7 @@ tl::EvalMeasures evaluate(tl::EvalModel& m, tl::Ops& ops, const Inputs& in, tl::
 }  // namespace
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-eval: held-out loss, generation repetition, cross-perplexity and multiple-choice accuracy"};
   std::string model, adapter, config, data, type = "chat", prompts, reference, mc, out, before_model;
   bool nf4 = false, report = false;

@@ -20,6 +20,7 @@
 #include "core/safetensors.h"
 #include "tools/backend.h"
 #include "train/gemma4_model.h"
+#include "core/cpu/thread_policy.h"
 
 namespace {
 
@@ -95,6 +96,7 @@ void check_record(const tl::SafetensorsFile& rec, const std::string& file, int64
 }  // namespace
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-forward: Gemma 4 forward pass and loss on the CPU"};
   std::string model_dir, input, text_file, chat_file, dtype = "f32", backend_name = "auto";
   app.add_option("--model", model_dir, "checkpoint directory (config.json + safetensors)")->required();

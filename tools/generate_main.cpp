@@ -16,6 +16,7 @@
 #include "core/safetensors.h"
 #include "train/evaluate.h"
 #include "train/generate.h"
+#include "core/cpu/thread_policy.h"
 
 namespace {
 
@@ -47,6 +48,7 @@ std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohma
 }  // namespace
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-generate: KV-cached generation (greedy or sampled) from a Gemma 4 checkpoint"};
   std::string model, adapter, prompt, prompts, out, system;
   bool nf4 = false, chat = false, raw = false;

@@ -8,8 +8,10 @@
 #include <iostream>
 
 #include "train/merge.h"
+#include "core/cpu/thread_policy.h"
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-merge: base checkpoint + PEFT LoRA adapter → merged safetensors checkpoint"};
   std::string base, adapter, out, dtype = "base";
   bool force = false;

@@ -23,6 +23,7 @@
 #include "core/plan.h"
 #include "core/tensor.h"
 #include "core/weights.h"
+#include "core/cpu/thread_policy.h"
 
 namespace fs = std::filesystem;
 
@@ -42,6 +43,7 @@ tl::LayerMap recipe_layer_map(const YAML::Node& r, int n, const std::string& fil
 }  // namespace
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-surgery: plan, expand, upscale and prune Gemma 4 checkpoints"};
   app.require_subcommand(1);
 

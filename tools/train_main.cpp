@@ -19,6 +19,7 @@
 #include "core/plan.h"
 #include "train/memory_plan.h"
 #include "train/trainer.h"
+#include "core/cpu/thread_policy.h"
 
 namespace {
 bool has_weights(const std::filesystem::path& dir) {
@@ -39,6 +40,7 @@ void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType a
 }  // namespace
 
 int main(int argc, char** argv) {
+  tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-train: QLoRA / LoRA / full training of Gemma 4 checkpoints (GPU or CPU)"};
   std::string config;
   std::vector<std::string> overrides;

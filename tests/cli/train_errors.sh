@@ -36,6 +36,20 @@ fi
 "$train" --config "$tmp/heal.yaml" --dry-run >"$tmp/plan" 2>&1
 if head -1 "$tmp/plan" | grep -qE '^backend +(cpu|cuda) \(auto: '; then passes=$((passes + 1)); else
   fails=$((fails + 1)); echo "FAIL auto_prints_choice: $(head -1 "$tmp/plan")"; fi
+# The CPU backend's OpenMP threads sleep when idle unless the user chose otherwise
+# (core/cpu/thread_policy.h): the tool sets OMP_WAIT_POLICY=PASSIVE and re-executes itself,
+# and the backend line says whose policy it runs with.
+policy_line() { env -u TORCHLESS_SET_OMP_WAIT_POLICY "$@" "$train" --config "$tmp/heal.yaml" backend=cpu --dry-run 2>&1 | head -1; }
+check_policy() {
+  local name=$1 want=$2 line
+  shift 2
+  line=$(policy_line "$@")
+  if grep -qF -- "$want" <<<"$line"; then passes=$((passes + 1)); else
+    fails=$((fails + 1)); echo "FAIL $name: wanted '$want' in: $line"; fi
+}
+check_policy wait_policy_default "OMP_WAIT_POLICY=PASSIVE (torchless' default" -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT
+check_policy wait_policy_user "OMP_WAIT_POLICY=ACTIVE (from the environment)" -u GOMP_SPINCOUNT OMP_WAIT_POLICY=ACTIVE
+check_policy spin_count_user "GOMP_SPINCOUNT=5000 (from the environment)" -u OMP_WAIT_POLICY GOMP_SPINCOUNT=5000
 # The 31B QLoRA plan per GPU (seq 2048, micro-batch 1, r 16 on every projection, gradient
 # checkpointing) from the bare released config: at most 22 GiB with the CUDA backend's bf16
 # activations, with or without a GPU on this machine (issue 10; Unsloth reports 22 GB).
