@@ -22,8 +22,11 @@
 #include "core/cpu/thread_policy.h"
 
 namespace {
+// Whether `dir` holds a checkpoint's weights (false when it is missing, not a directory, or
+// holds only a config).
 bool has_weights(const std::filesystem::path& dir) {
-  for (const auto& e : std::filesystem::directory_iterator(dir))
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
     if (e.path().extension() == ".safetensors") return true;
   return false;
 }
@@ -84,7 +87,8 @@ int main(int argc, char** argv) {
       throw tl::AgreedError("data parallelism on GPUs needs NCCL, which this build did not find (nccl.h and "
                             "libnccl next to the CUDA toolkit)");
 #endif
-    if (dry_run && !has_weights(cfg.base_model)) {
+    // With upscale_from the base is made from it first (the demo): the Trainer plans that.
+    if (dry_run && cfg.upscale_from.empty() && !has_weights(cfg.base_model)) {
       plan_bare_config(log, cfg, backend.ops->act_dtype());
       return 0;
     }

@@ -50,6 +50,11 @@ check_policy() {
 check_policy wait_policy_default "OMP_WAIT_POLICY=PASSIVE (torchless' default" -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT
 check_policy wait_policy_user "OMP_WAIT_POLICY=ACTIVE (from the environment)" -u GOMP_SPINCOUNT OMP_WAIT_POLICY=ACTIVE
 check_policy spin_count_user "GOMP_SPINCOUNT=5000 (from the environment)" -u OMP_WAIT_POLICY GOMP_SPINCOUNT=5000
+# --dry-run of a config that makes its base by upscaling (the demo), before the base exists:
+# the plan, not a filesystem error.
+if "$train" --config "$src/configs/demo-heal.yaml" --dry-run output_dir="$tmp/dry" base_model="$tmp/dry-up" \
+    >"$tmp/dry.log" 2>&1 && grep -q '^upscale ' "$tmp/dry.log" && grep -q '^model .*(10 layers' "$tmp/dry.log"; then
+  passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL dry_run_upscale: $(cat "$tmp/dry.log")"; fi
 # The 31B QLoRA plan per GPU (seq 2048, micro-batch 1, r 16 on every projection, gradient
 # checkpointing) from the bare released config: at most 22 GiB with the CUDA backend's bf16
 # activations, with or without a GPU on this machine (issue 10; Unsloth reports 22 GB).
