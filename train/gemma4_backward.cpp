@@ -39,11 +39,15 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   Tensor dhidden = ops_.zeros({n, H});
   Loss loss;
   const int64_t chunk = 256;
+  // One logits and one dlogits buffer for every chunk: the head's product overwrites the
+  // first and the loss's backward every element of the second (fresh [256, 262144] buffers
+  // per chunk cost page faults and zero-fills comparable to the softmax itself).
+  Tensor lg_buf = ops_.zeros({std::min(n, chunk), V}), dlg_buf = ops_.zeros({std::min(n, chunk), V});
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t t1 = std::min(n, t0 + chunk);
     Tensor h = st.hidden.slice_rows(t0, t1);
-    Tensor lg = logits(h);
-    Tensor dlg = ops_.zeros({t1 - t0, V});
+    Tensor lg = lg_buf.slice_rows(0, t1 - t0), dlg = dlg_buf.slice_rows(0, t1 - t0);
+    logits_into(h, lg);
     int64_t c = 0;
     Tensor chunk_targets = ops_.upload(targets.slice_rows(t0, t1), DType::I32);
     loss.correct += ops_.count_argmax_hits(lg, chunk_targets);

@@ -407,9 +407,13 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
 
 Tensor Gemma4Model::logits(const Tensor& hidden) {
   Tensor out = ops_.zeros({hidden.dim(0), config_.vocab_size});
+  logits_into(hidden, out);
+  return out;
+}
+
+void Gemma4Model::logits_into(const Tensor& hidden, Tensor& out) {
   ops_.linear_forward(hidden, w_.lm_head, out);
   if (config_.final_logit_softcapping) ops_.softcap_forward(out, *config_.final_logit_softcapping);
-  return out;
 }
 
 Tensor shift_labels(const Tensor& labels) {

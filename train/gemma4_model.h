@@ -136,6 +136,8 @@ class Gemma4Model {
   Tensor forward_cached(std::span<const int32_t> ids, KvCache& cache);
   // Soft-capped logits [B·S, V] from final hidden states.
   Tensor logits(const Tensor& hidden);
+  // The same into `out` ([rows of hidden, V], overwritten).
+  void logits_into(const Tensor& hidden, Tensor& out);
   // HF causal-LM loss: position t predicts labels[t+1] of its row; −100 is ignored; the
   // mean over counted targets. labels: host I64 or I32 [B, S].
   struct Loss {

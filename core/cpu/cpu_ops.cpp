@@ -271,6 +271,7 @@ int64_t CpuOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
   dispatch(logits.dtype(), [&]<class T>() {
     const T* l = logits.data<T>();
     const int32_t* y = labels.data<int32_t>();
+#pragma omp parallel for schedule(static) reduction(+ : hits) if(n * v >= cpu::kParallelMin)
     for (int64_t t = 0; t < n; ++t) {
       if (y[t] == -100) continue;
       hits += std::max_element(l + t * v, l + (t + 1) * v) - (l + t * v) == y[t];
