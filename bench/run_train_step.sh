@@ -6,7 +6,7 @@
 # (bench/gemm_peak.cpp), and the ratios to the peer's best.
 #   bash bench/run_train_step.sh [MODEL_DIR ...]
 # Default models: models/tiny, bench/larger-model.json (8 layers, hidden 512) and
-# bench/e2b-shaped-model.json (5 layers at E2B's hidden 1536 and vocab 262,144), initialised
+# bench/e2b-model.json (5 layers at E2B's hidden 1536 and vocab 262,144), initialised
 # into build/. PYTHON: an interpreter with scripts/golden/requirements.txt (default python3).
 # STEPS timed steps per run (default 5; E2B_STEPS for the E2B-shaped model, default 2).
 set -euo pipefail
@@ -16,7 +16,6 @@ models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
   for m in larger e2b; do
     cfg=bench/$m-model.json
-    [ "$m" = e2b ] && cfg=bench/e2b-shaped-model.json
     ./build/torchless-surgery init "$cfg" "build/bench-$m" --seed 1 --copy-from models/tiny --force >/dev/null
   done
   models=(models/tiny build/bench-larger build/bench-e2b)

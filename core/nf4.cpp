@@ -188,7 +188,10 @@ Nf4Tensor nf4_quantize(const Tensor& w, bool double_quant) {
   return t;
 }
 
-void nf4_dequantize_rows(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, float* out, DType round_to) {
+namespace {
+
+// Checks t and the row range; returns the element range [lo, hi) they cover.
+std::pair<int64_t, int64_t> dequantize_range(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, DType round_to) {
   const int64_t n = t.numel(), nb = t.nblocks();
   const bool sizes_ok = t.packed.size() == size_t((n + 1) / 2) &&
                         (t.double_quant ? t.absmax_q.size() == size_t(nb) && t.nested_map.size() == 256 &&
@@ -201,18 +204,48 @@ void nf4_dequantize_rows(const Nf4Tensor& t, int64_t row_begin, int64_t row_end,
     throw Error("nf4_dequantize_rows: rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
                 ") out of " + shape_str(t.shape));
   if (!nf4_dtype_ok(round_to)) throw Error("nf4_dequantize_rows: round_to must be F32, BF16 or F16");
-  const int64_t lo = row_begin * cols, hi = row_end * cols;
+  return {row_begin * cols, row_end * cols};
+}
+
+// Elements [lo, hi) into out[0, hi − lo): block by block, each block's 16 possible values
+// (code · absmax, rounded as `value` rounds them) made once, then one table lookup per
+// element, two per packed byte (even element: the high nibble).
+template <class T, class Value>
+void dequantize_by_table(const Nf4Tensor& t, int64_t lo, int64_t hi, T* out, Value value) {
   const int64_t b0 = lo / kNf4BlockSize, b1 = (hi + kNf4BlockSize - 1) / kNf4BlockSize;
+  const uint8_t* packed = t.packed.data();
 #pragma omp parallel for schedule(static) if (b1 - b0 > 256)  // small tiles: no fork
   for (int64_t b = b0; b < b1; ++b) {
     const float scale = t.block_absmax(b);
-    const int64_t s = std::max(lo, b * kNf4BlockSize), e = std::min(hi, (b + 1) * kNf4BlockSize);
-    for (int64_t i = s; i < e; ++i) {
-      const uint8_t byte = t.packed[size_t(i / 2)];
-      const unsigned q = (i & 1) ? (byte & 15u) : (byte >> 4);  // even element: high nibble
-      out[i - lo] = round_through(nf4_code_value(q) * scale, round_to);
+    T table[16];
+    for (unsigned q = 0; q < 16; ++q) table[q] = value(nf4_code_value(q) * scale);
+    int64_t i = std::max(lo, b * kNf4BlockSize);
+    const int64_t e = std::min(hi, (b + 1) * kNf4BlockSize);
+    T* o = out - lo;
+    if (i < e && (i & 1)) {
+      o[i] = table[packed[i / 2] & 15u];
+      ++i;
     }
+    for (; i + 1 < e; i += 2) {
+      const uint8_t byte = packed[i / 2];
+      o[i] = table[byte >> 4];
+      o[i + 1] = table[byte & 15u];
+    }
+    if (i < e) o[i] = table[packed[i / 2] >> 4];
   }
+}
+
+}  // namespace
+
+void nf4_dequantize_rows(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, float* out, DType round_to) {
+  const auto [lo, hi] = dequantize_range(t, row_begin, row_end, round_to);
+  dequantize_by_table(t, lo, hi, out, [round_to](float v) { return round_through(v, round_to); });
+}
+
+void nf4_dequantize_rows_bf16(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, uint16_t* out) {
+  const auto [lo, hi] = dequantize_range(t, row_begin, row_end, t.orig_dtype);
+  const DType orig = t.orig_dtype;
+  dequantize_by_table(t, lo, hi, out, [orig](float v) { return float_to_bf16(round_through(v, orig)); });
 }
 
 Tensor nf4_dequantize(const Nf4Tensor& t, DType out) {

@@ -171,6 +171,9 @@ inline Tensor nf4_dequantize(const Nf4Tensor& t) { return nf4_dequantize(t, t.or
 // back to float (what Linear4bit.forward multiplies by).
 void nf4_dequantize_rows(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, float* out,
                          DType round_to = DType::F32);
+// The same rows in the weight's original dtype (as above with round_to = t.orig_dtype), then
+// rounded to bf16 (nearest-even): the operand of a bf16 product, made in one pass.
+void nf4_dequantize_rows_bf16(const Nf4Tensor& t, int64_t row_begin, int64_t row_end, uint16_t* out);
 
 // The tensors Linear4bit._save_to_state_dict writes for its weight, in its order:
 // <prefix>weight (U8 [(n+1)/2, 1]), <prefix>weight.absmax, .quant_map, [.nested_absmax,

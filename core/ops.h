@@ -28,6 +28,12 @@ class Ops {
   // The dtype of trainable master weights, their gradients and optimizer moments: F32 when
   // activations are BF16 (fp32 masters, issue 10), else the activation dtype.
   DType master_dtype() const { return act_dtype() == DType::BF16 ? DType::F32 : act_dtype(); }
+  // The dtype the frozen base's projections and embedding tables are held in (no gradient
+  // ever updates them): the activation dtype, or BF16 where a backend with F32 activations
+  // multiplies in bf16 anyway (CpuMatmul::Bf16), so that the table is rounded once at load,
+  // not on every product, and takes half the memory. linear_forward / linear_backward (dx
+  // only) and embedding_forward then take a BF16 W beside F32 activations.
+  virtual DType frozen_dtype() const { return act_dtype(); }
 
   // Zero-filled tensor on this backend.
   virtual Tensor zeros(Shape shape, DType dtype) = 0;

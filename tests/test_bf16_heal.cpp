@@ -7,11 +7,10 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/cpu/cpu_ops.h"
+#include "tests/metrics_util.h"
 #include "train/trainer.h"
 
 namespace tl {
@@ -31,13 +30,7 @@ std::vector<double> demo_losses(CpuMatmul matmul, const fs::path& dir) {
                                     "base_model=" + (dir / "upscaled").string()}),
             ops, log);
   t.run();
-  std::vector<double> out;
-  std::ifstream in(dir / "out/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
+  return logged_values(dir / "out/metrics.jsonl", "loss");
 }
 
 TEST(Bf16Heal, DemoLossCurveMatchesFp32) {

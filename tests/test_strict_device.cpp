@@ -9,6 +9,7 @@
 
 #include "core/cpu/strict_ops.h"
 #include "core/math.h"
+#include "tests/metrics_util.h"
 #include "tools/backend.h"
 #include "train/trainer.h"
 
@@ -67,16 +68,6 @@ TEST(StrictDevice, DropoutMaskIsMadeOnTheDevice) {
   EXPECT_NEAR(double(kept) / double(mask.numel()), 0.75, 0.03);
 }
 
-std::vector<double> losses(const fs::path& metrics, const char* key) {
-  std::vector<double> out;
-  std::ifstream in(metrics);
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) out.push_back(j[key].get<double>());
-  }
-  return out;
-}
-
 struct HealRun {
   std::vector<double> cpu_loss, strict_loss, cpu_eval, strict_eval;
   std::vector<TransferStats> steps;  // strict mode's traffic inside each optimizer step
@@ -119,10 +110,10 @@ HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& o
   StrictOps strict(DType::F32, matmul);
   run(cpu, "cpu");
   run(strict, "strict");
-  r.cpu_loss = losses(dir / "cpu/metrics.jsonl", "loss");
-  r.strict_loss = losses(dir / "strict/metrics.jsonl", "loss");
-  r.cpu_eval = losses(dir / "cpu/metrics.jsonl", "eval_loss");
-  r.strict_eval = losses(dir / "strict/metrics.jsonl", "eval_loss");
+  r.cpu_loss = logged_values(dir / "cpu/metrics.jsonl", "loss");
+  r.strict_loss = logged_values(dir / "strict/metrics.jsonl", "loss");
+  r.cpu_eval = logged_values(dir / "cpu/metrics.jsonl", "eval_loss");
+  r.strict_eval = logged_values(dir / "strict/metrics.jsonl", "eval_loss");
   fs::remove_all(dir);
   return r;
 }

@@ -79,6 +79,16 @@ Gemma4LoadOptions Gemma4LoadOptions::nf4(bool double_quant, std::vector<int> ful
   return o;
 }
 
+namespace {
+// The tensors a LoRA heal never updates and only multiplies or looks up, so a backend may
+// hold them in its frozen_dtype(): the projections and the two embedding tables. Norm
+// weights, scales and MoE expert stacks keep the activation dtype.
+bool frozen_table(const WeightSpec& s) {
+  return s.shape.size() == 2 && (s.is_linear || s.name == "embed_tokens.weight" ||
+                                 s.name == "embed_tokens_per_layer.weight");
+}
+}  // namespace
+
 void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options) {
   check_text_decoder(config_, ckpt, /*allow_bnb_4bit=*/true);  // names the first missing or mis-shaped tensor
   const std::string prefix = decoder_prefix(ckpt);
@@ -103,7 +113,8 @@ void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options)
       continue;
     }
     if (!options.quantize || !options.quantize(s)) {
-      *slot = ops_.upload(host, act);
+      const bool frozen = frozen_table(s) && !(options.trainable && options.trainable(s));
+      *slot = ops_.upload(host, frozen ? ops_.frozen_dtype() : act);
       continue;
     }
     // bitsandbytes quantizes the weight in the dtype it was loaded in (quant_state.dtype);
@@ -133,7 +144,7 @@ void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options)
     if (t.shape() != head.shape)
       throw Error(fmt::format("{}: tensor 'lm_head.weight' has shape {} but the config implies {}",
                               ckpt.dir().string(), shape_str(t.shape()), shape_str(head.shape)));
-    w_.lm_head = ops_.upload(t, act);
+    w_.lm_head = ops_.upload(t, options.trainable && options.trainable(head) ? act : ops_.frozen_dtype());
   }
 }
 

@@ -103,6 +103,10 @@ struct Gemma4LoadOptions {
   // [E, out, in] as one Nf4Tensor per expert slice. Null: nothing is quantized.
   std::function<bool(const WeightSpec&)> quantize;
   bool double_quant = true;
+  // Tensors for which this is true are trained (adapter: full, full_train_layers) and keep
+  // the activation dtype; the frozen projections and embedding tables are held in the
+  // backend's frozen_dtype() (bf16 with CpuMatmul::Bf16). Null: nothing is trained.
+  std::function<bool(const WeightSpec&)> trainable;
 
   // QLoRA's choice: every projection and every MoE expert in NF4, except in the layers listed
   // (trained in full precision, `full_train_layers`).

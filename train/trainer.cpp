@@ -5,6 +5,7 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -71,8 +72,12 @@ void Trainer::setup_model() {
   // bitsandbytes does it, while streaming the checkpoint, from the dtype the checkpoint stores
   // (bnb's quant_state.dtype); a pre-quantized checkpoint's bytes are used as they are. Held
   // in NF4 from here on; forward and backward dequantize by tiles.
-  model_->load(ckpt, cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant, cfg_.full_train_layers)
-                                       : Gemma4LoadOptions{});
+  Gemma4LoadOptions load = cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant, cfg_.full_train_layers)
+                                             : Gemma4LoadOptions{};
+  load.trainable = [all = cfg_.adapter == "full", layers = cfg_.full_train_layers](const WeightSpec& s) {
+    return all || std::find(layers.begin(), layers.end(), s.layer) != layers.end();
+  };
+  model_->load(ckpt, load);
   prefix_ = decoder_prefix(ckpt);
   total_params_ = plan_model(mc).total_params;
   const auto specs = text_decoder_weights(mc);

@@ -1,7 +1,9 @@
 // QLoRA's frozen NF4 projections on the CPU: dequantize 256-row tiles of W and multiply
 // them straight into (or out of) their column block of y, instead of the generic path's
 // per-tile temporaries, copies and transposes (core/ops.cpp). With CpuMatmul::Bf16 the
-// activations are rounded to bf16 once per call, not once per tile.
+// activations are rounded to bf16 once per call, not once per tile, and each tile is
+// dequantized straight into bf16 (nf4_dequantize_rows_bf16: the same values as dequantizing
+// to the original dtype and rounding, without the fp32 tile).
 #include <memory>
 #include <vector>
 
@@ -21,20 +23,24 @@ void CpuOps::linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) 
   const int64_t out = w.shape[0], in = w.shape[1], n = x.numel() / in;
   cpu::require(x.numel() == n * in && y.numel() == n * out, "linear_nf4_forward sizes");
   if (n == 0) return;
-  const bool bf16 = bf16_for(n * out * in);
-  std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
-  std::vector<uint16_t> x16, w16;
-  if (bf16) cpu::pack_bf16(x.data<float>(), n, in, in, x16);
+  const int64_t tile_rows = std::min(out, kTileRows);
+  if (bf16_for(n * out * in)) {
+    thread_local std::vector<uint16_t> x16, w16;
+    cpu::pack_bf16(x.data<float>(), n, in, in, x16);
+    w16.resize(size_t(tile_rows * in));
+    for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+      const int64_t rows = std::min(out, r0 + kTileRows) - r0;
+      nf4_dequantize_rows_bf16(w, r0, r0 + rows, w16.data());
+      // y[:, r0:r0+rows] = x·W[r0:r0+rows]ᵀ, written in place (leading dimension out).
+      cpu::gemm_bf16_packed(false, true, n, rows, in, x16.data(), w16.data(), 0.0f, y.data<float>() + r0, out);
+    }
+    return;
+  }
+  std::unique_ptr<float[]> tile(new float[size_t(tile_rows * in)]);
   for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
     const int64_t rows = std::min(out, r0 + kTileRows) - r0;
     nf4_dequantize_rows(w, r0, r0 + rows, tile.get(), w.orig_dtype);
-    // y[:, r0:r0+rows] = x·W[r0:r0+rows]ᵀ, written in place (leading dimension out).
-    if (bf16) {
-      cpu::pack_bf16(tile.get(), rows, in, in, w16);
-      cpu::gemm_bf16_packed(false, true, n, rows, in, x16.data(), w16.data(), 0.0f, y.data<float>() + r0, out);
-    } else {
-      cpu::gemm(false, true, n, rows, in, 1.0f, x.data<float>(), in, tile.get(), in, 0.0f, y.data<float>() + r0, out);
-    }
+    cpu::gemm(false, true, n, rows, in, 1.0f, x.data<float>(), in, tile.get(), in, 0.0f, y.data<float>() + r0, out);
   }
 }
 
@@ -43,16 +49,27 @@ void CpuOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& d
   const int64_t out = w.shape[0], in = w.shape[1], n = dy.numel() / out;
   cpu::require(dy.numel() == n * out && dx.numel() == n * in, "linear_nf4_backward sizes");
   if (n == 0) return;
-  const bool bf16 = bf16_for(n * out * in);
-  std::unique_ptr<float[]> tile(new float[size_t(std::min(out, kTileRows) * in)]);
+  const int64_t tile_rows = std::min(out, kTileRows);
+  if (bf16_for(n * out * in)) {
+    // dy rounded once; each product reads its column block in place (leading dimension out).
+    thread_local std::vector<uint16_t> dy16, w16;
+    cpu::pack_bf16(dy.data<float>(), n, out, out, dy16);
+    w16.resize(size_t(tile_rows * in));
+    for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+      const int64_t rows = std::min(out, r0 + kTileRows) - r0;
+      nf4_dequantize_rows_bf16(w, r0, r0 + rows, w16.data());
+      // dx += dy[:, r0:r0+rows]·W[r0:r0+rows]
+      cpu::gemm_bf16_packed(false, false, n, in, rows, dy16.data() + r0, out, w16.data(), in, 1.0f, dx.data<float>(),
+                            in);
+    }
+    return;
+  }
+  std::unique_ptr<float[]> tile(new float[size_t(tile_rows * in)]);
   for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
     const int64_t rows = std::min(out, r0 + kTileRows) - r0;
     nf4_dequantize_rows(w, r0, r0 + rows, tile.get(), w.orig_dtype);
     // dx += dy[:, r0:r0+rows]·W[r0:r0+rows], reading dy's column block in place.
-    if (bf16)
-      cpu::gemm_bf16(false, false, n, in, rows, dy.data<float>() + r0, out, tile.get(), in, 1.0f, dx.data<float>(), in);
-    else
-      cpu::gemm(false, false, n, in, rows, 1.0f, dy.data<float>() + r0, out, tile.get(), in, 1.0f, dx.data<float>(), in);
+    cpu::gemm(false, false, n, in, rows, 1.0f, dy.data<float>() + r0, out, tile.get(), in, 1.0f, dx.data<float>(), in);
   }
 }
 

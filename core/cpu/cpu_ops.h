@@ -16,6 +16,7 @@ class CpuOps final : public Ops {
   CpuMatmul matmul() const { return matmul_; }
   Device device() const override { return Device::CPU; }
   DType act_dtype() const override { return act_; }
+  DType frozen_dtype() const override { return matmul_ == CpuMatmul::Bf16 ? DType::BF16 : act_; }
 
   Tensor zeros(Shape shape, DType dtype) override;
   using Ops::zeros;

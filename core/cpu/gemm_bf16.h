@@ -14,10 +14,15 @@ namespace tl::cpu {
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                int64_t ldb, float beta, float* c, int64_t ldc);
 
-// The same product from operands already rounded and packed (pack_bf16), each in its stored
-// orientation: A is [m,k] ([k,m] when ta), B is [k,n] ([n,k] when tb), without padding.
-void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, const uint16_t* b16,
-                      float beta, float* c, int64_t ldc);
+// The same product from bf16 operands (pack_bf16, or weights held in bf16), each in its stored
+// orientation with its leading dimension: A is [m,k] ([k,m] when ta), B is [k,n] ([n,k] when tb).
+void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
+                      const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc);
+// Without padding: lda and ldb are the stored rows' lengths.
+inline void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16,
+                             const uint16_t* b16, float beta, float* c, int64_t ldc) {
+  gemm_bf16_packed(ta, tb, m, n, k, a16, ta ? m : k, b16, tb ? k : n, beta, c, ldc);
+}
 
 // rows × cols of `src` (leading dimension ld) → bf16 [rows, cols], nearest-even.
 void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out);

@@ -20,6 +20,7 @@ class StrictOps final : public Ops {
   explicit StrictOps(DType act = DType::F32, CpuMatmul matmul = CpuMatmul::F32) : cpu_(act, matmul) {}
   Device device() const override { return Device::Strict; }
   DType act_dtype() const override { return cpu_.act_dtype(); }
+  DType frozen_dtype() const override { return cpu_.frozen_dtype(); }
   const TransferStats& transfers() const { return stats_; }
 
   Tensor zeros(Shape shape, DType dtype) override;

@@ -51,6 +51,7 @@ TEST(CudaOpsBf16, BackendAndTransfers) {
   Bf16Pair p;
   EXPECT_EQ(p.gpu.act_dtype(), DType::BF16);
   EXPECT_EQ(p.gpu.master_dtype(), DType::F32);
+  EXPECT_EQ(p.gpu.frozen_dtype(), DType::BF16);  // the frozen base stays in the activation dtype
   Tensor z = p.gpu.zeros({3, 5});
   EXPECT_EQ(z.dtype(), DType::BF16);
   EXPECT_EQ(z.nbytes(), size_t(30));
