@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "core/cpu/cpu_ops.h"
@@ -84,6 +85,76 @@ TEST(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
   linear_both_ways(16, 64, 8, rounded, exact);  // small: fp32
   EXPECT_EQ(exact, 0.0);
   EXPECT_THROW(CpuOps(DType::F64, CpuMatmul::Bf16), std::exception);
+}
+
+
+// Attention through CpuOps with CpuMatmul::Bf16 (S·S·d = 2^22, the bf16 threshold): the
+// forward equals a double-precision reference that rounds Q, K, V and the probabilities P
+// to bf16 where the backend does; the backward stays within bf16's rounding of the exact
+// backend's gradients, and both differ from fp32, so the bf16 path really ran.
+TEST(GemmBf16, CpuOpsAttentionRoundsItsProductsToBf16) {
+  const int64_t B = 2, S = 256, nh = 4, nkv = 2, d = 64, group = nh / nkv, window = 100;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  auto filled = [&](Shape shape, float scale) {
+    Tensor t = Tensor::zeros(std::move(shape), DType::F32);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * normal(rng);
+    return t;
+  };
+  Tensor q = filled({B, S, nh, d}, 0.3f), k = filled({B, S, nkv, d}, 0.3f), v = filled({B, S, nkv, d}, 1.0f);
+  Tensor dout = filled({B, S, nh, d}, 1.0f);
+  Tensor docs = Tensor::zeros({B, S}, DType::I32);
+  for (int64_t s = 0; s < B * S; ++s) docs.data<int32_t>()[s] = (s % S) < 170 ? 0 : 1;  // two documents
+  AttentionMask mask{window, &docs};
+  CpuOps fast(DType::F32, CpuMatmul::Bf16), exact(DType::F32);
+  Tensor o16 = Tensor::zeros({B, S, nh, d}, DType::F32), o32 = o16.clone();
+  fast.attention_forward(q, k, v, mask, o16);
+  exact.attention_forward(q, k, v, mask, o32);
+
+  double worst_ref = 0, worst_exact = 0, scale = 0;
+  std::vector<double> p(static_cast<size_t>(S));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t t = 0; t < S; ++t) {
+        const int64_t g = h / group;
+        auto at = [&](const Tensor& x, int64_t heads, int64_t s, int64_t hh, int64_t j) {
+          return double(round_bf16(x.data<float>()[((b * S + s) * heads + hh) * d + j]));
+        };
+        double mx = -1e300, z = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const bool ok = s <= t && t - s < window && docs.data<int32_t>()[b * S + s] == docs.data<int32_t>()[b * S + t];
+          double dot = 0;
+          for (int64_t j = 0; ok && j < d; ++j) dot += at(q, nh, t, h, j) * at(k, nkv, s, g, j);
+          p[size_t(s)] = ok ? dot : -1e300;
+          mx = std::max(mx, p[size_t(s)]);
+        }
+        for (int64_t s = 0; s < S; ++s) z += (p[size_t(s)] = p[size_t(s)] < -1e299 ? 0.0 : std::exp(p[size_t(s)] - mx));
+        for (int64_t j = 0; j < d; ++j) {
+          double want = 0;
+          for (int64_t s = 0; s < S; ++s) want += double(round_bf16(float(p[size_t(s)] / z))) * at(v, nkv, s, g, j);
+          const size_t i = size_t(((b * S + t) * nh + h) * d + j);
+          worst_ref = std::max(worst_ref, std::abs(o16.data<float>()[i] - want));
+          worst_exact = std::max(worst_exact, double(std::abs(o16.data<float>()[i] - o32.data<float>()[i])));
+          scale = std::max(scale, std::abs(want));
+        }
+      }
+  EXPECT_LT(worst_ref, 2e-3 * scale) << "against the bf16-rounded double reference";
+  EXPECT_GT(worst_exact, 1e-4 * scale) << "the bf16 path really rounds";
+
+  Tensor dq16 = Tensor::zeros(q.shape(), DType::F32), dk16 = Tensor::zeros(k.shape(), DType::F32),
+         dv16 = Tensor::zeros(v.shape(), DType::F32);
+  Tensor dq32 = dq16.clone(), dk32 = dk16.clone(), dv32 = dv16.clone();
+  fast.attention_backward(q, k, v, mask, dout, dq16, dk16, dv16);
+  exact.attention_backward(q, k, v, mask, dout, dq32, dk32, dv32);
+  for (auto [g16, g32] : {std::pair{&dq16, &dq32}, std::pair{&dk16, &dk32}, std::pair{&dv16, &dv32}}) {
+    double worst = 0, big = 0;
+    for (int64_t i = 0; i < g32->numel(); ++i) {
+      worst = std::max(worst, double(std::abs(g16->data<float>()[i] - g32->data<float>()[i])));
+      big = std::max(big, double(std::abs(g32->data<float>()[i])));
+    }
+    EXPECT_LT(worst, 3e-2 * big);
+    EXPECT_GT(worst, 1e-5 * big);
+  }
 }
 
 }  // namespace

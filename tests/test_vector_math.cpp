@@ -1,4 +1,4 @@
-// The vectorizable float exp and tanh-GELU of the CPU backend against double-precision libm.
+// The vectorizable float exp, tanh and tanh-GELU of the CPU backend against double-precision libm.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -24,6 +24,24 @@ TEST(VectorMath, ExpIsWithinTwoUlpOfLibm) {
   EXPECT_LT(cpu::exp_f32(-1000.0f), 2e-38f);
   EXPECT_GT(cpu::exp_f32(1000.0f), 1e38f);
   EXPECT_TRUE(std::isfinite(cpu::exp_f32(1000.0f)));
+}
+
+TEST(VectorMath, TanhIsWithinAFewUlpOfLibm) {
+  double worst = 0;
+  for (double x = -20.0; x <= 20.0; x += 0.000731) {
+    const float xf = float(x);
+    const double want = std::tanh(double(xf));
+    if (want == 0) continue;
+    worst = std::max(worst, std::abs(double(cpu::tanh_f32(xf)) - want) / std::abs(want));
+  }
+  RecordProperty("tanh_f32_max_rel_err", fmt::format("{:.3g}", worst));
+  EXPECT_LT(worst, 4.8e-7) << "4 ulp of float is 4.8e-7 relative";
+  // Both branches near the switch at 0.4, tiny arguments, and saturation without NaN.
+  for (float x : {0.39999998f, 0.4f, 0.40000004f, 1e-30f, -1e-6f})
+    EXPECT_NEAR(cpu::tanh_f32(x), std::tanh(double(x)), 4.8e-7 * std::abs(std::tanh(double(x)))) << x;
+  EXPECT_EQ(cpu::tanh_f32(100.0f), 1.0f);
+  EXPECT_EQ(cpu::tanh_f32(-1e30f), -1.0f);
+  EXPECT_EQ(cpu::tanh_f32(0.0f), 0.0f);
 }
 
 TEST(VectorMath, GeluAndItsGradientMatchTheTanhFormulaInDouble) {

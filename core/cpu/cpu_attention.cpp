@@ -2,12 +2,17 @@
 // softmax per row, O = P·V; and the backward
 //   dP = dO·Vᵀ;  dS = P∘(dP − rowsum(P∘dP));  dQ = dS·K;  dK = dSᵀ·Q;  dV = Pᵀ·dO.
 // Scores and softmax are in the activation dtype (fp32 like HF's eager attention, or fp64).
+// With CpuMatmul::Bf16 the five products take bf16-rounded operands with fp32 sums, as the
+// GPU's attention does under bf16; the softmax and its backward stay fp32.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu/cpu_ops.h"
+#include "core/cpu/gemm_bf16.h"
 #include "core/cpu/cpu_util.h"
+#include "core/cpu/vector_math.h"
 
 namespace tl {
 
@@ -29,13 +34,30 @@ Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
   return g;
 }
 
+// C = op(A)·op(B) + beta·C for one head, in fp32/fp64 (OpenBLAS) or, with `bf16`, from
+// operands rounded to bf16 in per-thread buffers (oneDNN; the caller is one OpenMP task).
+template <class T>
+void head_gemm(bool bf16, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) {
+      thread_local std::vector<uint16_t> a16, b16;
+      cpu::pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
+      cpu::pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
+      cpu::gemm_bf16_packed(ta, tb, m, n, k, a16.data(), b16.data(), beta, c, ldc);
+      return;
+    }
+  }
+  cpu::gemm(ta, tb, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
+}
+
 // P[t, :] = softmax over the keys query t may see (causal, window, same document) of
 // Q_h·K_gᵀ; masked entries are 0. P is [S, S], row-major.
 template <class T>
-void probabilities(const Geometry& g, const T* qh, const T* kg, const AttentionMask& mask, const int32_t* doc,
-                   T* P) {
+void probabilities(bool bf16, const Geometry& g, const T* qh, const T* kg, const AttentionMask& mask,
+                   const int32_t* doc, T* P) {
   const int64_t S = g.S;
-  cpu::gemm(false, true, S, S, g.d, T(1), qh, g.nh * g.d, kg, g.nkv * g.d, T(0), P, S);
+  head_gemm(bf16, false, true, S, S, g.d, qh, g.nh * g.d, kg, g.nkv * g.d, T(0), P, S);
   for (int64_t t = 0; t < S; ++t) {
     T* row = P + t * S;
     const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
@@ -46,8 +68,9 @@ void probabilities(const Geometry& g, const T* qh, const T* kg, const AttentionM
       else mx = std::max(mx, row[s]);
     }
     T z = 0;
-    for (int64_t s = 0; s < S; ++s) z += (row[s] = std::isinf(row[s]) ? T(0) : std::exp(row[s] - mx));
-    for (int64_t s = 0; s < S; ++s) row[s] /= z;
+    for (int64_t s = 0; s < S; ++s) z += (row[s] = std::isinf(row[s]) ? T(0) : cpu::exp_of(row[s] - mx));
+    const T inv_z = T(1) / z;
+    for (int64_t s = 0; s < S; ++s) row[s] *= inv_z;
   }
 }
 
@@ -57,6 +80,7 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
                                Tensor& out) {
   const Geometry g = check(q, k, v);
   require(out.numel() == q.numel(), "attention out");
+  const bool bf16 = bf16_for(g.S * g.S * g.d);
   dispatch(q.dtype(), [&]<class T>() {
 #pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
     for (int64_t b = 0; b < g.B; ++b)
@@ -67,9 +91,9 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
         const T* kg = k.data<T>() + (b * g.S * g.nkv + kv) * g.d;
         const T* vg = v.data<T>() + (b * g.S * g.nkv + kv) * g.d;
         const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
-        probabilities(g, qh, kg, mask, doc, P.data());
+        probabilities(bf16, g, qh, kg, mask, doc, P.data());
         T* oh = out.data<T>() + (b * g.S * g.nh + h) * g.d;
-        cpu::gemm(false, false, g.S, g.d, g.S, T(1), P.data(), g.S, vg, g.nkv * g.d, T(0), oh, g.nh * g.d);
+        head_gemm(bf16, false, false, g.S, g.d, g.S, P.data(), g.S, vg, g.nkv * g.d, T(0), oh, g.nh * g.d);
       }
   });
 }
@@ -77,6 +101,7 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
 void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                 const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
   const Geometry g = check(q, k, v);
+  const bool bf16 = bf16_for(g.S * g.S * g.d);
   dispatch(q.dtype(), [&]<class T>() {
     // One task per (batch, KV head): its query heads all add into the same dk/dv rows.
 #pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
@@ -91,8 +116,8 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
         for (int64_t h = kv * g.group; h < (kv + 1) * g.group; ++h) {
           const T* qh = q.data<T>() + (b * g.S * g.nh + h) * g.d;
           const T* doh = dout.data<T>() + (b * g.S * g.nh + h) * g.d;
-          probabilities(g, qh, kg, mask, doc, P.data());
-          cpu::gemm(false, true, g.S, g.S, g.d, T(1), doh, ldq, vg, ldk, T(0), dS.data(), g.S);  // dP
+          probabilities(bf16, g, qh, kg, mask, doc, P.data());
+          head_gemm(bf16, false, true, g.S, g.S, g.d, doh, ldq, vg, ldk, T(0), dS.data(), g.S);  // dP
           for (int64_t t = 0; t < g.S; ++t) {
             T* prow = P.data() + t * g.S;
             T* drow = dS.data() + t * g.S;
@@ -101,13 +126,13 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
             for (int64_t s = 0; s < g.S; ++s) drow[s] = prow[s] * (drow[s] - dot);
           }
           if (dq.defined())
-            cpu::gemm(false, false, g.S, g.d, g.S, T(1), dS.data(), g.S, kg, ldk, T(1),
+            head_gemm(bf16, false, false, g.S, g.d, g.S, dS.data(), g.S, kg, ldk, T(1),
                       dq.data<T>() + (b * g.S * g.nh + h) * g.d, ldq);
           if (dk.defined())
-            cpu::gemm(true, false, g.S, g.d, g.S, T(1), dS.data(), g.S, qh, ldq, T(1),
+            head_gemm(bf16, true, false, g.S, g.d, g.S, dS.data(), g.S, qh, ldq, T(1),
                       dk.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
           if (dv.defined())
-            cpu::gemm(true, false, g.S, g.d, g.S, T(1), P.data(), g.S, doh, ldq, T(1),
+            head_gemm(bf16, true, false, g.S, g.d, g.S, P.data(), g.S, doh, ldq, T(1),
                       dv.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
         }
       }

@@ -7,9 +7,11 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu/cpu_util.h"
+#include "core/half.h"
 #include "core/math.h"
 
 namespace tl {
@@ -38,12 +40,20 @@ Tensor CpuOps::upload(const Tensor& host, DType dtype) { return host.to(dtype); 
 Tensor CpuOps::download(const Tensor& t) { return t.clone(); }
 
 void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) {
-  require(w.rank() == 2 && x.dtype() == w.dtype() && y.dtype() == x.dtype(), "linear dtypes/rank");
+  const bool frozen_bf16 = w.dtype() == DType::BF16 && x.dtype() == DType::F32;
+  require(w.rank() == 2 && (x.dtype() == w.dtype() || frozen_bf16) && y.dtype() == x.dtype(), "linear dtypes/rank");
   int64_t in = w.dim(1), out = w.dim(0);
   require(x.numel() % in == 0, "linear: x width does not match W");
   int64_t n = x.numel() / in;
   require(y.numel() == n * out, "linear: y size");
   if (n == 0) return;
+  if (frozen_bf16) {  // a frozen weight held in bf16 (frozen_dtype): only x is rounded here
+    thread_local std::vector<uint16_t> x16;
+    cpu::pack_bf16(x.data<float>(), n, in, in, x16);
+    cpu::gemm_bf16_packed(false, true, n, out, in, x16.data(), w.data<uint16_t>(), accumulate ? 1.0f : 0.0f,
+                          y.data<float>(), out);
+    return;
+  }
   dispatch(x.dtype(), [&]<class T>() {
     // y[n,out] = x[n,in]·W[out,in]ᵀ
     gemm(false, true, n, out, in, x.data<T>(), in, w.data<T>(), in, accumulate ? T(1) : T(0), y.data<T>(), out);
@@ -53,7 +63,19 @@ void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool ac
 void CpuOps::embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) {
   require(table.rank() == 2 && ids.dtype() == DType::I32, "embedding args");
   int64_t v = table.dim(0), d = table.dim(1), n = ids.numel();
-  require(out.numel() == n * d && out.dtype() == table.dtype(), "embedding out");
+  require(out.numel() == n * d, "embedding out");
+  if (table.dtype() == DType::BF16 && out.dtype() == DType::F32) {  // a frozen table held in bf16
+    const float s = float(scale);
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t id = ids.data<int32_t>()[i];
+      if (id < 0 || id >= v) throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
+      const uint16_t* src = table.data<uint16_t>() + int64_t(id) * d;
+      float* dst = out.data<float>() + i * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = bf16_to_float(src[j]) * s;
+    }
+    return;
+  }
+  require(out.dtype() == table.dtype(), "embedding out dtype");
   dispatch(table.dtype(), [&]<class T>() {
     const T s = T(scale);
     for (int64_t i = 0; i < n; ++i) {
@@ -179,8 +201,14 @@ void CpuOps::softcap_forward(Tensor& x, double cap) {
   dispatch(x.dtype(), [&]<class T>() {
     int64_t n = x.numel();
     T* p = x.data<T>();
+    if constexpr (std::is_same_v<T, float>) {  // the logits: [tokens, 262144] on Gemma 4
+      const float c = float(cap);
 #pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
-    for (int64_t i = 0; i < n; ++i) p[i] = softcap(p[i], T(cap));
+      for (int64_t i = 0; i < n; ++i) p[i] = c * cpu::tanh_f32(p[i] / c);
+    } else {
+#pragma omp parallel for schedule(static) if(n >= cpu::kParallelMin)
+      for (int64_t i = 0; i < n; ++i) p[i] = softcap(p[i], T(cap));
+    }
   });
 }
 
@@ -255,7 +283,17 @@ double CpuOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int
       if (y < 0 || y >= v) throw std::out_of_range("label " + std::to_string(y) + " outside vocab");
       const T* l = logits.data<T>() + t * v;
       double mx = *std::max_element(l, l + v), z = 0;
-      for (int64_t j = 0; j < v; ++j) z += std::exp(double(l[j]) - mx);
+      if constexpr (std::is_same_v<T, float>) {
+        double lane[16] = {};  // fixed lanes, as cpu::sum_as_double: vectorizes, same sum every run
+        const float mxf = float(mx);
+        int64_t j = 0;
+        for (; j + 16 <= v; j += 16)
+          for (int k = 0; k < 16; ++k) lane[k] += double(cpu::exp_f32(l[j + k] - mxf));
+        for (; j < v; ++j) lane[j % 16] += double(cpu::exp_f32(l[j] - mxf));
+        for (double e : lane) z += e;
+      } else {
+        for (int64_t j = 0; j < v; ++j) z += std::exp(double(l[j]) - mx);
+      }
       total += mx + std::log(z) - double(l[y]);
       ++count;
     }

@@ -35,45 +35,55 @@ namespace {
 // One matmul primitive per shape, with its operand descriptions: oneDNN's descriptor
 // creation is too slow to repeat for every call, and a training step uses a handful of
 // shapes over and over.
+// The scratchpad is the caller's (scratchpad_mode::user, one buffer per thread), so that
+// OpenMP tasks (attention's heads) may run the same primitive at once: with the library's
+// own scratchpad they would share it.
 struct Matmul {
-  dnnl::memory::desc a, b, c;
+  dnnl::memory::desc a, b, c, scratch;
   dnnl::matmul primitive;
 };
-using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, bool>;
+using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool>;
 
-const Matmul& matmul_for(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t ldc, bool accumulate) {
+const Matmul& matmul_for(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                         bool accumulate) {
   static std::map<Key, Matmul> cache;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
-  const Key key{ta, tb, m, n, k, ldc, accumulate};
+  const Key key{ta, tb, m, n, k, lda, ldb, ldc, accumulate};
   if (auto it = cache.find(key); it != cache.end()) return it->second;
-  // Logical A [m,k], B [k,n], C [m,n]; the packed buffers keep the stored orientation, so a
+  // Logical A [m,k], B [k,n], C [m,n]; the buffers keep the stored orientation, so a
   // transposed operand is described by swapped strides.
   Matmul mm;
-  mm.a = dnnl::memory::desc({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, m} : dnnl::memory::dims{k, 1});
-  mm.b = dnnl::memory::desc({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, k} : dnnl::memory::dims{n, 1});
+  mm.a = dnnl::memory::desc({m, k}, dt::bf16, ta ? dnnl::memory::dims{1, lda} : dnnl::memory::dims{lda, 1});
+  mm.b = dnnl::memory::desc({k, n}, dt::bf16, tb ? dnnl::memory::dims{1, ldb} : dnnl::memory::dims{ldb, 1});
   mm.c = dnnl::memory::desc({m, n}, dt::f32, dnnl::memory::dims{ldc, 1});
   dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (accumulate) {
     dnnl::post_ops ops;
     ops.append_sum(1.0f);
     attr.set_post_ops(ops);
   }
-  mm.primitive = dnnl::matmul(dnnl::matmul::primitive_desc(dnnl::matmul::desc(mm.a, mm.b, mm.c), attr, engine()));
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(mm.a, mm.b, mm.c), attr, engine());
+  mm.scratch = pd.scratchpad_desc();
+  mm.primitive = dnnl::matmul(pd);
   return cache.emplace(key, std::move(mm)).first->second;
 }
 
 }  // namespace
 
-void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, const uint16_t* b16,
-                      float beta, float* c, int64_t ldc) {
+void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
+                      const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
-  const Matmul& mm = matmul_for(ta, tb, m, n, k, ldc, beta != 0.0f);
+  const Matmul& mm = matmul_for(ta, tb, m, n, k, lda, ldb, ldc, beta != 0.0f);
   dnnl::memory am(mm.a, engine(), const_cast<uint16_t*>(a16)), bm(mm.b, engine(), const_cast<uint16_t*>(b16)),
       cm(mm.c, engine(), c);
-  static dnnl::stream stream(engine());
-  mm.primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  thread_local dnnl::stream stream(engine());  // attention calls this from OpenMP tasks
+  thread_local std::vector<uint8_t> scratch;
+  if (scratch.size() < mm.scratch.get_size()) scratch.resize(mm.scratch.get_size());
+  dnnl::memory sm(mm.scratch, engine(), scratch.data());
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}, {DNNL_ARG_SCRATCHPAD, sm}});
   stream.wait();
 }
 
