@@ -38,10 +38,21 @@ class Ops {
   // Zero-filled tensor on this backend.
   virtual Tensor zeros(Shape shape, DType dtype) = 0;
   Tensor zeros(Shape shape) { return zeros(std::move(shape), act_dtype()); }
+  // A tensor whose contents are unspecified, for an output that the next op overwrites
+  // whole (a product without accumulate, a norm, an elementwise op): no fill pass over it.
+  virtual Tensor empty(Shape shape, DType dtype) { return zeros(std::move(shape), dtype); }
+  Tensor empty(Shape shape) { return empty(std::move(shape), act_dtype()); }
   // Host tensor -> backend tensor of dtype `dtype` (converted).
   virtual Tensor upload(const Tensor& host, DType dtype) = 0;
   // Backend tensor -> host tensor (same dtype).
   virtual Tensor download(const Tensor& t) = 0;
+
+  // The caller will not write x until the matching release_matmul_input (MatmulInputHold
+  // below), so a backend that converts the inputs of its products (CpuOps under
+  // CpuMatmul::Bf16 rounds them to bf16) may convert x once for every product that reads it
+  // (q, k and v from one normed input; a projection and its adapter's A). Holds nest.
+  virtual void hold_matmul_input(const Tensor& x) { (void)x; }
+  virtual void release_matmul_input() {}
 
   // y[n,o] = Σ_i x[n,i]·W[o,i]  (y += … when accumulate). x: [N, in], W: [out, in].
   virtual void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate = false) = 0;
@@ -166,6 +177,18 @@ class Ops {
   // then the cap's derivative. Returns the loss sum of the chunk and sets count.
   virtual double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale,
                                         double cap, Tensor& dlogits, int64_t& count) = 0;
+};
+
+// Holds x as an unchanged matmul input for the guard's lifetime (Ops::hold_matmul_input).
+class MatmulInputHold {
+ public:
+  MatmulInputHold(Ops& ops, const Tensor& x) : ops_(ops) { ops_.hold_matmul_input(x); }
+  ~MatmulInputHold() { ops_.release_matmul_input(); }
+  MatmulInputHold(const MatmulInputHold&) = delete;
+  MatmulInputHold& operator=(const MatmulInputHold&) = delete;
+
+ private:
+  Ops& ops_;
 };
 
 }  // namespace tl

@@ -28,7 +28,35 @@ void Tensor::check_access() const {
 // Host-readable: plain host memory, or strict-device memory inside the strict backend.
 static bool host_readable(Device d) { return d == Device::CPU || (d == Device::Strict && DeviceAccess::open()); }
 
+namespace {
+std::atomic<bool> poison_fresh{false};
+
+// Sets every byte of [p, p + len) to `byte`; large buffers by all threads (a
+// single-threaded memset was 8% of a step).
+void fill_bytes(void* p, size_t len, int byte) {
+  const size_t chunk = size_t(1) << 20;
+  const int64_t chunks = int64_t((len + chunk - 1) / chunk);
+#pragma omp parallel for schedule(static) if(chunks >= 4)
+  for (int64_t c = 0; c < chunks; ++c)
+    std::memset(static_cast<char*>(p) + size_t(c) * chunk, byte, std::min(chunk, len - size_t(c) * chunk));
+}
+}  // namespace
+
+void Tensor::poison_uninitialized(bool on) { poison_fresh = on; }
+
+Tensor Tensor::uninitialized(Shape shape, DType dtype) {
+  Tensor t = allocate(std::move(shape), dtype);
+  if (poison_fresh) fill_bytes(t.data_, t.nbytes(), 0xff);
+  return t;
+}
+
 Tensor Tensor::zeros(Shape shape, DType dtype) {
+  Tensor t = allocate(std::move(shape), dtype);
+  fill_bytes(t.data_, (t.nbytes() + 63) / 64 * 64, 0);
+  return t;
+}
+
+Tensor Tensor::allocate(Shape shape, DType dtype) {
   Tensor t;
   size_t bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
   // 64-byte alignment suits AVX-512 loads and BLAS.
@@ -40,12 +68,6 @@ Tensor Tensor::zeros(Shape shape, DType dtype) {
     throw OutOfMemory("out of memory allocating " + std::to_string(double(bytes) / double(1ull << 30)) +
                       " GiB for a [" + dims + "] " + std::string(dtype_name(dtype)) + " tensor");
   }
-  // Large buffers are cleared by all threads: a single-threaded memset was 8% of a step.
-  const size_t len = padded ? padded : 64, chunk = size_t(1) << 20;
-  const int64_t chunks = int64_t((len + chunk - 1) / chunk);
-#pragma omp parallel for schedule(static) if(chunks >= 4)
-  for (int64_t c = 0; c < chunks; ++c)
-    std::memset(static_cast<char*>(p) + size_t(c) * chunk, 0, std::min(chunk, len - size_t(c) * chunk));
   t.owner_ = std::shared_ptr<void>(p, std::free);
   t.data_ = p;
   t.shape_ = std::move(shape);

@@ -32,6 +32,12 @@ class Tensor {
 
   // Fresh zero-initialised host memory.
   static Tensor zeros(Shape shape, DType dtype);
+  // Fresh host memory with unspecified contents, for an output the next op overwrites
+  // whole (torch.empty): skips zeros' memset. Under poison_uninitialized it is filled with
+  // all-ones bytes instead (NaN in every float dtype), so that a read before the write
+  // shows up in any test's values.
+  static Tensor uninitialized(Shape shape, DType dtype);
+  static void poison_uninitialized(bool on);
   // Borrow memory kept alive by `owner` (an mmap, a CUDA allocation, ...).
   static Tensor wrap(std::shared_ptr<void> owner, void* data, Shape shape, DType dtype,
                      Device device = Device::CPU);
@@ -70,6 +76,8 @@ class Tensor {
   double get(int64_t i) const;
 
  private:
+  // Host memory, 64-byte aligned, contents as the allocator left them.
+  static Tensor allocate(Shape shape, DType dtype);
   // Throws std::logic_error: host code touched a strict-device tensor's data.
   void check_access() const;
   std::shared_ptr<void> owner_;

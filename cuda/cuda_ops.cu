@@ -141,6 +141,12 @@ Tensor CudaOps::zeros(Shape shape, DType dtype) {
   return Tensor::wrap(std::move(mem), p, std::move(shape), dtype, Device::CUDA);
 }
 
+Tensor CudaOps::empty(Shape shape, DType dtype) {
+  std::shared_ptr<void> mem = cuda::device_alloc(size_t(shape_numel(shape)) * dtype_size(dtype));
+  void* p = mem.get();
+  return Tensor::wrap(std::move(mem), p, std::move(shape), dtype, Device::CUDA);
+}
+
 Tensor CudaOps::upload(const Tensor& host, DType dtype) {
   Tensor h = host.to(dtype);  // converts on the host (and rejects device tensors)
   std::shared_ptr<void> mem = cuda::device_alloc(h.nbytes());

@@ -70,6 +70,8 @@ class CudaOps final : public Ops {
 
   Tensor zeros(Shape shape, DType dtype) override;
   using Ops::zeros;
+  Tensor empty(Shape shape, DType dtype) override;  // no memset
+  using Ops::empty;
   Tensor upload(const Tensor& host, DType dtype) override;
   Tensor download(const Tensor& t) override;
 

@@ -87,6 +87,56 @@ TEST(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
   EXPECT_THROW(CpuOps(DType::F64, CpuMatmul::Bf16), std::exception);
 }
 
+// A held matmul input (Ops::hold_matmul_input) is rounded to bf16 once and reused: the
+// products that read it give bit for bit what they give unheld, whether it is the product's
+// A (x·Wᵀ, x·Aᵀ) or its B (dW = dyᵀ·x), and a held tensor of another shape or dtype, or a
+// buffer that only starts at the held one, is not mistaken for it.
+TEST(GemmBf16, HeldInputGivesTheSameProductsAsUnheld) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto random = [&](Shape shape) {
+    Tensor t = Tensor::zeros(std::move(shape), DType::F32);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = nd(rng);
+    return t;
+  };
+  CpuOps ops(DType::F32, CpuMatmul::Bf16);
+  const int64_t n = 128, in = 256, out = 256;  // 2^23 multiply-adds: the bf16 path
+  Tensor x = random({n, in}), w = random({out, in}), w2 = random({out, in}), dy = random({n, out});
+  auto products = [&]() {
+    std::vector<Tensor> r;
+    for (const Tensor* wt : {&w, &w2}) {
+      Tensor y = Tensor::zeros({n, out}, DType::F32);
+      ops.linear_forward(x, *wt, y, false);
+      r.push_back(y);
+    }
+    Tensor dx = Tensor::zeros({n, in}, DType::F32), dw = Tensor::zeros({out, in}, DType::F32);
+    ops.linear_backward(x, w, dy, dx, dw);
+    r.push_back(dx);
+    r.push_back(dw);
+    return r;
+  };
+  const std::vector<Tensor> unheld = products();
+  std::vector<Tensor> held;
+  {
+    MatmulInputHold hx(ops, x), hdy(ops, dy), other(ops, x.slice_rows(0, n / 2));
+    held = products();
+    held.push_back(products()[0]);  // the second use reads the kept bf16 copy
+  }
+  ASSERT_EQ(held.size(), unheld.size() + 1);
+  for (size_t i = 0; i < held.size(); ++i) {
+    const Tensor& want = unheld[i < unheld.size() ? i : 0];
+    for (int64_t j = 0; j < want.numel(); ++j)
+      ASSERT_EQ(held[i].data<float>()[j], want.data<float>()[j]) << "product " << i << " element " << j;
+  }
+  // The slice held above is a prefix of x: a product over the whole of x must not read it.
+  {
+    MatmulInputHold prefix(ops, x.slice_rows(0, n / 2));
+    Tensor y = Tensor::zeros({n, out}, DType::F32);
+    ops.linear_forward(x, w, y, false);
+    for (int64_t j = 0; j < y.numel(); ++j) ASSERT_EQ(y.data<float>()[j], unheld[0].data<float>()[j]) << j;
+  }
+  EXPECT_THROW(ops.release_matmul_input(), std::exception);  // every hold was released
+}
 
 // Attention through CpuOps with CpuMatmul::Bf16 (S·S·d = 2^22, the bf16 threshold): the
 // forward equals a double-precision reference that rounds Q, K, V and the probabilities P

@@ -42,7 +42,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   // One logits and one dlogits buffer for every chunk: the head's product overwrites the
   // first and the loss's backward every element of the second (fresh [256, 262144] buffers
   // per chunk cost page faults and zero-fills comparable to the softmax itself).
-  Tensor lg_buf = ops_.zeros({std::min(n, chunk), V}), dlg_buf = ops_.zeros({std::min(n, chunk), V});
+  Tensor lg_buf = ops_.empty({std::min(n, chunk), V}), dlg_buf = ops_.empty({std::min(n, chunk), V});
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t t1 = std::min(n, t0 + chunk);
     Tensor h = st.hidden.slice_rows(t0, t1);
@@ -132,8 +132,11 @@ void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4Laye
   Tensor dh = like(ops_, t.h), dgate = like(ops_, t.gate), dup = like(ops_, t.up), dm_in = like(ops_, t.m_in);
   linear_backward(st, t.h, lw.down_proj, dmlp, dh, g.down_proj);
   ops_.gelu_tanh_mul_backward(t.gate, t.up, dh, dgate, dup);
-  linear_backward(st, t.m_in, lw.gate_proj, dgate, dm_in, g.gate_proj);
-  linear_backward(st, t.m_in, lw.up_proj, dup, dm_in, g.up_proj);
+  {
+    MatmulInputHold hold_m_in(ops_, t.m_in);
+    linear_backward(st, t.m_in, lw.gate_proj, dgate, dm_in, g.gate_proj);
+    linear_backward(st, t.m_in, lw.up_proj, dup, dm_in, g.up_proj);
+  }
   ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm, H, eps, dm_in, dx1, g.pre_feedforward_layernorm);
 
   // x1 = x + RMSNorm(o), o = Attn(a), a = RMSNorm(x)
@@ -175,6 +178,7 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   ops_.rope_backward(dq, nh, st.positions, inv_freq_[size_t(i)]);
   Tensor dq_raw = like(ops_, t.q_raw);
   ops_.rmsnorm_backward(t.q_raw, lw.q_norm, d, eps, dq, dq_raw, g.q_norm);
+  MatmulInputHold hold_a(ops_, t.a);  // read by the q, k and v adapters' dA (and dW of full layers)
   linear_backward(st, t.a, lw.q_proj, dq_raw, da, g.q_proj);
 
   if (geo.kv_source >= 0) return;  // this layer's K/V gradient went to the source layer

@@ -77,6 +77,7 @@ const Nf4Tensor* Gemma4Model::expert_nf4(const std::string& name, int64_t e) {
 }
 
 void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y) {
+  MatmulInputHold hold_x(ops_, x);  // read by the base product and the adapter's A
   if (auto q = nf4_.find(&w); q != nf4_.end()) ops_.linear_nf4_forward(x, q->second, y);
   else ops_.linear_forward(x, w, y);
   auto it = lora_.find(&w);
@@ -88,17 +89,21 @@ void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Ten
     xd = ops_.zeros(x.shape());
     ops_.mul(x, dropout_mask(a, x.shape()), xd);
   }
+  // PEFT adds (xd·Aᵀ·Bᵀ)·s to y. The scale is applied on the rank-wide side instead,
+  // xa = s·(xd·Aᵀ), and xa·Bᵀ accumulates straight into y: the same sum (exactly so for a
+  // power-of-two s, within an ulp otherwise) without a [tokens × out] temporary and two
+  // passes over it. The saved xa is the scaled one, which the backward relies on.
   Tensor xa = ops_.zeros({n, a.rank()});
   ops_.linear_forward(xd, a.A, xa);
-  Tensor delta = ops_.zeros(y.shape());
-  ops_.linear_forward(xa, a.B, delta);
-  ops_.scale(delta, a.scaling);  // PEFT scales after B
-  ops_.add(y, delta, y);
+  ops_.scale(xa, a.scaling);
+  ops_.linear_forward(xa, a.B, y, /*accumulate=*/true);
   if (st.keep) st.lora_saved[&w] = {xd, xa};
 }
 
 void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx,
                                   Tensor& dw) {
+  // dy is read by the base's dx (and dW) and the adapter's B products, x by dW and dA.
+  MatmulInputHold hold_dy(ops_, dy), hold_x(ops_, x);
   if (auto q = nf4_.find(&w); q != nf4_.end()) {
     if (dw.defined()) throw Error("a weight held in NF4 is frozen and has no gradient");
     if (dx.defined()) ops_.linear_nf4_backward(dy, q->second, dx);
@@ -108,12 +113,12 @@ void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tenso
   auto it = lora_.find(&w);
   if (it == lora_.end()) return;
   LoraAdapter& a = it->second;
+  // With xa saved as s·(xd·Aᵀ) (forward): dB += dyᵀ·xa, and d(xd·Aᵀ) = s·(dy·B), scaled
+  // on the rank-wide side rather than copying and scaling dy.
   const auto& [xd, xa] = st.lora_saved.at(&w);
-  Tensor dys = ops_.zeros(dy.shape());
-  ops_.add(dy, dys, dys);
-  ops_.scale(dys, a.scaling);
   Tensor dxa = ops_.zeros(xa.shape());
-  ops_.linear_backward(xa, a.B, dys, dxa, a.dB);
+  ops_.linear_backward(xa, a.B, dy, dxa, a.dB);
+  ops_.scale(dxa, a.scaling);
   if (!dx.defined()) {
     Tensor none;
     ops_.linear_backward(xd, a.A, dxa, none, a.dA);

@@ -156,7 +156,7 @@ Tensor to_i32(const Tensor& t) { return t.dtype() == DType::I32 ? t : t.to(DType
 double embed_scale(int64_t width) { return double(float(std::sqrt(double(width)))); }
 
 Tensor Gemma4Model::embed(const Tensor& ids) {
-  Tensor x = ops_.zeros({ids.numel(), config_.hidden_size});
+  Tensor x = ops_.empty({ids.numel(), config_.hidden_size});
   ops_.embedding_forward(w_.embed_tokens, ids, embed_scale(config_.hidden_size), x);
   return x;
 }
@@ -166,12 +166,12 @@ Tensor Gemma4Model::embed(const Tensor& ids) {
 Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& ctx_scaled) {
   const Tensor& ids = st.ids;
   const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
-  ctx_scaled = ops_.zeros({n, L * P});
+  ctx_scaled = ops_.empty({n, L * P});
   linear(st, e, w_.per_layer_model_projection, ctx_scaled);
   ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
-  Tensor ple = ops_.zeros({n, L * P});
+  Tensor ple = ops_.empty({n, L * P});
   ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);
-  Tensor tok = ops_.zeros({n, L * P});
+  Tensor tok = ops_.empty({n, L * P});
   ops_.embedding_forward(w_.embed_tokens_per_layer, ids, embed_scale(P), tok);
   ops_.add(ple, tok, ple);
   ops_.scale(ple, 1.0 / std::sqrt(2.0));
@@ -222,7 +222,7 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     if (layer_outputs) layer_outputs->push_back(ops_.download(x));
   }
   st.final_in = x;
-  st.hidden = ops_.zeros({n, config_.hidden_size});
+  st.hidden = ops_.empty({n, config_.hidden_size});
   ops_.rmsnorm_forward(x, w_.norm, config_.hidden_size, config_.rms_norm_eps, st.hidden);
 }
 
@@ -250,31 +250,32 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
   const int64_t nh = config_.num_attention_heads, d = g.head_dim, nkv = g.num_kv_heads;
   const double eps = config_.rms_norm_eps;
 
+  MatmulInputHold hold_a(ops_, t.a);  // the input of q, k and v (and of their adapters)
   // q = RoPE(RMSNorm_d(a·W_qᵀ; q_norm)), per head.
-  t.q_raw = ops_.zeros({n, nh * d});
+  t.q_raw = ops_.empty({n, nh * d});
   linear(st, t.a, lw.q_proj, t.q_raw);
-  t.q = ops_.zeros({n, nh * d});
+  t.q = ops_.empty({n, nh * d});
   ops_.rmsnorm_forward(t.q_raw, lw.q_norm, d, eps, t.q);
   ops_.rope_forward(t.q, nh, st.positions, inv_freq_[size_t(i)]);
 
   if (g.kv_source < 0) {
     // k = RoPE(RMSNorm_d(a·W_kᵀ; k_norm)); v = RMSNorm_d(a·W_vᵀ) without weight; K=V full
     // layers take v from the same raw k projection.
-    t.k_raw = ops_.zeros({n, nkv * d});
+    t.k_raw = ops_.empty({n, nkv * d});
     linear(st, t.a, lw.k_proj, t.k_raw);
     t.v_raw = t.k_raw;
     if (!g.k_eq_v) {
-      t.v_raw = ops_.zeros({n, nkv * d});
+      t.v_raw = ops_.empty({n, nkv * d});
       linear(st, t.a, lw.v_proj, t.v_raw);
     }
-    t.k = ops_.zeros({n, nkv * d});
+    t.k = ops_.empty({n, nkv * d});
     ops_.rmsnorm_forward(t.k_raw, lw.k_norm, d, eps, t.k);
     ops_.rope_forward(t.k, nkv, st.positions, inv_freq_[size_t(i)]);
-    t.v = ops_.zeros({n, nkv * d});
+    t.v = ops_.empty({n, nkv * d});
     ops_.rmsnorm_forward(t.v_raw, Tensor(), d, eps, t.v);
     st.kv[size_t(i)] = {t.k, t.v};
   }
-  t.attn = ops_.zeros({n, nh * d});
+  t.attn = st.cache ? ops_.zeros({n, nh * d}) : ops_.empty({n, nh * d});
   if (st.cache) {
     cached_attention(i, st, t);
   } else {
@@ -282,20 +283,23 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
     ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
                            v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
   }
-  t.o = ops_.zeros({n, config_.hidden_size});
+  t.o = ops_.empty({n, config_.hidden_size});
   linear(st, t.attn, lw.o_proj, t.o);
   return t.o;
 }
 // GeGLU: (gelu_tanh(y·W_gateᵀ) ∘ y·W_upᵀ)·W_downᵀ with y = t.m_in.
 Tensor Gemma4Model::dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t) {
   const int64_t n = t.m_in.dim(0), I = lw.gate_proj.dim(0);
-  t.gate = ops_.zeros({n, I});
-  t.up = ops_.zeros({n, I});
-  linear(st, t.m_in, lw.gate_proj, t.gate);
-  linear(st, t.m_in, lw.up_proj, t.up);
-  t.h = ops_.zeros({n, I});
+  t.gate = ops_.empty({n, I});
+  t.up = ops_.empty({n, I});
+  {
+    MatmulInputHold hold_m_in(ops_, t.m_in);
+    linear(st, t.m_in, lw.gate_proj, t.gate);
+    linear(st, t.m_in, lw.up_proj, t.up);
+  }
+  t.h = ops_.empty({n, I});
   ops_.gelu_tanh_mul_forward(t.gate, t.up, t.h);
-  t.mlp = ops_.zeros({n, config_.hidden_size});
+  t.mlp = ops_.empty({n, config_.hidden_size});
   linear(st, t.h, lw.down_proj, t.mlp);
   return t.mlp;
 }
@@ -372,15 +376,15 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
   t.layer = i;
 
   // x1 = x + RMSNorm(Attn(RMSNorm(x)))
-  t.a = ops_.zeros({n, H});
+  t.a = ops_.empty({n, H});
   ops_.rmsnorm_forward(x, lw.input_layernorm, H, eps, t.a);
   Tensor o = attention(i, st, t);
-  t.x1 = ops_.zeros({n, H});
+  t.x1 = ops_.empty({n, H});
   ops_.rmsnorm_forward(o, lw.post_attention_layernorm, H, eps, t.x1);
   ops_.add(x, t.x1, t.x1);
 
   // x2 = x1 + RMSNorm(MLP(RMSNorm(x1)) [+ MoE branch])
-  t.m_in = ops_.zeros({n, H});
+  t.m_in = ops_.empty({n, H});
   ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm, H, eps, t.m_in);
   dense_mlp(lw, st, t);
   if (config_.enable_moe_block) {
@@ -393,20 +397,20 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
   } else {
     t.m_sum = t.mlp;
   }
-  t.x2 = ops_.zeros({n, H});
+  t.x2 = ops_.empty({n, H});
   ops_.rmsnorm_forward(t.m_sum, lw.post_feedforward_layernorm, H, eps, t.x2);
   ops_.add(t.x1, t.x2, t.x2);
 
   // x3 = x2 + RMSNorm((gelu(x2·W_gateᵀ) ∘ ple_i)·W_projᵀ)
-  Tensor out = ops_.zeros({n, H});
+  Tensor out = P > 0 ? ops_.empty({n, H}) : ops_.zeros({n, H});
   if (P > 0) {
-    t.g = ops_.zeros({n, P});
+    t.g = ops_.empty({n, P});
     linear(st, t.x2, lw.per_layer_input_gate, t.g);
-    t.ple_i = ops_.zeros({n, P});
+    t.ple_i = ops_.empty({n, P});
     ops_.copy_columns(st.ple, int64_t(i) * P, t.ple_i, 0, P);
-    t.gh = ops_.zeros({n, P});
+    t.gh = ops_.empty({n, P});
     ops_.gelu_tanh_mul_forward(t.g, t.ple_i, t.gh);
-    t.proj = ops_.zeros({n, H});
+    t.proj = ops_.empty({n, H});
     linear(st, t.gh, lw.per_layer_projection, t.proj);
     ops_.rmsnorm_forward(t.proj, lw.post_per_layer_input_norm, H, eps, out);
   }
@@ -417,7 +421,7 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
 }
 
 Tensor Gemma4Model::logits(const Tensor& hidden) {
-  Tensor out = ops_.zeros({hidden.dim(0), config_.vocab_size});
+  Tensor out = ops_.empty({hidden.dim(0), config_.vocab_size});
   logits_into(hidden, out);
   return out;
 }

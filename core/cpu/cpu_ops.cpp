@@ -24,10 +24,40 @@ CpuOps::CpuOps(DType act, CpuMatmul matmul) : act_(act), matmul_(matmul) {
   require(matmul == CpuMatmul::F32 || act == DType::F32, "bf16 matmul needs F32 activations");
 }
 
+void CpuOps::hold_matmul_input(const Tensor& x) {
+  HeldInput h;
+  if (x.dtype() == DType::F32) {
+    h.data = static_cast<const float*>(x.raw());
+    h.numel = x.numel();
+  }
+  held_.push_back(std::move(h));
+}
+
+void CpuOps::release_matmul_input() {
+  require(!held_.empty(), "release_matmul_input without a hold");
+  held_.pop_back();
+}
+
+const uint16_t* CpuOps::as_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld,
+                                std::vector<uint16_t>& scratch) const {
+  if (ld == cols)
+    for (HeldInput& h : held_)
+      if (h.data == p && h.numel == rows * cols) {
+        if (h.bf16.empty()) cpu::pack_bf16(p, rows, cols, cols, h.bf16);
+        return h.bf16.data();
+      }
+  cpu::pack_bf16(p, rows, cols, ld, scratch);
+  return scratch.data();
+}
+
 void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) const {
-  if (bf16_for(m * n * k)) cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
-  else cpu::gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+  if (!bf16_for(m * n * k)) return cpu::gemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+  thread_local std::vector<uint16_t> a16, b16;
+  // A is stored [m,k] ([k,m] when ta), B [k,n] ([n,k] when tb).
+  const uint16_t* pa = as_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
+  const uint16_t* pb = as_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
+  cpu::gemm_bf16_packed(ta, tb, m, n, k, pa, pb, beta, c, ldc);
 }
 
 void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
@@ -36,6 +66,7 @@ void CpuOps::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const doubl
 }
 
 Tensor CpuOps::zeros(Shape shape, DType dtype) { return Tensor::zeros(std::move(shape), dtype); }
+Tensor CpuOps::empty(Shape shape, DType dtype) { return Tensor::uninitialized(std::move(shape), dtype); }
 Tensor CpuOps::upload(const Tensor& host, DType dtype) { return host.to(dtype); }
 Tensor CpuOps::download(const Tensor& t) { return t.clone(); }
 
@@ -49,9 +80,8 @@ void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool ac
   if (n == 0) return;
   if (frozen_bf16) {  // a frozen weight held in bf16 (frozen_dtype): only x is rounded here
     thread_local std::vector<uint16_t> x16;
-    cpu::pack_bf16(x.data<float>(), n, in, in, x16);
-    cpu::gemm_bf16_packed(false, true, n, out, in, x16.data(), w.data<uint16_t>(), accumulate ? 1.0f : 0.0f,
-                          y.data<float>(), out);
+    cpu::gemm_bf16_packed(false, true, n, out, in, as_bf16(x.data<float>(), n, in, in, x16), w.data<uint16_t>(),
+                          accumulate ? 1.0f : 0.0f, y.data<float>(), out);
     return;
   }
   dispatch(x.dtype(), [&]<class T>() {
@@ -60,31 +90,34 @@ void CpuOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool ac
   });
 }
 
+namespace {
+// out[i,:] = read(table[ids[i],:])·s, where `read` turns a stored element into T (the
+// identity, or bf16 → fp32 for a frozen table held in bf16).
+template <class T, class Stored, class Read>
+void gather_scaled_rows(const Stored* table, int64_t v, int64_t d, const int32_t* ids, int64_t n, T s, T* out,
+                        Read read) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t id = ids[i];
+    if (id < 0 || id >= v) throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
+    const Stored* src = table + int64_t(id) * d;
+    T* dst = out + i * d;
+    for (int64_t j = 0; j < d; ++j) dst[j] = read(src[j]) * s;
+  }
+}
+}  // namespace
+
 void CpuOps::embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) {
   require(table.rank() == 2 && ids.dtype() == DType::I32, "embedding args");
   int64_t v = table.dim(0), d = table.dim(1), n = ids.numel();
   require(out.numel() == n * d, "embedding out");
   if (table.dtype() == DType::BF16 && out.dtype() == DType::F32) {  // a frozen table held in bf16
-    const float s = float(scale);
-    for (int64_t i = 0; i < n; ++i) {
-      int32_t id = ids.data<int32_t>()[i];
-      if (id < 0 || id >= v) throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
-      const uint16_t* src = table.data<uint16_t>() + int64_t(id) * d;
-      float* dst = out.data<float>() + i * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] = bf16_to_float(src[j]) * s;
-    }
+    gather_scaled_rows(table.data<uint16_t>(), v, d, ids.data<int32_t>(), n, float(scale), out.data<float>(),
+                       [](uint16_t b) { return bf16_to_float(b); });
     return;
   }
   require(out.dtype() == table.dtype(), "embedding out dtype");
   dispatch(table.dtype(), [&]<class T>() {
-    const T s = T(scale);
-    for (int64_t i = 0; i < n; ++i) {
-      int32_t id = ids.data<int32_t>()[i];
-      if (id < 0 || id >= v) throw std::out_of_range("token id " + std::to_string(id) + " outside vocab of " + std::to_string(v));
-      const T* src = table.data<T>() + int64_t(id) * d;
-      T* dst = out.data<T>() + i * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * s;
-    }
+    gather_scaled_rows(table.data<T>(), v, d, ids.data<int32_t>(), n, T(scale), out.data<T>(), [](T x) { return x; });
   });
 }
 

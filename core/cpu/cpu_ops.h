@@ -1,6 +1,8 @@
 // The CPU implementation of Ops: the numerical reference for every other backend, in F32
 // (the default, matching transformers in fp32) or F64 (for finite-difference checks).
 #pragma once
+#include <vector>
+
 #include "core/ops.h"
 
 namespace tl {
@@ -20,9 +22,13 @@ class CpuOps final : public Ops {
 
   Tensor zeros(Shape shape, DType dtype) override;
   using Ops::zeros;
+  Tensor empty(Shape shape, DType dtype) override;
+  using Ops::empty;
   Tensor upload(const Tensor& host, DType dtype) override;
   Tensor download(const Tensor& t) override;
 
+  void hold_matmul_input(const Tensor& x) override;
+  void release_matmul_input() override;
   void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) override;
   void embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) override;
   void rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, double eps, Tensor& y) override;
@@ -71,6 +77,16 @@ class CpuOps final : public Ops {
                                 Tensor& dlogits, int64_t& count) override;
 
  private:
+  // The bf16 copy of rows × cols at p (leading dimension ld): a held input's, rounded on its
+  // first use (hold_matmul_input), or else packed into `scratch`.
+  const uint16_t* as_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& scratch) const;
+  struct HeldInput {
+    const float* data = nullptr;  // null: held, but not an fp32 tensor
+    int64_t numel = 0;
+    std::vector<uint16_t> bf16;   // empty until a bf16 product reads it
+  };
+  mutable std::vector<HeldInput> held_;
+
   // C = op(A)·op(B) + beta·C for the projections, in the precision matmul_ selects.
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
             int64_t ldb, float beta, float* c, int64_t ldc) const;

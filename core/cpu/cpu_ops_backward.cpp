@@ -25,8 +25,8 @@ void CpuOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy,
     require(dy.dtype() == DType::F32 && (!dx.defined() || dx.dtype() == DType::F32), "linear_backward dtypes");
     if (!dx.defined()) return;
     thread_local std::vector<uint16_t> dy16;
-    cpu::pack_bf16(dy.data<float>(), n, out, out, dy16);
-    cpu::gemm_bf16_packed(false, false, n, in, out, dy16.data(), w.data<uint16_t>(), 1.0f, dx.data<float>(), in);
+    cpu::gemm_bf16_packed(false, false, n, in, out, as_bf16(dy.data<float>(), n, out, out, dy16),
+                          w.data<uint16_t>(), 1.0f, dx.data<float>(), in);
     return;
   }
   dispatch(x.dtype(), [&]<class T>() {

@@ -23,7 +23,9 @@ dnnl::engine& engine() {
 }  // namespace
 
 void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out) {
-  out.resize(size_t(rows * cols));
+  // Grow only: a thread's buffer serves products of several sizes in turn, and shrinking
+  // then growing it again would zero-fill the new part on every call.
+  if (out.size() < size_t(rows * cols)) out.resize(size_t(rows * cols));
   uint16_t* o = out.data();
 #pragma omp parallel for schedule(static) if(rows * cols >= (1 << 16))
   for (int64_t r = 0; r < rows; ++r)

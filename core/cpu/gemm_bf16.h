@@ -24,7 +24,8 @@ inline void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, 
   gemm_bf16_packed(ta, tb, m, n, k, a16, ta ? m : k, b16, tb ? k : n, beta, c, ldc);
 }
 
-// rows × cols of `src` (leading dimension ld) → bf16 [rows, cols], nearest-even.
+// rows × cols of `src` (leading dimension ld) → bf16 [rows, cols] at the start of `out`,
+// nearest-even; `out` only grows (it may be longer than rows × cols).
 void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out);
 
 // Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and oneDNN's name for

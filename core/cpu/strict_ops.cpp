@@ -33,6 +33,7 @@ Tensor StrictOps::to_device(const Tensor& host) {
 }
 
 Tensor StrictOps::zeros(Shape shape, DType dtype) { return to_device(cpu_.zeros(std::move(shape), dtype)); }
+Tensor StrictOps::empty(Shape shape, DType dtype) { return to_device(cpu_.empty(std::move(shape), dtype)); }
 
 Tensor StrictOps::upload(const Tensor& host, DType dtype) {
   if (host.device() != Device::CPU)
@@ -51,6 +52,10 @@ Tensor StrictOps::download(const Tensor& t) {
   return out;
 }
 
+void StrictOps::hold_matmul_input(const Tensor& x) {
+  Scope s("hold_matmul_input", {&x});
+  cpu_.hold_matmul_input(x);
+}
 void StrictOps::linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) {
   Scope s("linear_forward", {&x, &w, &y});
   cpu_.linear_forward(x, w, y, accumulate);

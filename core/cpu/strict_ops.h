@@ -25,9 +25,13 @@ class StrictOps final : public Ops {
 
   Tensor zeros(Shape shape, DType dtype) override;
   using Ops::zeros;
+  Tensor empty(Shape shape, DType dtype) override;
+  using Ops::empty;
   Tensor upload(const Tensor& host, DType dtype) override;
   Tensor download(const Tensor& t) override;
 
+  void hold_matmul_input(const Tensor& x) override;
+  void release_matmul_input() override { cpu_.release_matmul_input(); }
   void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) override;
   void embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) override;
   void rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, double eps, Tensor& y) override;

@@ -26,6 +26,16 @@ TEST(CudaOps, TransfersAndZeros) {
   EXPECT_EQ(z.dtype(), DType::F32);
   Tensor zh = ops.download(z);
   for (int64_t i = 0; i < zh.numel(); ++i) EXPECT_EQ(zh.get(i), 0.0);
+  // empty: a device buffer of the shape that a product overwrites whole.
+  Tensor e = ops.empty({3, 5});
+  EXPECT_EQ(e.device(), Device::CUDA);
+  EXPECT_EQ(e.shape(), z.shape());
+  ops.linear_forward(ops.upload(random({3, 2}, DType::F32, rng), DType::F32),
+                     ops.upload(Tensor::zeros({5, 2}, DType::F32), DType::F32), e, false);
+  ops.hold_matmul_input(e);  // a promise the CUDA backend has no use for: nothing happens
+  ops.release_matmul_input();
+  Tensor eh = ops.download(e);
+  for (int64_t i = 0; i < eh.numel(); ++i) EXPECT_EQ(eh.get(i), 0.0);
   Tensor h = random({4, 7}, DType::F64, rng);
   expect_close(ops.download(ops.upload(h, DType::F64)), h, 0, "f64 round trip");
   expect_close(ops.download(ops.upload(h, DType::F32)), h.to(DType::F32), 0, "f64 -> f32 upload");
