@@ -35,18 +35,12 @@ Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
 }
 
 // C = op(A)·op(B) + beta·C for one head, in fp32/fp64 (OpenBLAS) or, with `bf16`, from
-// operands rounded to bf16 in per-thread buffers (oneDNN; the caller is one OpenMP task).
+// operands rounded to bf16 (cpu::gemm_bf16: per-thread buffers, so one OpenMP task each).
 template <class T>
 void head_gemm(bool bf16, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                int64_t ldb, T beta, T* c, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16) {
-      thread_local std::vector<uint16_t> a16, b16;
-      cpu::pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
-      cpu::pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
-      cpu::gemm_bf16_packed(ta, tb, m, n, k, a16.data(), b16.data(), beta, c, ldc);
-      return;
-    }
+    if (bf16) return cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
   cpu::gemm(ta, tb, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
 }
