@@ -50,6 +50,9 @@ class CpuOps final : public Ops {
 
   void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
+  // The most weights one dequantized NF4 tile holds (default 2^24: 32 MiB in bf16, so an
+  // E2B-sized projection is one tile and one product); tests lower it to get several tiles.
+  void set_nf4_tile_elements(int64_t elements) { nf4_tile_elements_ = elements; }
 
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
@@ -95,6 +98,7 @@ class CpuOps final : public Ops {
 
   DType act_;
   CpuMatmul matmul_;
+  int64_t nf4_tile_elements_ = int64_t(1) << 24;
   // Whether a product of `multiply_adds` runs in bf16: with CpuMatmul::Bf16, from 2^22 up.
   // Smaller ones (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
   // save (measured on the bench models) and stay exact in fp32.
