@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <tuple>
 
 #include "core/cpu/cpu_ops.h"
+#include "core/half.h"
 #include "core/nf4.h"
 #include "golden_util.h"
 
@@ -52,6 +54,46 @@ TEST(CpuNf4, TiledProductsEqualTheDenseDequantizedWeightFp32) {
 TEST(CpuNf4, TiledProductsEqualTheDenseDequantizedWeightBf16) {
   check(CpuMatmul::Bf16, 100, 1e-5, 256);
   check(CpuMatmul::Bf16, 100, 1e-5, 0);
+}
+
+// Blocks whose scale puts code ±1 exactly halfway between two bf16 values, both ways (even
+// and odd last kept bit), so that round-to-nearest-even is tested, beside random codes.
+Nf4Tensor ties(DType orig) {
+  Nf4Tensor t;
+  t.shape = {4, 64};
+  t.orig_dtype = orig;
+  t.absmax = {1.0f + 3.0f / 256, 1.0f + 1.0f / 256, 0.5f + 3.0f / 512, 2.0f + 5.0f / 128};
+  std::mt19937 rng(6);
+  t.packed.resize(128);
+  for (auto& b : t.packed) b = uint8_t(rng());
+  for (size_t k = 0; k < t.packed.size(); k += 4) t.packed[k] = 0xF0;  // codes 15 (+1) and 0 (−1)
+  return t;
+}
+
+// The dequantization tables (vector code on AVX-512 CPUs) against the scalar roundings of
+// core/half.h, bit for bit: rows that start and end inside 64-element blocks (37 × 100), the
+// three original dtypes, ties, and fp32 out rounded through bf16 as well as bf16 out.
+TEST(CpuNf4, DequantizedRowsRoundAsTheScalarHelpers) {
+  std::vector<std::tuple<Nf4Tensor, int64_t, int64_t>> cases;  // tensor, rows [r0, r1) checked
+  for (DType orig : {DType::BF16, DType::F16, DType::F32})
+    cases.emplace_back(nf4_quantize(random_tensor({37, 100}, 5).to(orig), true), 3, 29);
+  for (DType orig : {DType::BF16, DType::F32}) cases.emplace_back(ties(orig), 0, 4);
+  for (const auto& [q, r0, r1] : cases) {
+    const int64_t rows = q.shape[0], cols = q.shape[1];
+    std::vector<float> exact(size_t(rows * cols)), via_bf16(exact.size());
+    std::vector<uint16_t> bf16(exact.size());
+    nf4_dequantize_rows(q, 0, rows, exact.data(), DType::F32);  // code · absmax, no rounding
+    nf4_dequantize_rows(q, r0, r1, via_bf16.data(), DType::BF16);
+    nf4_dequantize_rows_bf16(q, r0, r1, bf16.data());
+    int64_t bad = 0;
+    for (int64_t i = r0 * cols; i < r1 * cols; ++i) {
+      const float v = exact[size_t(i)];
+      const float through = q.orig_dtype == DType::F16 ? f16_to_float(float_to_f16(v)) : v;
+      bad += bf16[size_t(i - r0 * cols)] != float_to_bf16(through);
+      bad += float_bits(via_bf16[size_t(i - r0 * cols)]) != float_bits(bf16_to_float(float_to_bf16(v)));
+    }
+    EXPECT_EQ(bad, 0) << dtype_name(q.orig_dtype) << " " << shape_str(q.shape);
+  }
 }
 
 }  // namespace
