@@ -4,6 +4,7 @@
 // Scores and softmax are in the activation dtype (fp32 like HF's eager attention, or fp64).
 // With CpuMatmul::Bf16 the five products take bf16-rounded operands with fp32 sums, as the
 // GPU's attention does under bf16; the softmax and its backward stay fp32.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -52,19 +53,26 @@ void probabilities(bool bf16, const Geometry& g, const T* qh, const T* kg, const
                    const int32_t* doc, T* P) {
   const int64_t S = g.S;
   head_gemm(bf16, false, true, S, S, g.d, qh, g.nh * g.d, kg, g.nkv * g.d, T(0), P, S);
+  constexpr T kMasked = -std::numeric_limits<T>::infinity();
   for (int64_t t = 0; t < S; ++t) {
     T* row = P + t * S;
+    // Keys outside [s0, t] are masked by causality and the window; a document mask may drop
+    // some inside. Row t always sees itself, so mx is finite.
     const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
-    T mx = -std::numeric_limits<T>::infinity();
-    for (int64_t s = 0; s < S; ++s) {
-      const bool ok = s >= s0 && s <= t && (!doc || doc[s] == doc[t]);
-      if (!ok) row[s] = -std::numeric_limits<T>::infinity();
-      else mx = std::max(mx, row[s]);
-    }
+    if (doc)
+      for (int64_t s = s0; s <= t; ++s)
+        if (doc[s] != doc[t]) row[s] = kMasked;
+    T mx = kMasked;
+    for (int64_t s = s0; s <= t; ++s) mx = std::max(mx, row[s]);
+    std::fill(row, row + s0, T(0));
+    std::fill(row + t + 1, row + S, T(0));
+    // Separate loops, so that the exponentials vectorize and the sum is a SIMD reduction.
+    for (int64_t s = s0; s <= t; ++s) row[s] = row[s] == kMasked ? T(0) : cpu::exp_of(row[s] - mx);
     T z = 0;
-    for (int64_t s = 0; s < S; ++s) z += (row[s] = std::isinf(row[s]) ? T(0) : cpu::exp_of(row[s] - mx));
+#pragma omp simd reduction(+ : z)
+    for (int64_t s = s0; s <= t; ++s) z += row[s];
     const T inv_z = T(1) / z;
-    for (int64_t s = 0; s < S; ++s) row[s] *= inv_z;
+    for (int64_t s = s0; s <= t; ++s) row[s] *= inv_z;
   }
 }
 
@@ -116,6 +124,7 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
             T* prow = P.data() + t * g.S;
             T* drow = dS.data() + t * g.S;
             T dot = 0;
+#pragma omp simd reduction(+ : dot)
             for (int64_t s = 0; s < g.S; ++s) dot += prow[s] * drow[s];
             for (int64_t s = 0; s < g.S; ++s) drow[s] = prow[s] * (drow[s] - dot);
           }

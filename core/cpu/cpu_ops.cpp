@@ -132,6 +132,7 @@ void CpuOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width, do
       const T* xr = x.data<T>() + r * d;
       T* yr = y.data<T>() + r * d;
       double ss = 0;
+#pragma omp simd reduction(+ : ss)  // double: reordering moves it ~1e-16, far below fp32
       for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
       // HF: x · pow(mean(x²) + eps, -0.5) · w, in fp32.
       T rstd = T(1.0 / std::sqrt(ss / double(d) + eps));

@@ -69,9 +69,16 @@ void CpuOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width, d
         const T* xr = x.data<T>() + r * d;
         const T* gr = dy.data<T>() + r * d;
         double ss = 0, dot = 0;
+#pragma omp simd reduction(+ : ss)  // double: reordering moves it ~1e-16, far below fp32
         for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
         const double rstd = 1.0 / std::sqrt(ss / double(d) + eps);
-        for (int64_t j = 0; j < d; ++j) dot += double(xr[j]) * double(gr[j]) * (wp ? double(wp[j]) : 1.0);
+        if (wp) {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < d; ++j) dot += double(xr[j]) * double(gr[j]) * double(wp[j]);
+        } else {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < d; ++j) dot += double(xr[j]) * double(gr[j]);
+        }
         if (dx.defined()) {
           T* dr = dx.data<T>() + r * d;
           const double c = rstd * rstd * rstd * dot / double(d);
