@@ -35,24 +35,48 @@ Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
   return g;
 }
 
-// C = op(A)·op(B) + beta·C for one head, in fp32/fp64 (OpenBLAS) or, with `bf16`, from
-// operands rounded to bf16 (cpu::gemm_bf16: per-thread buffers, so one OpenMP task each).
+// One head's operand of a product: rows × cols at p (leading dimension ld) and, when the
+// products run in bf16, its bf16 copy (contiguous), rounded once however many products read
+// it (in the backward, K and V serve every query head of their group, and Q, dO, P and dS two
+// products each).
 template <class T>
-void head_gemm(bool bf16, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-               int64_t ldb, T beta, T* c, int64_t ldc) {
+struct Operand {
+  const T* p;
+  int64_t ld;
+  const uint16_t* bf16 = nullptr;
+};
+
+// `buffer` holds the copy: one per operand and thread, grown only.
+template <class T>
+Operand<T> operand(bool bf16, const T* p, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& buffer) {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16) return cpu::gemm_bf16(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    if (bf16) {
+      cpu::pack_bf16(p, rows, cols, ld, buffer);
+      return {p, ld, buffer.data()};
+    }
   }
-  cpu::gemm(ta, tb, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);
+  (void)rows, (void)cols, (void)buffer;
+  return {p, ld};
+}
+
+// C = op(A)·op(B) + beta·C for one head, in fp32/fp64 (OpenBLAS) or, from the operands' bf16
+// copies, with fp32 sums (oneDNN).
+template <class T>
+void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Operand<T> a, Operand<T> b, T beta, T* c,
+               int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.bf16 && b.bf16) return cpu::gemm_bf16_packed(ta, tb, m, n, k, a.bf16, b.bf16, beta, c, ldc);
+  }
+  cpu::gemm(ta, tb, m, n, k, T(1), a.p, a.ld, b.p, b.ld, beta, c, ldc);
 }
 
 // P[t, :] = softmax over the keys query t may see (causal, window, same document) of
 // Q_h·K_gᵀ; masked entries are 0. P is [S, S], row-major.
 template <class T>
-void probabilities(bool bf16, const Geometry& g, const T* qh, const T* kg, const AttentionMask& mask,
-                   const int32_t* doc, T* P) {
+void probabilities(const Geometry& g, Operand<T> qh, Operand<T> kg, const AttentionMask& mask, const int32_t* doc,
+                   T* P) {
   const int64_t S = g.S;
-  head_gemm(bf16, false, true, S, S, g.d, qh, g.nh * g.d, kg, g.nkv * g.d, T(0), P, S);
+  head_gemm(false, true, S, S, g.d, qh, kg, T(0), P, S);
   constexpr T kMasked = -std::numeric_limits<T>::infinity();
   for (int64_t t = 0; t < S; ++t) {
     T* row = P + t * S;
@@ -88,14 +112,16 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t h = 0; h < g.nh; ++h) {
         std::vector<T> P(static_cast<size_t>(g.S * g.S));
-        const int64_t kv = h / g.group;
-        const T* qh = q.data<T>() + (b * g.S * g.nh + h) * g.d;
-        const T* kg = k.data<T>() + (b * g.S * g.nkv + kv) * g.d;
-        const T* vg = v.data<T>() + (b * g.S * g.nkv + kv) * g.d;
+        thread_local std::vector<uint16_t> q16, k16, v16, p16;
+        const int64_t kv = h / g.group, ldq = g.nh * g.d, ldk = g.nkv * g.d;
+        const auto qh = operand(bf16, q.data<T>() + (b * g.S * g.nh + h) * g.d, g.S, g.d, ldq, q16);
+        const auto kg = operand(bf16, k.data<T>() + (b * g.S * g.nkv + kv) * g.d, g.S, g.d, ldk, k16);
         const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
-        probabilities(bf16, g, qh, kg, mask, doc, P.data());
+        probabilities(g, qh, kg, mask, doc, P.data());
+        const auto vg = operand(bf16, v.data<T>() + (b * g.S * g.nkv + kv) * g.d, g.S, g.d, ldk, v16);
+        const auto ph = operand(bf16, static_cast<const T*>(P.data()), g.S, g.S, g.S, p16);
         T* oh = out.data<T>() + (b * g.S * g.nh + h) * g.d;
-        head_gemm(bf16, false, false, g.S, g.d, g.S, P.data(), g.S, vg, g.nkv * g.d, T(0), oh, g.nh * g.d);
+        head_gemm(false, false, g.S, g.d, g.S, ph, vg, T(0), oh, ldq);
       }
   });
 }
@@ -111,15 +137,18 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       for (int64_t kv = 0; kv < g.nkv; ++kv) {
         const size_t SS = static_cast<size_t>(g.S * g.S);
         std::vector<T> P(SS), dS(SS);
-        const T* kg = k.data<T>() + (b * g.S * g.nkv + kv) * g.d;
-        const T* vg = v.data<T>() + (b * g.S * g.nkv + kv) * g.d;
-        const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
+        thread_local std::vector<uint16_t> k16, v16, q16, do16, p16, ds16;
         const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
+        T* const dkg = dk.defined() ? dk.data<T>() + (b * g.S * g.nkv + kv) * g.d : nullptr;
+        T* const dvg = dv.defined() ? dv.data<T>() + (b * g.S * g.nkv + kv) * g.d : nullptr;
+        const auto kg = operand(bf16, k.data<T>() + (b * g.S * g.nkv + kv) * g.d, g.S, g.d, ldk, k16);
+        const auto vg = operand(bf16, v.data<T>() + (b * g.S * g.nkv + kv) * g.d, g.S, g.d, ldk, v16);
+        const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
         for (int64_t h = kv * g.group; h < (kv + 1) * g.group; ++h) {
-          const T* qh = q.data<T>() + (b * g.S * g.nh + h) * g.d;
-          const T* doh = dout.data<T>() + (b * g.S * g.nh + h) * g.d;
-          probabilities(bf16, g, qh, kg, mask, doc, P.data());
-          head_gemm(bf16, false, true, g.S, g.S, g.d, doh, ldq, vg, ldk, T(0), dS.data(), g.S);  // dP
+          const auto qh = operand(bf16, q.data<T>() + (b * g.S * g.nh + h) * g.d, g.S, g.d, ldq, q16);
+          const auto doh = operand(bf16, dout.data<T>() + (b * g.S * g.nh + h) * g.d, g.S, g.d, ldq, do16);
+          probabilities(g, qh, kg, mask, doc, P.data());
+          head_gemm(false, true, g.S, g.S, g.d, doh, vg, T(0), dS.data(), g.S);  // dP
           for (int64_t t = 0; t < g.S; ++t) {
             T* prow = P.data() + t * g.S;
             T* drow = dS.data() + t * g.S;
@@ -128,15 +157,14 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
             for (int64_t s = 0; s < g.S; ++s) dot += prow[s] * drow[s];
             for (int64_t s = 0; s < g.S; ++s) drow[s] = prow[s] * (drow[s] - dot);
           }
+          const auto ds = operand(bf16, static_cast<const T*>(dS.data()), g.S, g.S, g.S, ds16);
           if (dq.defined())
-            head_gemm(bf16, false, false, g.S, g.d, g.S, dS.data(), g.S, kg, ldk, T(1),
-                      dq.data<T>() + (b * g.S * g.nh + h) * g.d, ldq);
-          if (dk.defined())
-            head_gemm(bf16, true, false, g.S, g.d, g.S, dS.data(), g.S, qh, ldq, T(1),
-                      dk.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
-          if (dv.defined())
-            head_gemm(bf16, true, false, g.S, g.d, g.S, P.data(), g.S, doh, ldq, T(1),
-                      dv.data<T>() + (b * g.S * g.nkv + kv) * g.d, ldk);
+            head_gemm(false, false, g.S, g.d, g.S, ds, kg, T(1), dq.data<T>() + (b * g.S * g.nh + h) * g.d, ldq);
+          if (dkg) head_gemm(true, false, g.S, g.d, g.S, ds, qh, T(1), dkg, ldk);
+          if (dvg) {
+            const auto ph = operand(bf16, static_cast<const T*>(P.data()), g.S, g.S, g.S, p16);
+            head_gemm(true, false, g.S, g.d, g.S, ph, doh, T(1), dvg, ldk);
+          }
         }
       }
   });
