@@ -111,7 +111,10 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
 #pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t h = 0; h < g.nh; ++h) {
-        std::vector<T> P(static_cast<size_t>(g.S * g.S));
+        // Per-thread buffers that only grow: probabilities() writes all of P, so a fresh
+        // zero-filled one per task was a memset of S² values for nothing.
+        thread_local std::vector<T> P;
+        if (P.size() < size_t(g.S * g.S)) P.resize(size_t(g.S * g.S));
         thread_local std::vector<uint16_t> q16, k16, v16, p16;
         const int64_t kv = h / g.group, ldq = g.nh * g.d, ldk = g.nkv * g.d;
         const auto qh = operand(bf16, q.data<T>() + (b * g.S * g.nh + h) * g.d, g.S, g.d, ldq, q16);
@@ -136,7 +139,8 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t kv = 0; kv < g.nkv; ++kv) {
         const size_t SS = static_cast<size_t>(g.S * g.S);
-        std::vector<T> P(SS), dS(SS);
+        thread_local std::vector<T> P, dS;  // written whole (probabilities(), the dP product): grown only
+        if (P.size() < SS) P.resize(SS), dS.resize(SS);
         thread_local std::vector<uint16_t> k16, v16, q16, do16, p16, ds16;
         const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
         T* const dkg = dk.defined() ? dk.data<T>() + (b * g.S * g.nkv + kv) * g.d : nullptr;
