@@ -252,43 +252,35 @@ inline void lookup_block(const uint8_t* p, const float table[16], float* o) {
   }
 }
 
-// nf4_code_value(q) · scale for the 16 codes (the scalar helper's fp32 products) as bf16
-// bits, one per 32-bit lane: round to nearest even as float_to_bf16 rounds (core/half.h),
-// NaN kept quiet as there.
-inline __m512i codes_times_bf16_bits(float scale) {
-  alignas(64) static const auto codes = [] {
+#pragma GCC diagnostic pop
+#endif
+
+// A block's table: table[q] = nf4_code_value(q) · scale rounded through round_to (and to bf16
+// for a uint16_t table). The dtype is chosen once per table, not per entry, so that the
+// loops over the 16 codes vectorize with float_to_bf16 as written (a per-entry
+// round_through switch kept the tables scalar).
+const std::array<float, 16>& nf4_codes() {
+  static const auto codes = [] {
     std::array<float, 16> c{};
     for (unsigned q = 0; q < 16; ++q) c[q] = nf4_code_value(q);
     return c;
   }();
-  const __m512 v = _mm512_mul_ps(_mm512_load_ps(codes.data()), _mm512_set1_ps(scale));
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i high = _mm512_srli_epi32(u, 16);
-  const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+  return codes;
 }
-#endif
-
-// A block's table: table[q] = value(nf4_code_value(q) · scale), in vector registers where
-// the rounding is bf16's (or none) and the CPU has AVX-512; F16 rounding stays scalar.
 void make_table(float scale, DType round_to, float table[16]) {
-#ifdef __AVX512BW__
-  if (round_to == DType::BF16) return _mm512_storeu_si512(table, _mm512_slli_epi32(codes_times_bf16_bits(scale), 16));
-#endif
-  for (unsigned q = 0; q < 16; ++q) table[q] = round_through(nf4_code_value(q) * scale, round_to);
+  const float* c = nf4_codes().data();
+  if (round_to == DType::BF16)
+    for (int q = 0; q < 16; ++q) table[q] = bf16_to_float(float_to_bf16(c[q] * scale));
+  else
+    for (int q = 0; q < 16; ++q) table[q] = round_through(c[q] * scale, round_to);
 }
-void make_table(float scale, DType round_to, uint16_t table[16]) {  // bf16 of round_through
-#ifdef __AVX512BW__
+void make_table(float scale, DType round_to, uint16_t table[16]) {
+  const float* c = nf4_codes().data();
   if (round_to != DType::F16)  // bf16(round_through(v, F32 or BF16)) = bf16(v)
-    return _mm256_storeu_si256(reinterpret_cast<__m256i*>(table), _mm512_cvtepi32_epi16(codes_times_bf16_bits(scale)));
-#endif
-  for (unsigned q = 0; q < 16; ++q) table[q] = float_to_bf16(round_through(nf4_code_value(q) * scale, round_to));
+    for (int q = 0; q < 16; ++q) table[q] = float_to_bf16(c[q] * scale);
+  else
+    for (int q = 0; q < 16; ++q) table[q] = float_to_bf16(round_through(c[q] * scale, round_to));
 }
-#ifdef __AVX512BW__
-#pragma GCC diagnostic pop
-#endif
 
 // Elements [lo, hi) into out[0, hi − lo): block by block, each block's 16 possible values
 // (code · absmax rounded through round_to; bf16 of that when T is uint16_t) made once, then

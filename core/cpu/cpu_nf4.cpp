@@ -1,12 +1,13 @@
 // QLoRA's frozen NF4 projections on the CPU: dequantize tiles of W's rows and multiply
 // them straight into (or out of) their column block of y, instead of the generic path's
-// per-tile temporaries, copies and transposes (core/ops.cpp). A tile holds up to
-// 2^24 weights (32 MiB in bf16; CpuOps::set_nf4_tile_elements), so every projection of E2B-sized models is one
-// tile and one product: 256-row tiles made the backward's dx += dy[:, tile]·tile a K = 256
-// product that read and wrote all of dx once per tile (24 times for an MLP's gate). With CpuMatmul::Bf16 the
-// activations are rounded to bf16 once per call, not once per tile, and each tile is
-// dequantized straight into bf16 (nf4_dequantize_rows_bf16: the same values as dequantizing
-// to the original dtype and rounding, without the fp32 tile).
+// per-tile temporaries, copies and transposes (core/ops.cpp). A tile holds up to 2^24
+// weights (32 MiB in bf16; CpuOps::set_nf4_tile_elements), so every projection of
+// E2B-sized models is one tile and one product: 256-row tiles made the backward's
+// dx += dy[:, tile]·tile a K = 256 product that read and wrote all of dx once per tile
+// (24 times for an MLP's gate). With CpuMatmul::Bf16 the activations are rounded to bf16
+// once per call, not once per tile, and each tile is dequantized straight into bf16
+// (nf4_dequantize_rows_bf16: the same values as dequantizing to the original dtype and
+// rounding, without the fp32 tile).
 #include <algorithm>
 #include <vector>
 
@@ -18,8 +19,9 @@
 namespace tl {
 
 namespace {
-// For each tile of up to max(1, max_elements / in) rows of W: dequantize(r0, r1, tile) fills `tile` with
-// rows [r0, r1), then use(r0, rows, tile) multiplies with it. `tile` only grows.
+// For each tile of up to max(1, max_elements / in) rows of W: dequantize(r0, r1, tile)
+// fills `tile` with rows [r0, r1), then use(r0, rows, tile) multiplies with it. `tile`
+// only grows.
 template <class T, class Dequantize, class Use>
 void for_each_tile(const Nf4Tensor& w, int64_t max_elements, std::vector<T>& tile, Dequantize dequantize, Use use) {
   const int64_t out = w.shape[0], in = w.shape[1];
