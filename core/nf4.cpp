@@ -10,9 +10,12 @@
 #include <cstdio>
 #include <cstring>
 
-#ifdef __AVX512BW__
+#if defined(__x86_64__)
 #include <immintrin.h>
+#define TL_NF4_AVX512 1
 #endif
+
+#include "core/cpu/cpu_features.h"
 
 namespace tl {
 
@@ -212,35 +215,41 @@ std::pair<int64_t, int64_t> dequantize_range(const Nf4Tensor& t, int64_t row_beg
   return {row_begin * cols, row_end * cols};
 }
 
-#ifdef __AVX512BW__
-// GCC 12 warns inside its own intrinsics (_mm512_undefined_epi32 initialises itself).
+#if defined(TL_NF4_AVX512)
+// GCC 12 warns inside its own intrinsics (_mm512_undefined_epi32 initialises itself), and
+// about the ABI of AVX-512 values passed between functions compiled for AVX-512 alone.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"
+// These helpers are compiled for AVX-512 whatever the build's -march, and run only where
+// cpu_features() finds it (dequantize_by_table chooses at run time).
+#define TL_AVX512 __attribute__((target("avx512f,avx512bw")))
+// 16 (high, low) nibble pairs as 32-bit lanes: lane j holds high_j and low_j as two 16-bit
+// words, low word first.
+TL_AVX512 inline __m512i nibble_pairs(__m128i h, __m128i l) {
+  return _mm512_or_si512(_mm512_cvtepu8_epi32(h), _mm512_slli_epi32(_mm512_cvtepu8_epi32(l), 16));
+}
 // The 64 codes of one whole block, bytes p[0, 32), as 16-bit table indices in element order
 // (element 2j: byte j's high nibble, 2j + 1: its low nibble): two vectors of 32.
-inline void block_indices(const uint8_t* p, __m512i& first, __m512i& second) {
+TL_AVX512 inline void block_indices(const uint8_t* p, __m512i& first, __m512i& second) {
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i nibble = _mm256_set1_epi8(15);
   const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
   const __m256i low = _mm256_and_si256(bytes, nibble);
-  // Each 32-bit lane j holds (high_j, low_j) as two 16-bit words, low word first.
-  auto pairs = [](__m128i h, __m128i l) {
-    return _mm512_or_si512(_mm512_cvtepu8_epi32(h), _mm512_slli_epi32(_mm512_cvtepu8_epi32(l), 16));
-  };
-  first = pairs(_mm256_castsi256_si128(high), _mm256_castsi256_si128(low));
-  second = pairs(_mm256_extracti128_si256(high, 1), _mm256_extracti128_si256(low, 1));
+  first = nibble_pairs(_mm256_castsi256_si128(high), _mm256_castsi256_si128(low));
+  second = nibble_pairs(_mm256_extracti128_si256(high, 1), _mm256_extracti128_si256(low, 1));
 }
 
 // One whole block's 64 values from its 16-entry table: vpermw / vpermps lookups, exactly the
 // scalar loop's values (a lookup copies table entries; nothing is computed).
-inline void lookup_block(const uint8_t* p, const uint16_t table[16], uint16_t* o) {
+TL_AVX512 inline void lookup_block(const uint8_t* p, const uint16_t table[16], uint16_t* o) {
   __m512i first, second;
   block_indices(p, first, second);
   const __m512i tab = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(table)));
   _mm512_storeu_si512(o, _mm512_permutexvar_epi16(first, tab));
   _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(second, tab));
 }
-inline void lookup_block(const uint8_t* p, const float table[16], float* o) {
+TL_AVX512 inline void lookup_block(const uint8_t* p, const float table[16], float* o) {
   __m512i first, second;
   block_indices(p, first, second);
   const __m512 tab = _mm512_loadu_ps(table);
@@ -282,40 +291,73 @@ void make_table(float scale, DType round_to, uint16_t table[16]) {
     for (int q = 0; q < 16; ++q) table[q] = float_to_bf16(round_through(c[q] * scale, round_to));
 }
 
-// Elements [lo, hi) into out[0, hi − lo): block by block, each block's 16 possible values
+// Elements [lo, hi) of block b (its part of them) into o[lo, hi) from its table, one lookup
+// per element, two per packed byte (even element: the high nibble).
+template <class T>
+inline void lookup_scalar(const uint8_t* packed, int64_t i, int64_t e, const T table[16], T* o) {
+  if (i < e && (i & 1)) {
+    o[i] = table[packed[i / 2] & 15u];
+    ++i;
+  }
+  for (; i + 1 < e; i += 2) {
+    const uint8_t byte = packed[i / 2];
+    o[i] = table[byte >> 4];
+    o[i + 1] = table[byte & 15u];
+  }
+  if (i < e) o[i] = table[packed[i / 2] >> 4];
+}
+
+// Blocks [b0, b1) of elements [lo, hi) into out[0, hi − lo): each block's 16 possible values
 // (code · absmax rounded through round_to; bf16 of that when T is uint16_t) made once, then
-// one table lookup per element, two per packed byte (even element: the high nibble); whole
-// blocks by vector lookups where the CPU has AVX-512 (scalar tables and lookups were 9% of
-// a QLoRA step on the larger bench model).
+// looked up.
+template <class T>
+void dequantize_blocks(const Nf4Tensor& t, int64_t b0, int64_t b1, int64_t lo, int64_t hi, T* out, DType round_to) {
+  const uint8_t* packed = t.packed.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    alignas(64) T table[16];
+    make_table(t.block_absmax(b), round_to, table);
+    lookup_scalar(packed, std::max(lo, b * kNf4BlockSize), std::min(hi, (b + 1) * kNf4BlockSize), table, out - lo);
+  }
+}
+
+#if defined(TL_NF4_AVX512)
+// The same, whole blocks by vector lookups (scalar tables and lookups were 9% of a QLoRA step
+// on the larger bench model). Bit for bit the scalar loop's values: a lookup copies entries.
+template <class T>
+TL_AVX512 void dequantize_blocks_avx512(const Nf4Tensor& t, int64_t b0, int64_t b1, int64_t lo, int64_t hi, T* out,
+                                        DType round_to) {
+  const uint8_t* packed = t.packed.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    alignas(64) T table[16];
+    make_table(t.block_absmax(b), round_to, table);
+    const int64_t i = std::max(lo, b * kNf4BlockSize), e = std::min(hi, (b + 1) * kNf4BlockSize);
+    if (e - i == kNf4BlockSize) lookup_block(packed + i / 2, table, out - lo + i);
+    else lookup_scalar(packed, i, e, table, out - lo);
+  }
+}
+#endif
+
+// Elements [lo, hi) into out[0, hi − lo), in chunks of blocks over the OpenMP threads, each
+// chunk by the AVX-512 lookups where this CPU has them (cpu_features(), read at run time).
 template <class T>
 void dequantize_by_table(const Nf4Tensor& t, int64_t lo, int64_t hi, T* out, DType round_to) {
   static_assert(kNf4BlockSize == 64, "lookup_block handles blocks of 64");
   const int64_t b0 = lo / kNf4BlockSize, b1 = (hi + kNf4BlockSize - 1) / kNf4BlockSize;
-  const uint8_t* packed = t.packed.data();
+  constexpr int64_t kChunk = 64;  // blocks per call: the dispatch costs nothing per block
+  const int64_t chunks = (b1 - b0 + kChunk - 1) / kChunk;
+#if defined(TL_NF4_AVX512)
+  const bool vector = cpu::cpu_features().avx512bw;
+#endif
 #pragma omp parallel for schedule(static) if (b1 - b0 > 256)  // small tiles: no fork
-  for (int64_t b = b0; b < b1; ++b) {
-    const float scale = t.block_absmax(b);
-    alignas(64) T table[16];
-    make_table(scale, round_to, table);
-    int64_t i = std::max(lo, b * kNf4BlockSize);
-    const int64_t e = std::min(hi, (b + 1) * kNf4BlockSize);
-    T* o = out - lo;
-#ifdef __AVX512BW__
-    if (e - i == kNf4BlockSize) {
-      lookup_block(packed + i / 2, table, o + i);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t cb = b0 + c * kChunk, ce = std::min(b1, cb + kChunk);
+#if defined(TL_NF4_AVX512)
+    if (vector) {
+      dequantize_blocks_avx512(t, cb, ce, lo, hi, out, round_to);
       continue;
     }
 #endif
-    if (i < e && (i & 1)) {
-      o[i] = table[packed[i / 2] & 15u];
-      ++i;
-    }
-    for (; i + 1 < e; i += 2) {
-      const uint8_t byte = packed[i / 2];
-      o[i] = table[byte >> 4];
-      o[i + 1] = table[byte & 15u];
-    }
-    if (i < e) o[i] = table[packed[i / 2] >> 4];
+    dequantize_blocks(t, cb, ce, lo, hi, out, round_to);
   }
 }
 

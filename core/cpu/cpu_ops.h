@@ -7,9 +7,10 @@
 
 namespace tl {
 
-// How fp32 projections (linear_forward / linear_backward) multiply: exactly in fp32 with
-// OpenBLAS (the reference), or with bf16 inputs and fp32 accumulation through oneDNN (about
-// twice as fast on CPUs with bf16 instructions; what a GPU does under bf16 autocast).
+// How fp32 projections (linear_forward / linear_backward) multiply: exactly in fp32 (the
+// reference), or with bf16 inputs and fp32 accumulation (core/cpu/gemm_bf16.h: oneDNN, about
+// twice as fast on CPUs with bf16 instructions, else a portable kernel; what a GPU does under
+// bf16 autocast).
 enum class CpuMatmul { F32, Bf16 };
 
 class CpuOps final : public Ops {
@@ -53,6 +54,9 @@ class CpuOps final : public Ops {
   // The most weights one dequantized NF4 tile holds (default 2^24: 32 MiB in bf16, so an
   // E2B-sized projection is one tile and one product); tests lower it to get several tiles.
   void set_nf4_tile_elements(int64_t elements) { nf4_tile_elements_ = elements; }
+  // Under CpuMatmul::Bf16, products of at least this many multiply-adds run in bf16 (default
+  // 2^22, below); tests set 0 so that a tiny model takes the bf16 path in every product.
+  void set_bf16_min_multiply_adds(int64_t n) { bf16_min_multiply_adds_ = n; }
 
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
@@ -102,8 +106,9 @@ class CpuOps final : public Ops {
   // Whether a product of `multiply_adds` runs in bf16: with CpuMatmul::Bf16, from 2^22 up.
   // Smaller ones (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
   // save (measured on the bench models) and stay exact in fp32.
+  int64_t bf16_min_multiply_adds_ = int64_t(1) << 22;
   bool bf16_for(int64_t multiply_adds) const {
-    return matmul_ == CpuMatmul::Bf16 && multiply_adds >= (int64_t(1) << 22);
+    return matmul_ == CpuMatmul::Bf16 && multiply_adds >= bf16_min_multiply_adds_;
   }
 };
 

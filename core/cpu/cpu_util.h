@@ -1,7 +1,6 @@
 // Internal helpers of the CPU backend (dtype dispatch, BLAS wrappers).
 #pragma once
-#include <cblas.h>
-
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -24,17 +23,12 @@ void dispatch(DType t, F&& f) {
   else throw std::invalid_argument("CpuOps: activations must be F32 or F64");
 }
 
-// C[m,n] = alpha·op(A)·op(B) + beta·C, row-major.
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n),
-              int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
-}
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(m), int(n),
-              int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
-}
+// C[m,n] = alpha·op(A)·op(B) + beta·C, row-major, op(X) = Xᵀ when the flag is set: OpenBLAS
+// where the build has it, else plain loops (core/cpu/blas.cpp).
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
 // RoPE on x [n, heads·d] in place: each (i, i + d/2) pair rotated by θ = pos·inv_freq[i], or
 // by −θ with `inverse` (Rᵀ, the backward). Defined in cpu_ops.cpp.

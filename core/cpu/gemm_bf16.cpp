@@ -3,14 +3,61 @@
 #include <map>
 #include <stdexcept>
 #include <mutex>
-#include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 #include <vector>
 
+#if defined(TL_HAVE_ONEDNN)
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+#include "core/cpu/cpu_util.h"
 #include "core/half.h"
 
 namespace tl::cpu {
 
+namespace {
+
+Bf16Kernel& forced_kernel() {
+  static Bf16Kernel k = Bf16Kernel::Auto;
+  return k;
+}
+
+// The portable kernel: the bf16 operands widened to fp32 (exactly), then an fp32 product. A
+// product of two bf16 values is exact in fp32 (8 + 8 significant bits), so this is "bf16
+// inputs, fp32 sums" as oneDNN computes it; only the order of the sums may differ.
+void widen(const uint16_t* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& out) {
+  if (out.size() < size_t(rows * cols)) out.resize(size_t(rows * cols));
+  float* o = out.data();
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = bf16_to_float(src[r * ld + c]);
+}
+
+void gemm_bf16_portable(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
+                        const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> a32, b32;
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  widen(a16, a_rows, a_cols, lda, a32);
+  widen(b16, b_rows, b_cols, ldb, b32);
+  gemm(ta, tb, m, n, k, 1.0f, a32.data(), a_cols, b32.data(), b_cols, beta, c, ldc);
+}
+
+}  // namespace
+
+Bf16Kernel bf16_kernel() {
+  if (forced_kernel() != Bf16Kernel::Auto) return forced_kernel();
+  return native_bf16() ? Bf16Kernel::OneDnn : Bf16Kernel::Portable;
+}
+
+ScopedBf16Kernel::ScopedBf16Kernel(Bf16Kernel k) : previous_(forced_kernel()) {
+#if !defined(TL_HAVE_ONEDNN)
+  if (k == Bf16Kernel::OneDnn) throw std::invalid_argument("gemm_bf16: this build has no oneDNN kernel");
+#endif
+  forced_kernel() = k;
+}
+ScopedBf16Kernel::~ScopedBf16Kernel() { forced_kernel() = previous_; }
+
+#if defined(TL_HAVE_ONEDNN)
 namespace {
 
 using dt = dnnl::memory::data_type;
@@ -72,12 +119,8 @@ const Matmul& matmul_for(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int6
   return cache.emplace(key, std::move(mm)).first->second;
 }
 
-}  // namespace
-
-void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
+void gemm_bf16_onednn(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
                       const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
   const Matmul& mm = matmul_for(ta, tb, m, n, k, lda, ldb, ldc, beta != 0.0f);
   dnnl::memory am(mm.a, engine(), const_cast<uint16_t*>(a16)), bm(mm.b, engine(), const_cast<uint16_t*>(b16)),
       cm(mm.c, engine(), c);
@@ -89,6 +132,19 @@ void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const u
   stream.wait();
 }
 
+}  // namespace
+#endif
+
+void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const uint16_t* a16, int64_t lda,
+                      const uint16_t* b16, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (beta != 0.0f && beta != 1.0f) throw std::invalid_argument("gemm_bf16: beta must be 0 or 1");
+#if defined(TL_HAVE_ONEDNN)
+  if (bf16_kernel() == Bf16Kernel::OneDnn) return gemm_bf16_onednn(ta, tb, m, n, k, a16, lda, b16, ldb, beta, c, ldc);
+#endif
+  gemm_bf16_portable(ta, tb, m, n, k, a16, lda, b16, ldb, beta, c, ldc);
+}
+
 void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
@@ -96,23 +152,6 @@ void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a
   pack_bf16(a, ta ? k : m, ta ? m : k, lda, a16);
   pack_bf16(b, tb ? n : k, tb ? k : n, ldb, b16);
   gemm_bf16_packed(ta, tb, m, n, k, a16.data(), b16.data(), beta, c, ldc);
-}
-
-bool native_bf16() {
-  const auto isa = dnnl::get_effective_cpu_isa();
-  return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
-}
-
-std::string cpu_isa_name() {
-  switch (dnnl::get_effective_cpu_isa()) {
-    case dnnl::cpu_isa::avx512_core_amx: return "AMX";
-    case dnnl::cpu_isa::avx512_core_bf16: return "AVX512-BF16";
-    case dnnl::cpu_isa::avx512_core_vnni:
-    case dnnl::cpu_isa::avx512_core: return "AVX-512";
-    case dnnl::cpu_isa::avx2_vnni:
-    case dnnl::cpu_isa::avx2: return "AVX2";
-    default: return "baseline";
-  }
 }
 
 }  // namespace tl::cpu

@@ -1,11 +1,15 @@
 // The CPU backend's fast matrix product: inputs rounded to bf16, products accumulated in
-// fp32 (as a GPU trains under bf16 autocast), computed by oneDNN's matmul, which uses the
-// CPU's bf16 instructions (AVX512-BF16, AMX) where it has them. Used by CpuOps with
-// CpuMatmul::Bf16 for the projections; the fp32 path stays the reference for exactness.
+// fp32 (as a GPU trains under bf16 autocast). Two kernels with those numerics, chosen at run
+// time: oneDNN's matmul on the CPU's bf16 instructions (AVX512-BF16, AMX) where it has them,
+// else a portable one (the bf16 operands widened to fp32, an fp32 product) at fp32 speed
+// (oneDNN 2.6 has no bf16 matmul below AVX-512). Used by CpuOps with CpuMatmul::Bf16 for the
+// projections; the fp32 path stays the reference for exactness.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "core/cpu/cpu_features.h"
 
 namespace tl::cpu {
 
@@ -28,9 +32,21 @@ inline void gemm_bf16_packed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, 
 // nearest-even; `out` only grows (it may be longer than rows × cols).
 void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out);
 
-// Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and oneDNN's name for
-// the instruction set it will use. Without them oneDNN emulates bf16, slower than fp32.
-bool native_bf16();
-std::string cpu_isa_name();
+// Which kernel gemm_bf16 runs: OneDnn where native_bf16() (cpu_features.h), else Portable.
+enum class Bf16Kernel { Auto, OneDnn, Portable };
+Bf16Kernel bf16_kernel();
+
+// Tests: runs every product of this process on kernel `k` for the guard's lifetime (OneDnn
+// throws in a build without oneDNN; on a CPU without AVX-512 oneDNN then fails its products).
+class ScopedBf16Kernel {
+ public:
+  explicit ScopedBf16Kernel(Bf16Kernel k);
+  ~ScopedBf16Kernel();
+  ScopedBf16Kernel(const ScopedBf16Kernel&) = delete;
+  ScopedBf16Kernel& operator=(const ScopedBf16Kernel&) = delete;
+
+ private:
+  Bf16Kernel previous_;
+};
 
 }  // namespace tl::cpu
