@@ -10,6 +10,7 @@
 #include "core/half.h"
 #include "core/nf4.h"
 #include "golden_util.h"
+#include "tests/bf16_kernel_test.h"
 
 namespace tl {
 namespace {
@@ -50,8 +51,11 @@ TEST(CpuNf4, TiledProductsEqualTheDenseDequantizedWeightFp32) {
 }
 
 // 100·600·96 multiply-adds use the bf16 path in both: the same rounding of both operands
-// (NF4 values in bf16 are exact), so only the summation order differs.
-TEST(CpuNf4, TiledProductsEqualTheDenseDequantizedWeightBf16) {
+// (NF4 values in bf16 are exact), so only the summation order differs. Once per bf16 kernel.
+class CpuNf4Bf16 : public test::Bf16KernelTest {};
+TL_INSTANTIATE_BF16_KERNELS(CpuNf4Bf16);
+
+TEST_P(CpuNf4Bf16, TiledProductsEqualTheDenseDequantizedWeight) {
   check(CpuMatmul::Bf16, 100, 1e-5, 256);
   check(CpuMatmul::Bf16, 100, 1e-5, 0);
 }

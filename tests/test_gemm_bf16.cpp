@@ -1,5 +1,6 @@
-// The bf16 matmul (oneDNN) against a double-precision product of the same bf16-rounded
-// inputs: every transpose case, padded leading dimensions, overwrite and accumulate.
+// The bf16 matmul against a double-precision product of the same bf16-rounded inputs: every
+// transpose case, padded leading dimensions, overwrite and accumulate; each test once per
+// kernel (oneDNN where the CPU has bf16 instructions, the portable kernel everywhere).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,13 +11,17 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/gemm_bf16.h"
 #include "core/half.h"
+#include "tests/bf16_kernel_test.h"
 
 namespace tl {
 namespace {
 
 float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
-TEST(GemmBf16, MatchesDoubleProductOfRoundedInputs) {
+class GemmBf16 : public test::Bf16KernelTest {};
+TL_INSTANTIATE_BF16_KERNELS(GemmBf16);
+
+TEST_P(GemmBf16, MatchesDoubleProductOfRoundedInputs) {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;
   const int64_t m = 37, n = 29, k = 70;
@@ -77,7 +82,7 @@ void linear_both_ways(int64_t n, int64_t in, int64_t out, double& worst_rounded,
     }
 }
 
-TEST(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
+TEST_P(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
   double rounded, exact;
   linear_both_ways(64, 256, 256, rounded, exact);  // 2^22 multiply-adds
   EXPECT_LT(rounded, 1e-4);
@@ -91,7 +96,7 @@ TEST(GemmBf16, CpuOpsLinearUsesItForLargeProducts) {
 // products that read it give bit for bit what they give unheld, whether it is the product's
 // A (x·Wᵀ, x·Aᵀ) or its B (dW = dyᵀ·x), and a held tensor of another shape or dtype, or a
 // buffer that only starts at the held one, is not mistaken for it.
-TEST(GemmBf16, HeldInputGivesTheSameProductsAsUnheld) {
+TEST_P(GemmBf16, HeldInputGivesTheSameProductsAsUnheld) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   auto random = [&](Shape shape) {
@@ -142,7 +147,7 @@ TEST(GemmBf16, HeldInputGivesTheSameProductsAsUnheld) {
 // forward equals a double-precision reference that rounds Q, K, V and the probabilities P
 // to bf16 where the backend does; the backward stays within bf16's rounding of the exact
 // backend's gradients, and both differ from fp32, so the bf16 path really ran.
-TEST(GemmBf16, CpuOpsAttentionRoundsItsProductsToBf16) {
+TEST_P(GemmBf16, CpuOpsAttentionRoundsItsProductsToBf16) {
   const int64_t B = 2, S = 256, nh = 4, nkv = 2, d = 64, group = nh / nkv, window = 100;
   std::mt19937 rng(9);
   std::normal_distribution<float> normal;
