@@ -5,6 +5,8 @@
 # CUDA toolkit may live, as on a user's machine), and runs inside it
 #   1. the test command:  bash scripts/test.sh
 #   2. the main job:      bash scripts/demo.sh [DEMO_ARGS…]
+#   3. the AVX2 check:    bash scripts/check-avx2.sh  (the CPU paths of an AVX2-only machine,
+#      whatever this machine has)
 # then unmounts and removes the root, also when a step fails or the script is interrupted.
 # Ends with one line: the result and how long each command took.
 #
@@ -25,7 +27,7 @@ while (($#)); do
     --keep) keep=1 ;;
     --no-demo) run_demo=0 ;;
     --) shift; demo_args=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check-fresh-machine: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -111,6 +113,16 @@ echo "check-fresh-machine: running the test command: bash scripts/test.sh"
 if ! in_root "bash scripts/test.sh"; then result="FAILED (test command)"; fi
 t_test=$(($(now) - t1))
 
+t_avx2=0
+avx2_line="AVX2 check skipped"
+if [ "$result" = passed ]; then
+  t3=$(now)
+  echo "check-fresh-machine: running the AVX2 check: bash scripts/check-avx2.sh"
+  if ! in_root "bash scripts/check-avx2.sh"; then result="FAILED (AVX2 check)"; fi
+  t_avx2=$(($(now) - t3))
+  avx2_line="AVX2 check (bash scripts/check-avx2.sh) $(fmt_time $t_avx2)"
+fi
+
 demo_line="demo skipped"
 if [ "$result" = passed ] && ((run_demo)); then
   t2=$(now)
@@ -122,5 +134,5 @@ if [ "$result" = passed ] && ((run_demo)); then
   demo_line="demo ($demo_cmd) $(fmt_time $t_demo)"
 fi
 
-echo "check-fresh-machine: $result on a fresh Debian 12 root: root $(fmt_time $t_root), tests (bash scripts/test.sh) $(fmt_time $t_test), $demo_line, total $(fmt_time $(($(now) - t0)))"
+echo "check-fresh-machine: $result on a fresh Debian 12 root: root $(fmt_time $t_root), tests (bash scripts/test.sh) $(fmt_time $t_test), $avx2_line, $demo_line, total $(fmt_time $(($(now) - t0)))"
 [ "$result" = passed ]
