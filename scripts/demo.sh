@@ -8,9 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
-if [ -d ../shared/models ]; then
-  ./build/torchless-surgery plan ../shared/models/gemma-4-*/config.json
-fi
+./build/torchless-surgery plan configs/models/gemma-4-*/config.json
 rm -rf build/demo-heal
 ./build/torchless-train --config configs/demo-heal.yaml "$@"
 echo

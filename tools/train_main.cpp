@@ -30,7 +30,7 @@ bool has_weights(const std::filesystem::path& dir) {
     if (e.path().extension() == ".safetensors") return true;
   return false;
 }
-// --dry-run on a bare config (e.g. ../shared/models/*): the plan needs no weights and no data.
+// --dry-run on a bare config (e.g. configs/models/*): the plan needs no weights and no data.
 void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act) {
   const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
   const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params

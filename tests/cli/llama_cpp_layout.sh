@@ -16,7 +16,7 @@ bad() { echo "FAIL $*"; fails=$((fails + 1)); }
 s="$build/torchless-surgery"
 
 for m in gemma-4-E2B-it gemma-4-E4B-it gemma-4-31B-it gemma-4-26B-A4B-it; do
-  cfg="$src/../shared/models/$m/config.json"
+  cfg="$src/configs/models/$m/config.json"
   out=$("$s" check --require-llama-cpp "$cfg" 2>&1) && grep -q "llama.cpp: KV-sharing layout runnable" <<<"$out" && ok ||
     bad "released $m: $out"
 done

@@ -59,7 +59,7 @@ if "$train" --config "$src/configs/demo-heal.yaml" --dry-run output_dir="$tmp/dr
 # checkpointing) from the bare released config: at most 22 GiB with the CUDA backend's bf16
 # activations, with or without a GPU on this machine (issue 10; Unsloth reports 22 GB).
 cat >"$tmp/31b.yaml" <<YAML
-base_model: $src/../shared/models/gemma-4-31B-it
+base_model: $src/configs/models/gemma-4-31B-it
 adapter: qlora
 lora_r: 16
 lora_alpha: 16
