@@ -12,6 +12,7 @@
 #include "core/cpu/cpu_ops.h"
 #include "train/evaluate.h"
 #include "train/generate.h"
+#include "train/plot.h"
 #include "train/report.h"
 #include "core/cpu/thread_policy.h"
 
@@ -142,6 +143,7 @@ int main(int argc, char** argv) {
     fs::path metrics = dir / "metrics.jsonl";
     if (!fs::exists(metrics) && !adapter.empty()) metrics = fs::path(adapter) / "metrics.jsonl";
     for (const fs::path& p : tl::write_heal_report(dir, r, metrics)) std::cerr << "plot: " << p.string() << "\n";
+    if (!tl::plots_available()) std::cerr << "plots skipped: this build has no cairo\n";
     std::cerr << "report: " << (dir / "report.md").string() << "\n";
   } catch (const std::exception& e) {
     std::cerr << "torchless-eval: " << e.what() << "\n";

@@ -1,7 +1,9 @@
 #include "train/plot.h"
 
-#include <cairo.h>
 #include <fmt/format.h>
+#if defined(TL_HAVE_CAIRO)
+#include <cairo.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +11,15 @@
 #include "core/tensor.h"
 
 namespace tl {
+
+#if !defined(TL_HAVE_CAIRO)
+bool plots_available() { return false; }
+void write_line_plot(const std::filesystem::path& png, const std::string&, const std::string&, const std::string&,
+                     const std::vector<PlotSeries>&) {
+  throw Error(png.string() + ": this build has no cairo, so it draws no plots");
+}
+#else
+bool plots_available() { return true; }
 
 namespace {
 // Tick spacing: 1, 2 or 5 × 10^k, giving about `target` ticks over [lo, hi].
@@ -129,5 +140,7 @@ void write_line_plot(const std::filesystem::path& png, const std::string& title,
     throw Error(fmt::format("{}: cannot write the plot ({})", png.string(), cairo_status_to_string(status)));
   std::filesystem::rename(tmp, png);
 }
+
+#endif
 
 }  // namespace tl

@@ -47,11 +47,14 @@ std::vector<fs::path> write_heal_report(const fs::path& dir, const HealReport& r
       add(rep, "gen_rep4");
     }
   }
-  if (!train.x.empty() || !val.x.empty()) {
+  const bool have_curves = !train.x.empty() || !val.x.empty() || !loopf.x.empty() || !rep.x.empty();
+  if (!plots_available()) {
+    // Nothing drawn; report.md says so below.
+  } else if (!train.x.empty() || !val.x.empty()) {
     pngs.push_back(dir / "loss.png");
     write_line_plot(pngs.back(), r.title + ": loss", "optimizer step", "cross-entropy (nats per token)", {train, val});
   }
-  if (!loopf.x.empty() || !rep.x.empty()) {
+  if (plots_available() && (!loopf.x.empty() || !rep.x.empty())) {
     pngs.push_back(dir / "generation.png");
     write_line_plot(pngs.back(), r.title + ": greedy generations", "optimizer step", "share of generations / n-grams",
                     {loopf, rep});
@@ -81,6 +84,7 @@ std::vector<fs::path> write_heal_report(const fs::path& dir, const HealReport& r
       "least {} tokens and a quarter of its length. Generations are greedy, from held-out prompts.\n",
       kLoopMinTokens);
   for (const fs::path& p : pngs) md += fmt::format("\n![{}]({})\n", p.stem().string(), p.filename().string());
+  if (have_curves && !plots_available()) md += "\nPlots skipped: this build of torchless has no cairo.\n";
   if (!r.samples.empty()) {
     md += fmt::format("\n## Generations\n\n| prompt | {} | {} |\n|---|---|---|\n", r.before_label, r.after_label);
     for (const auto& s : r.samples) md += fmt::format("| {} | {} | {} |\n", cell(s.prompt), cell(s.before), cell(s.after));

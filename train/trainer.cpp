@@ -16,6 +16,7 @@
 #include "core/weights.h"
 #include "core/surgery.h"
 #include "train/generate.h"
+#include "train/plot.h"
 #include "train/report.h"
 #include "train/text_measures.h"
 #include "train/memory_plan.h"
@@ -448,6 +449,7 @@ double Trainer::run() {
         report.samples.push_back({last_texts_[i].first, i < before_texts_.size() ? before_texts_[i].second : "",
                                   last_texts_[i].second});
       for (const fs::path& p : write_heal_report(out, report, metrics_path)) log_ << "plot: " << p.string() << "\n";
+      if (!plots_available()) log_ << "plots skipped: this build has no cairo\n";
       log_ << "report: " << (out / "report.md").string() << "\n";
     });
   }
