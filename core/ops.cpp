@@ -5,6 +5,7 @@
 #include "core/math.h"
 #include "core/nf4.h"
 
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -113,5 +114,25 @@ void Ops::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) 
     linear_forward(dy_part, nf4_tile(*this, w, r0, r1, true), dx, true);
   }
 }
+
+namespace {
+// Marks are host times: the CPU's ops are done when they return.
+class HostClock final : public OpClock {
+ public:
+  size_t mark() override {
+    marks_.push_back(std::chrono::steady_clock::now());
+    return marks_.size() - 1;
+  }
+  double seconds(size_t a, size_t b) override {
+    return std::chrono::duration<double>(marks_.at(b) - marks_.at(a)).count();
+  }
+  void clear() override { marks_.clear(); }
+
+ private:
+  std::vector<std::chrono::steady_clock::time_point> marks_;
+};
+}  // namespace
+
+std::unique_ptr<OpClock> Ops::make_clock() { return std::make_unique<HostClock>(); }
 
 }  // namespace tl

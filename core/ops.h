@@ -7,6 +7,9 @@
 // master weights (LoRA), their gradients and Adam moments have master_dtype(): F32 beside
 // BF16 activations, so linear_forward/backward then take an F32 W (and give an F32 dW).
 #pragma once
+#include <cstddef>
+#include <memory>
+
 #include "core/tensor.h"
 
 namespace tl {
@@ -18,6 +21,19 @@ struct Nf4Tensor;
 struct AttentionMask {
   int64_t window = 0;        // 0: no window (full attention)
   const Tensor* doc_ids = nullptr;  // optional I32 [B, S]; equal ids = same document
+};
+
+// Marks in a backend's order of work, so that ops are timed without waiting after each one
+// (TimedOps, core/timed_ops.h): host time on the CPU, CUDA events on the GPU.
+class OpClock {
+ public:
+  virtual ~OpClock() = default;
+  // A mark after all the work issued so far; returns its index (0, 1, …).
+  virtual size_t mark() = 0;
+  // Waits for the work before both marks, then gives the seconds between marks a and b.
+  virtual double seconds(size_t a, size_t b) = 0;
+  // Forgets every mark (a backend reuses their resources).
+  virtual void clear() = 0;
 };
 
 class Ops {
@@ -126,6 +142,15 @@ class Ops {
   // Rows whose label ≠ −100 and whose argmax logit is the label (token accuracy). The
   // default copies the logits to the host; backends may do better.
   virtual int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels);
+
+  // ---- timing and faults --------------------------------------------------------------
+  // A clock over this backend's work (OpClock). The default reads the host's steady clock,
+  // right for a backend whose ops return when their work is done (the CPU).
+  virtual std::unique_ptr<OpClock> make_clock();
+  // Waits for all the work issued so far and throws tl::Error if it failed. A GPU reports a
+  // kernel's fault at the next synchronising call, so a caller that synchronizes after each
+  // op (TimedOps' blame mode) names the op at fault. The default has nothing to wait for.
+  virtual void synchronize() {}
 
   // ---- optimisation ----------------------------------------------------------------------
   // ‖x‖₂ (accumulated in double).

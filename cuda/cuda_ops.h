@@ -74,6 +74,10 @@ class CudaOps final : public Ops {
   using Ops::empty;
   Tensor upload(const Tensor& host, DType dtype) override;
   Tensor download(const Tensor& t) override;
+  // CUDA events on the ops' stream; a device-wide wait that throws on a failed kernel
+  // (cuda/clock.cu).
+  std::unique_ptr<OpClock> make_clock() override;
+  void synchronize() override;
 
   void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) override;
   void embedding_forward(const Tensor& table, const Tensor& ids, double scale, Tensor& out) override;
