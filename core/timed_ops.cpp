@@ -109,6 +109,17 @@ TimedOps::~TimedOps() = default;
 
 template <class F>
 auto TimedOps::timed(int op, F&& f) -> decltype(f()) {
+  if (!enabled_) {
+    if constexpr (std::is_void_v<decltype(f())>) {
+      f();
+      if (blame_) blame(op);
+      return;
+    } else {
+      auto r = f();
+      if (blame_) blame(op);
+      return r;
+    }
+  }
   const size_t begin = clock_->mark();
   if constexpr (std::is_void_v<decltype(f())>) {
     f();
@@ -122,7 +133,10 @@ auto TimedOps::timed(int op, F&& f) -> decltype(f()) {
 
 void TimedOps::finish(int op, size_t begin) {
   spans_.push_back({op, begin, clock_->mark()});
-  if (!blame_) return;
+  if (blame_) blame(op);
+}
+
+void TimedOps::blame(int op) {
   try {
     inner_.synchronize();
   } catch (const std::exception& e) {

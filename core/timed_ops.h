@@ -36,6 +36,9 @@ class TimedOps final : public Ops {
     nlohmann::json to_json() const;
   };
   Times collect();
+  // Off: calls pass straight through, neither timed nor counted (blame mode still waits after
+  // each). On by default.
+  void set_enabled(bool on) { enabled_ = on; }
 
   Device device() const override { return inner_.device(); }
   DType act_dtype() const override { return inner_.act_dtype(); }
@@ -105,8 +108,11 @@ class TimedOps final : public Ops {
   auto timed(int op, F&& f) -> decltype(f());
   void finish(int op, size_t begin);
 
+  void blame(int op);
+
   Ops& inner_;
   bool blame_;
+  bool enabled_ = true;
   std::unique_ptr<OpClock> clock_;
   std::vector<Span> spans_;
 };

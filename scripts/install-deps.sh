@@ -12,6 +12,7 @@ packages=(
   openmpi-bin libopenmpi-dev  # data parallelism under mpirun (NCCL comes with the CUDA toolkit)
   libcairo2-dev  # the heal report's PNG plots (torchless-eval --report)
   clang libclang-rt-14-dev
+  python3  # the CLI tests read JSON output with it (no PyPI packages)
 )
 
 missing=()
