@@ -57,6 +57,16 @@ ScopedBf16Kernel::ScopedBf16Kernel(Bf16Kernel k) : previous_(forced_kernel()) {
 }
 ScopedBf16Kernel::~ScopedBf16Kernel() { forced_kernel() = previous_; }
 
+void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out) {
+  // Grow only: a thread's buffer serves products of several sizes in turn, and shrinking
+  // then growing it again would zero-fill the new part on every call.
+  if (out.size() < size_t(rows * cols)) out.resize(size_t(rows * cols));
+  uint16_t* o = out.data();
+#pragma omp parallel for schedule(static) if(rows * cols >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = float_to_bf16(src[r * ld + c]);
+}
+
 #if defined(TL_HAVE_ONEDNN)
 namespace {
 
@@ -68,16 +78,6 @@ dnnl::engine& engine() {
 }
 
 }  // namespace
-
-void pack_bf16(const float* src, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& out) {
-  // Grow only: a thread's buffer serves products of several sizes in turn, and shrinking
-  // then growing it again would zero-fill the new part on every call.
-  if (out.size() < size_t(rows * cols)) out.resize(size_t(rows * cols));
-  uint16_t* o = out.data();
-#pragma omp parallel for schedule(static) if(rows * cols >= (1 << 16))
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = float_to_bf16(src[r * ld + c]);
-}
 
 namespace {
 
