@@ -7,7 +7,13 @@
 #   2. the main job:      bash scripts/demo.sh [DEMO_ARGS…]
 #   3. the AVX2 check:    bash scripts/check-avx2.sh  (the CPU paths of an AVX2-only machine,
 #      whatever this machine has)
-# then unmounts and removes the root, also when a step fails or the script is interrupted.
+#   4. the GPU bundle check (where /usr/local has a CUDA toolkit): builds gpu-bundle/ there
+#      (scripts/gpu-bundle.sh), then in a second root that has only what the GPU machine's
+#      image has (g++, CMake, ninja, python3; the toolkit bound in; no -dev packages) runs the
+#      device command (bench/gpu/device-command) exactly as it is sent, from a copy of what
+#      travels (the checkout's files and gpu-bundle/): every library must resolve, the
+#      binaries must start, and the check must end with its "no GPU" line
+# then unmounts and removes the roots, also when a step fails or the script is interrupted.
 # Ends with one line: the result and how long each command took.
 #
 #   bash scripts/check-fresh-machine.sh [--keep] [--no-demo] [-- DEMO_ARGS…]
@@ -45,7 +51,8 @@ shared="$repo/../shared"
 [ -d "$shared" ] || { echo "check-fresh-machine: $shared is missing (the docs and released configs)" >&2; exit 1; }
 
 root=$(mktemp -d "${TMPDIR:-/var/tmp}/torchless-fresh-root.XXXXXX")
-mounts=()  # mount points inside the root, in the order they were mounted
+img=""     # the GPU image's stand-in (step 4), made when that step runs
+mounts=()  # mount points inside the roots, in the order they were mounted
 
 cleanup() {
   local status=$?
@@ -55,24 +62,28 @@ cleanup() {
     umount "${mounts[i]}" 2>/dev/null || umount -l "${mounts[i]}" 2>/dev/null || true
   done
   # Never delete through a mount that is still there (/usr/local is bound in).
-  if findmnt -rn -o TARGET | grep -q "^$root"; then
-    echo "check-fresh-machine: mounts remain under $root; not removing it" >&2
-  elif ((keep)); then
-    echo "check-fresh-machine: root kept at $root"
-  else
-    rm -rf --one-file-system "$root"
-  fi
+  local r
+  for r in "$root" $img; do
+    if findmnt -rn -o TARGET | grep -q "^$r"; then
+      echo "check-fresh-machine: mounts remain under $r; not removing it" >&2
+    elif ((keep)); then
+      echo "check-fresh-machine: root kept at $r"
+    else
+      rm -rf --one-file-system "$r"
+    fi
+  done
   exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-bind() {  # bind SRC DEST_IN_ROOT [ro]
-  mkdir -p "$root$2"
-  mount --bind "$1" "$root$2"
-  mounts+=("$root$2")
-  if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$root$2"; fi
+bind() {  # bind SRC DEST_IN_ROOT [ro] [ROOT]
+  local r=${4:-$root}
+  mkdir -p "$r$2"
+  mount --bind "$1" "$r$2"
+  mounts+=("$r$2")
+  if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$r$2"; fi
 }
 
 now() { date +%s; }
@@ -123,6 +134,43 @@ if [ "$result" = passed ]; then
   avx2_line="AVX2 check (bash scripts/check-avx2.sh) $(fmt_time $t_avx2)"
 fi
 
+t_gpu=0
+gpu_line="GPU bundle check skipped (no CUDA toolkit in /usr/local)"
+if [ "$result" = passed ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  t4=$(now)
+  echo "check-fresh-machine: building the GPU bundle: bash scripts/gpu-bundle.sh"
+  if ! in_root "bash scripts/gpu-bundle.sh"; then
+    result="FAILED (GPU bundle build)"
+  else
+    img=$(mktemp -d "${TMPDIR:-/var/tmp}/torchless-gpu-image-root.XXXXXX")
+    echo "check-fresh-machine: making the GPU image's stand-in in $img (g++, cmake, ninja, python3; no -dev packages)"
+    mmdebstrap --variant=apt --quiet --include=g++,cmake,ninja-build,python3 bookworm "$img" \
+      http://deb.debian.org/debian >/dev/null
+    # What travels to the device machine: the checkout's files (as git lists them) and the
+    # carried gpu-bundle/, at another path than the one they were built at.
+    mkdir -p "$img/work/checkout" "$img/work/out"
+    (cd "$root/work/torchless" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) |
+      tar -C "$img/work/checkout" -xf -
+    cp -a "$root/work/torchless/gpu-bundle" "$img/work/checkout/"
+    mkdir -p "$img/proc" "$img/dev"
+    mount -t proc proc "$img/proc"; mounts+=("$img/proc")
+    bind /dev /dev "" "$img"
+    bind /usr/local /usr/local ro "$img"
+    device_cmd=$(cat "$root/work/torchless/bench/gpu/device-command")
+    echo "check-fresh-machine: running the device command there: $device_cmd"
+    rc=0
+    chroot "$img" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb OUT=/work/out \
+      PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      /bin/bash -c "cd /work/checkout && $device_cmd" || rc=$?
+    last=$(tail -1 "$img/work/out/results.txt" 2>/dev/null)
+    if [ $rc != 0 ] || [[ "$last" != *"no NVIDIA GPU visible"* ]]; then
+      result="FAILED (GPU bundle check: exit $rc, last line '$last')"
+    fi
+  fi
+  t_gpu=$(($(now) - t4))
+  gpu_line="GPU bundle check $(fmt_time $t_gpu)"
+fi
+
 demo_line="demo skipped"
 if [ "$result" = passed ] && ((run_demo)); then
   t2=$(now)
@@ -134,5 +182,5 @@ if [ "$result" = passed ] && ((run_demo)); then
   demo_line="demo ($demo_cmd) $(fmt_time $t_demo)"
 fi
 
-echo "check-fresh-machine: $result on a fresh Debian 12 root: root $(fmt_time $t_root), tests (bash scripts/test.sh) $(fmt_time $t_test), $avx2_line, $demo_line, total $(fmt_time $(($(now) - t0)))"
+echo "check-fresh-machine: $result on a fresh Debian 12 root: root $(fmt_time $t_root), tests (bash scripts/test.sh) $(fmt_time $t_test), $avx2_line, $gpu_line, $demo_line, total $(fmt_time $(($(now) - t0)))"
 [ "$result" = passed ]

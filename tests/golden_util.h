@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -14,7 +15,13 @@
 
 namespace tl::test {
 
-inline std::string golden(const std::string& rel) { return std::string(TL_SOURCE_DIR) + "/tests/golden/" + rel; }
+// The checkout the fixtures are read from: TL_SOURCE_DIR from the environment when set (a
+// test binary that travels, scripts/gpu-check.sh), else where it was built.
+inline std::string source_dir() {
+  const char* env = std::getenv("TL_SOURCE_DIR");
+  return env && *env ? std::string(env) : std::string(TL_SOURCE_DIR);
+}
+inline std::string golden(const std::string& rel) { return source_dir() + "/tests/golden/" + rel; }
 
 struct Diff {
   double max_abs = 0, max_ref = 0;
