@@ -44,7 +44,7 @@ TEST(Data, AlpacaShareGptAndChatRenderTheSameExchange) {
                                "  - path: chat.jsonl\n    type: chat\n    field_messages: msgs\n"
                                "    message_field_role: who\n    message_field_content: text\n"}) {
     DataStats stats;
-    auto ex = load_examples(config_for(d.p, ds), tok, stats);
+    auto ex = load_examples(config_for(d.p, ds).data(), tok, stats);
     ASSERT_EQ(ex.size(), 1u) << ds;
     EXPECT_EQ(ex[0].ids, want.ids) << ds;
     EXPECT_EQ(ex[0].labels, want.labels) << ds;
@@ -59,7 +59,7 @@ TEST(Data, CompletionAddsBosAndEosAndTrainsEverything) {
   std::ofstream(d.p / "t.jsonl") << R"({"content": "hello world"})" "\n";
   Tokenizer tok = tiny_tokenizer();
   DataStats stats;
-  auto ex = load_examples(config_for(d.p, "  - path: t.jsonl\n    type: completion\n    field: content\n"), tok, stats);
+  auto ex = load_examples(config_for(d.p, "  - path: t.jsonl\n    type: completion\n    field: content\n").data(), tok, stats);
   ASSERT_EQ(ex.size(), 1u);
   EXPECT_EQ(ex[0].ids.front(), tok.token_id("<bos>"));
   EXPECT_EQ(ex[0].ids.back(), tok.token_id("<eos>"));

@@ -14,6 +14,7 @@
 #include "train/generate.h"
 #include "train/plot.h"
 #include "train/report.h"
+#include "train/train_config.h"
 #include "core/cpu/thread_policy.h"
 
 namespace fs = std::filesystem;
@@ -92,7 +93,7 @@ int main(int argc, char** argv) {
         cfg.sequence_len = 1024;
       }
       tl::DataStats stats;
-      std::vector<tl::Example> all = tl::load_examples(cfg, *m.tokenizer, stats);
+      std::vector<tl::Example> all = tl::load_examples(cfg.data(), *m.tokenizer, stats);
       if (!config.empty()) tl::split_validation(all, held, cfg.val_set_size, cfg.seed);
       else held = all;
       in.rows = tl::make_rows(held, cfg.sequence_len, cfg.sample_packing);

@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
         for (int64_t r = 0; r < ids.dim(0); ++r)
           calib.emplace_back(ids.data<int32_t>() + r * ids.dim(1), ids.data<int32_t>() + (r + 1) * ids.dim(1));
       } else {
-        tl::TrainConfig tc;
+        tl::DataConfig tc;
         tc.datasets = {tl::DatasetConfig{}};
         tc.datasets[0].path = pr_jsonl;
         tc.datasets[0].type = pr_type;

@@ -79,7 +79,7 @@ Example encode_line(const json& j, const DatasetConfig& d, const Tokenizer& tok,
 
 }  // namespace
 
-std::vector<Example> load_examples(const TrainConfig& cfg, const Tokenizer& tok, DataStats& stats) {
+std::vector<Example> load_examples(const DataConfig& cfg, const Tokenizer& tok, DataStats& stats) {
   std::vector<Example> out;
   for (const DatasetConfig& d : cfg.datasets) {
     for (const auto& role : d.roles_to_train)

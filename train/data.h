@@ -5,10 +5,35 @@
 #include <vector>
 
 #include "core/tokenizer.h"
-#include "train/train_config.h"
-#include "train/train_step.h"
+#include "train/gemma4_model.h"
 
 namespace tl {
+
+// One dataset of heal.yaml's `datasets:` list.
+struct DatasetConfig {
+  std::string path;
+  std::string type = "completion";  // completion|text, alpaca, chat|chat_template, sharegpt
+  // Field mappings for other shapes of jsonl.
+  std::string field = "text";                   // completion/text
+  std::string field_instruction = "instruction", field_input = "input", field_output = "output";  // alpaca
+  std::string field_messages = "messages";      // chat ("conversations" for sharegpt)
+  std::string message_field_role = "role", message_field_content = "content";
+  std::vector<std::string> roles_to_train{"assistant"};
+};
+
+// The keys of heal.yaml the data pipeline reads (TrainConfig::data() gives them).
+struct DataConfig {
+  std::vector<DatasetConfig> datasets;
+  int64_t sequence_len = 2048;
+  std::string overlong = "truncate";  // truncate | drop
+  bool train_on_inputs = false;
+};
+
+// A micro-batch: the model's input and its labels (host [B, S], unshifted).
+struct MicroBatch {
+  Batch batch;
+  Tensor labels;
+};
 
 // One training document: ids and labels (−100 where no loss), unshifted (HF convention).
 struct Example {
@@ -22,7 +47,7 @@ struct DataStats {
 // Reads every dataset of `cfg`, renders and tokenizes each line by its type, applies the
 // overlong policy. Errors name the file and line ("data.jsonl:17: ..."); an empty dataset
 // is an error.
-std::vector<Example> load_examples(const TrainConfig& cfg, const Tokenizer& tok, DataStats& stats);
+std::vector<Example> load_examples(const DataConfig& cfg, const Tokenizer& tok, DataStats& stats);
 
 // Splits off ceil(val_set_size·n) examples (chosen by a seeded shuffle) for validation.
 void split_validation(std::vector<Example>& train, std::vector<Example>& val, double fraction, uint64_t seed);

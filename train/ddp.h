@@ -8,8 +8,7 @@
 
 #include "core/ops.h"
 #include "train/comm.h"
-#include "train/optim.h"
-#include "train/train_config.h"
+#include "train/param_slot.h"
 
 namespace tl {
 
@@ -17,11 +16,6 @@ namespace tl {
 uint64_t fnv1a(const void* data, size_t n, uint64_t h = 0xcbf29ce484222325ull);
 uint64_t fnv1a_file(const std::filesystem::path& path);
 
-// What every rank must agree on before training: (what, fingerprint) pairs for the config
-// (the YAML file's bytes and the key=value overrides), each data file's bytes, and the base
-// checkpoint's index (config.json, the shard index, each safetensors header).
-std::vector<std::pair<std::string, uint64_t>> startup_fingerprints(const TrainConfig& cfg,
-                                                                   const std::vector<std::string>& overrides);
 // Compares every rank's pairs with rank 0's (one all-gather each); on a difference every
 // rank throws the same AgreedError naming the first rank and item that differ.
 void check_ranks_agree(Comm& comm, const std::vector<std::pair<std::string, uint64_t>>& items);

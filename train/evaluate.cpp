@@ -238,4 +238,15 @@ EvalMeasures EvalMeasures::from_json(const nlohmann::json& j) {
   return m;
 }
 
+std::vector<int32_t> generation_prompt(const Example& e, int64_t max_len) {
+  const int64_t n = int64_t(e.ids.size());
+  if (n < 2 || max_len < 1) return {};
+  int64_t end = 0;
+  while (end < n && e.labels[size_t(end)] == -100) ++end;
+  if (end == 0) end = std::min<int64_t>(64, n / 2);  // nothing masked: continue the text's first half
+  if (end == n) return {};                          // nothing trained: no reference continuation
+  const int64_t begin = std::max<int64_t>(0, end - max_len);
+  return {e.ids.begin() + begin, e.ids.begin() + end};
+}
+
 }  // namespace tl

@@ -80,4 +80,10 @@ struct EvalMeasures {
 // Fills the generation fields from a set of generations.
 void score_generations(EvalMeasures& m, const std::vector<Generation>& generations);
 
+// The prompt to continue for a held-out example: its tokens before the first trained one
+// (for chat data, everything up to and including the model turn's opening). When every
+// token is trained (plain text), its first half, at most 64 tokens. At most `max_len`
+// tokens are kept (the tail). Empty when the example has fewer than two tokens.
+std::vector<int32_t> generation_prompt(const Example& e, int64_t max_len);
+
 }  // namespace tl

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "core/tokenizer.h"
-#include "train/data.h"
 #include "train/gemma4_model.h"
 
 namespace tl {
@@ -60,12 +59,6 @@ void apply_dry(std::vector<double>& logits, std::span<const int32_t> context, co
 // likely tokens whose probability reaches top_p) and min-p (tokens below min_p · the top
 // probability removed): probabilities summing to 1, zeros for removed tokens.
 std::vector<double> sampling_distribution(const std::vector<double>& logits, const SamplingOptions& o);
-
-// The prompt to continue for a held-out example: its tokens before the first trained one
-// (for chat data, everything up to and including the model turn's opening). When every
-// token is trained (plain text), its first half, at most 64 tokens. At most `max_len`
-// tokens are kept (the tail). Empty when the example has fewer than two tokens.
-std::vector<int32_t> generation_prompt(const Example& e, int64_t max_len);
 
 // Tokens that end a generation for the model in `model_dir`: eos_token_id of
 // generation_config.json and of config.json (an id or a list), and the tokenizer's <eos>

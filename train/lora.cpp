@@ -1,6 +1,7 @@
 #include "train/lora.h"
 
 #include <cmath>
+#include <regex>
 
 namespace tl {
 
@@ -18,6 +19,27 @@ void lora_init(Tensor& A, Tensor& B, uint64_t seed) {
     else A.data<float>()[i] = float(v);
   }
   std::fill_n(static_cast<char*>(B.raw()), B.nbytes(), 0);
+}
+
+namespace {
+// PEFT's pattern rule for rank_pattern / alpha_pattern keys: re.match(rf"(.*\.)?({key})$", name).
+bool pattern_matches(const std::string& key, const std::string& module) {
+  return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
+}
+}  // namespace
+
+int64_t LoraSpec::rank_for(const std::string& module) const {
+  for (const auto& [k, v] : rank_pattern)
+    if (pattern_matches(k, module)) return v;
+  return r;
+}
+double LoraSpec::alpha_for(const std::string& module) const {
+  for (const auto& [k, v] : alpha_pattern)
+    if (pattern_matches(k, module)) return v;
+  return alpha;
+}
+double LoraSpec::scaling_for(const std::string& module) const {
+  return lora_scaling(alpha_for(module), rank_for(module), use_rslora);
 }
 
 }  // namespace tl

@@ -3,7 +3,10 @@
 // Adapters attach to the model's base projections; the base stays frozen.
 #pragma once
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "core/math.h"
 #include "core/tensor.h"
@@ -19,6 +22,26 @@ struct LoraAdapter {
   uint64_t dropout_seed = 0;  // with the step counter, fixes the dropout mask of each pass
 
   int64_t rank() const { return A.dim(0); }
+};
+
+// Which projections get adapters and with what rank and alpha (PEFT's LoraConfig; heal.yaml's
+// lora_* keys).
+struct LoraSpec {
+  int64_t r = 8;
+  double alpha = 8;
+  double dropout = 0.0;
+  bool use_rslora = false;
+  // Either a list of module-name suffixes ("q_proj", "mlp.down_proj"), the single entry
+  // "all-linear", or a regular expression that must match the whole module name.
+  std::vector<std::string> target_modules{"all-linear"};
+  std::optional<std::string> target_regex;
+  std::map<std::string, int64_t> rank_pattern;   // regex key → r for matching modules
+  std::map<std::string, double> alpha_pattern;   // regex key → alpha
+  std::string base_model_name_or_path;
+
+  int64_t rank_for(const std::string& module) const;
+  double alpha_for(const std::string& module) const;
+  double scaling_for(const std::string& module) const;
 };
 
 // PEFT's scaling: alpha/r, or alpha/√r with rsLoRA.

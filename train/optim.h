@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/ops.h"
+#include "train/param_slot.h"
 
 namespace tl {
 
@@ -13,14 +14,6 @@ struct AdamWConfig {
   double lr = 2e-4, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
 };
 
-// One trainable tensor, its gradient and its Adam moments (fp32/fp64, on the backend).
-struct ParamSlot {
-  std::string name;
-  Tensor* value = nullptr;
-  Tensor* grad = nullptr;
-  Tensor m, v;
-  bool decay = true;  // HF: biases and norm weights are in the no-decay group
-};
 
 class AdamW {
  public:

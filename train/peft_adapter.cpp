@@ -18,10 +18,6 @@ using nlohmann::json;
 namespace {
 std::string module_of(const std::string& weight) { return weight.substr(0, weight.size() - 7); }  // drop ".weight"
 
-// PEFT's pattern rule for rank_pattern / alpha_pattern keys: re.match(rf"(.*\.)?({key})$", name).
-bool pattern_matches(const std::string& key, const std::string& module) {
-  return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-}
 // PEFT's check_target_module_exists: a string is a regex matched against the whole name;
 // a list matches a name equal to an entry or ending in "." + entry; "all-linear" matches
 // every projection (our adapters hold nothing else).
@@ -40,20 +36,6 @@ bool targets_module(const LoraSpec& s, const std::string& path) {
 }
 
 }  // namespace
-
-int64_t LoraSpec::rank_for(const std::string& module) const {
-  for (const auto& [k, v] : rank_pattern)
-    if (pattern_matches(k, module)) return v;
-  return r;
-}
-double LoraSpec::alpha_for(const std::string& module) const {
-  for (const auto& [k, v] : alpha_pattern)
-    if (pattern_matches(k, module)) return v;
-  return alpha;
-}
-double LoraSpec::scaling_for(const std::string& module) const {
-  return lora_scaling(alpha_for(module), rank_for(module), use_rslora);
-}
 
 std::vector<std::string> select_lora_targets(const Gemma4Config& c, const LoraSpec& spec,
                                              const std::string& decoder_prefix) {

@@ -12,26 +12,9 @@
 
 #include "core/config.h"
 #include "core/tensor.h"
+#include "train/lora.h"
 
 namespace tl {
-
-struct LoraSpec {
-  int64_t r = 8;
-  double alpha = 8;
-  double dropout = 0.0;
-  bool use_rslora = false;
-  // Either a list of module-name suffixes ("q_proj", "mlp.down_proj"), the single entry
-  // "all-linear", or a regular expression that must match the whole module name.
-  std::vector<std::string> target_modules{"all-linear"};
-  std::optional<std::string> target_regex;
-  std::map<std::string, int64_t> rank_pattern;   // regex key → r for matching modules
-  std::map<std::string, double> alpha_pattern;   // regex key → alpha
-  std::string base_model_name_or_path;
-
-  int64_t rank_for(const std::string& module) const;
-  double alpha_for(const std::string& module) const;
-  double scaling_for(const std::string& module) const;
-};
 
 // Decoder weight names ("layers.0.self_attn.q_proj.weight") that the spec targets, in
 // model order. PEFT module names are matched with the prefix the checkpoint uses, e.g.

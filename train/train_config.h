@@ -7,20 +7,10 @@
 #include <string>
 #include <vector>
 
-#include "train/peft_adapter.h"
+#include "train/data.h"
+#include "train/lora.h"
 
 namespace tl {
-
-struct DatasetConfig {
-  std::string path;
-  std::string type = "completion";  // completion|text, alpaca, chat|chat_template, sharegpt
-  // Field mappings for other shapes of jsonl.
-  std::string field = "text";                   // completion/text
-  std::string field_instruction = "instruction", field_input = "input", field_output = "output";  // alpaca
-  std::string field_messages = "messages";      // chat ("conversations" for sharegpt)
-  std::string message_field_role = "role", message_field_content = "content";
-  std::vector<std::string> roles_to_train{"assistant"};
-};
 
 struct TrainConfig {
   std::filesystem::path source;  // the YAML file
@@ -86,6 +76,9 @@ struct TrainConfig {
   // ddp_check_sync_steps steps (0: never) the ranks compare their trainable weights.
   double ddp_timeout = 60, ddp_io_timeout = 1800, ddp_bucket_mb = 25;
   int64_t ddp_check_sync_steps = 0;
+
+  // The keys the data pipeline reads.
+  DataConfig data() const { return {datasets, sequence_len, overlong, train_on_inputs}; }
 
   // Loads and validates; `overrides` are "key=value" strings (value parsed as YAML).
   static TrainConfig load(const std::filesystem::path& yaml, const std::vector<std::string>& overrides = {});

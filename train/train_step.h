@@ -4,15 +4,11 @@
 #pragma once
 #include <vector>
 
+#include "train/data.h"
 #include "train/gemma4_model.h"
 #include "train/optim.h"
 
 namespace tl {
-
-struct MicroBatch {
-  Batch batch;
-  Tensor labels;  // host [B, S]
-};
 
 struct StepResult {
   double loss = 0;        // Σ micro-losses = token mean over the step

@@ -134,7 +134,7 @@ void Trainer::setup_data() {
   const fs::path tok = fs::path(cfg_.base_model) / "tokenizer.json";
   if (!fs::exists(tok)) throw Error(fmt::format("{}: no tokenizer.json beside the weights", cfg_.base_model));
   tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::load(tok.string()));
-  std::vector<Example> train = load_examples(cfg_, *tokenizer_, stats_), val;
+  std::vector<Example> train = load_examples(cfg_.data(), *tokenizer_, stats_), val;
   split_validation(train, val, cfg_.val_set_size, cfg_.seed);
   train_rows_ = make_rows(train, cfg_.sequence_len, cfg_.sample_packing);
   refuse_untrained_data(train_rows_);

@@ -137,4 +137,10 @@ class Trainer {
   std::string run_id_;  // train/run_dir.h
 };
 
+// What every rank must agree on before training: (what, fingerprint) pairs for the config
+// (the YAML file's bytes and the key=value overrides), each data file's bytes, and the base
+// checkpoint's index (config.json, the shard index, each safetensors header).
+std::vector<std::pair<std::string, uint64_t>> startup_fingerprints(const TrainConfig& cfg,
+                                                                   const std::vector<std::string>& overrides);
+
 }  // namespace tl

@@ -7,6 +7,8 @@
 // checkpoint as it was and never a half-written one.
 #include <fmt/format.h>
 
+#include <csignal>
+
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -14,6 +16,7 @@
 #include "core/weights.h"
 #include "train/peft_adapter.h"
 #include "train/run_dir.h"
+#include "train/stop_signal.h"
 #include "train/trainer.h"
 
 namespace tl {
@@ -121,6 +124,21 @@ void Trainer::resume(const fs::path& dir) {
     p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), p.v.dtype());
   }
   log_ << fmt::format("resumed from {} at step {} (run {})\n", dir.string(), state_.step, run_id_);
+}
+
+// A signal asked the run to stop (stop_signal.h): save where it is, unless this step was just
+// saved, and say how to resume.
+bool Trainer::stop_if_signalled() {
+  const int sig = stop_signal();
+  if (sig == 0) return false;
+  if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
+  interrupted_by = sig;
+  log_ << fmt::format("interrupted by {} after step {}: saved checkpoint-{} (resume with resume_from_checkpoint: "
+                      "auto)\n",
+                      sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : fmt::format("signal {}", sig),
+                      state_.step, state_.step)
+       << std::flush;
+  return true;
 }
 
 }  // namespace tl

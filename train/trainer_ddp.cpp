@@ -2,11 +2,56 @@
 // all ranks, rank 0's writes behind one barrier, and the weights-in-sync check.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <fstream>
+
 #include "train/trainer.h"
 
 namespace tl {
 
 namespace fs = std::filesystem;
+
+namespace {
+// A safetensors header: the 8-byte length and the JSON (names, dtypes, shapes, offsets).
+uint64_t safetensors_header_fingerprint(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  uint64_t len = 0;
+  if (!in.read(reinterpret_cast<char*>(&len), 8) || len > (uint64_t(1) << 30))
+    throw Error(fmt::format("{}: not a safetensors file", path.string()));
+  std::string header(len, '\0');
+  if (!in.read(header.data(), std::streamsize(len))) throw Error(fmt::format("{}: truncated header", path.string()));
+  return fnv1a(header.data(), header.size(), fnv1a(&len, 8));
+}
+}  // namespace
+
+std::vector<std::pair<std::string, uint64_t>> startup_fingerprints(const TrainConfig& cfg,
+                                                                   const std::vector<std::string>& overrides) {
+  std::vector<std::pair<std::string, uint64_t>> out;
+  uint64_t h = fnv1a_file(cfg.source);
+  for (const std::string& o : overrides) h = fnv1a(o.data(), o.size() + 1, h);  // with the NUL: "a=b" "c" ≠ "a" "=bc"
+  out.push_back({fmt::format("config ({} and its overrides)", cfg.source.string()), h});
+  for (size_t i = 0; i < cfg.datasets.size(); ++i)
+    out.push_back({fmt::format("data file {} ({})", i + 1, cfg.datasets[i].path), fnv1a_file(cfg.datasets[i].path)});
+  const fs::path base(cfg.base_model);
+  uint64_t idx = fnv1a_file(base / "config.json");
+  std::vector<fs::path> shards;
+  for (const auto& e : fs::directory_iterator(base))
+    if (e.path().extension() == ".safetensors") shards.push_back(e.path());
+  std::sort(shards.begin(), shards.end());
+  for (const fs::path& s : shards) {
+    const std::string n = s.filename().string();
+    idx = fnv1a(n.data(), n.size(), idx);
+    const uint64_t sh = safetensors_header_fingerprint(s);
+    idx = fnv1a(&sh, 8, idx);
+  }
+  if (fs::exists(base / "model.safetensors.index.json")) {
+    const uint64_t ih = fnv1a_file(base / "model.safetensors.index.json");
+    idx = fnv1a(&ih, 8, idx);
+  }
+  out.push_back({fmt::format("base checkpoint index of {}", cfg.base_model), idx});
+  return out;
+}
+
 
 void Trainer::setup_ddp() {
   if (comm_->world() == 1) return;
