@@ -13,7 +13,7 @@
 // synchronizes after every op of that step and names the op whose work failed.
 // Prints the family table to stderr and one JSON line to stdout: tokens/s, the same scaled
 // to the full depth (× LAYERS / num_hidden_layers), the measured peak beside the memory plan's
-// (train/memory_plan.h) and the op table. Exit status 3 when the device ran out of memory
+// (train/step/memory_plan.h) and the op table. Exit status 3 when the device ran out of memory
 // (scripts/gpu-check.sh then tries fewer layers), 1 on any other error, 2 on bad arguments.
 #include <sys/resource.h>
 
@@ -28,9 +28,9 @@
 #include "core/timed_ops.h"
 #include "core/weights.h"
 #include "tools/backend.h"
-#include "train/memory_plan.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/step/memory_plan.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 #if defined(TL_HAVE_CUDA)
 #include "cuda/cuda_ops.h"
 #endif

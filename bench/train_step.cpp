@@ -20,8 +20,8 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/thread_policy.h"
 #include "core/weights.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 
 namespace {
 

@@ -1,12 +1,12 @@
 // Backend selection without a GPU (tools/backend.h) and the per-GPU memory plan of
-// `torchless-train --dry-run` (train/memory_plan.h) on the released configs.
+// `torchless-train --dry-run` (train/step/memory_plan.h) on the released configs.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
 
 #include "core/plan.h"
 #include "tools/backend.h"
-#include "train/memory_plan.h"
+#include "train/step/memory_plan.h"
 
 namespace tl {
 namespace {

@@ -8,14 +8,14 @@
 #include <fstream>
 
 #include "core/cpu/cpu_ops.h"
-#include "core/surgery.h"
+#include "train/surgery/surgery.h"
 #include "core/weights.h"
 #include "golden_util.h"
 #include "nf4_test_util.h"
-#include "train/evaluate.h"
-#include "train/merge.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/eval/evaluate.h"
+#include "train/surgery/merge.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 #include "train/train_config.h"
 #include "train/trainer.h"
 

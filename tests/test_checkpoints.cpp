@@ -7,7 +7,7 @@
 #include "core/checkpoint_dir.h"
 #include "core/cpu/cpu_ops.h"
 #include "golden_util.h"
-#include "train/gemma4_model.h"
+#include "train/model/gemma4_model.h"
 
 namespace tl {
 namespace {

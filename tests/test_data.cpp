@@ -6,7 +6,7 @@
 #include "core/chat_template.h"
 #include "core/cpu/cpu_ops.h"
 #include "golden_util.h"
-#include "train/data.h"
+#include "train/data/data.h"
 #include "train/trainer.h"
 
 namespace tl {

@@ -3,7 +3,7 @@
 // (Two real ranks: tests/cli/ddp_*.sh under mpirun.)
 #include <gtest/gtest.h>
 
-#include "train/ddp.h"
+#include "train/dist/ddp.h"
 
 namespace tl {
 namespace {

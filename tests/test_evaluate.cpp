@@ -7,7 +7,7 @@
 
 #include "core/cpu/cpu_ops.h"
 #include "golden_util.h"
-#include "train/evaluate.h"
+#include "train/eval/evaluate.h"
 
 namespace tl {
 namespace {

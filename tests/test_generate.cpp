@@ -8,8 +8,8 @@
 
 #include "core/cpu/cpu_ops.h"
 #include "golden_util.h"
-#include "train/generate.h"
-#include "train/text_measures.h"
+#include "train/eval/generate.h"
+#include "train/eval/text_measures.h"
 
 namespace tl {
 namespace {

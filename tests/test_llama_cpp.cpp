@@ -1,10 +1,10 @@
-// llama.cpp's KV-sharing rule (core/llama_cpp.h) on the released layouts and on layouts made
+// llama.cpp's KV-sharing rule (train/surgery/llama_cpp.h) on the released layouts and on layouts made
 // to break it; expected layers worked out by hand from llama.cpp's reuse callback
 // (n_layer_kv_from_start − (is_swa ? 2 : 1)) and transformers' "last own-K/V layer of the type".
 #include <gtest/gtest.h>
 
 #include "core/config.h"
-#include "core/llama_cpp.h"
+#include "train/surgery/llama_cpp.h"
 #include "golden_util.h"
 
 namespace tl {

@@ -7,7 +7,7 @@
 
 #include "core/checkpoint_dir.h"
 #include "golden_util.h"
-#include "train/merge.h"
+#include "train/surgery/merge.h"
 #include "core/safetensors.h"
 
 namespace tl {

@@ -9,7 +9,7 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/weights.h"
 #include "golden_util.h"
-#include "train/gemma4_model.h"
+#include "train/model/gemma4_model.h"
 
 namespace tl {
 namespace {

@@ -8,7 +8,7 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/safetensors.h"
 #include "golden_util.h"
-#include "train/optim.h"
+#include "train/step/optim.h"
 
 namespace tl {
 namespace {

@@ -9,8 +9,8 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/weights.h"
 #include "golden_util.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 
 namespace tl {
 namespace {

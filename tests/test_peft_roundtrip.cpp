@@ -4,8 +4,8 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/weights.h"
 #include "golden_util.h"
-#include "train/peft_adapter.h"
-#include "train/gemma4_model.h"
+#include "train/model/peft_adapter.h"
+#include "train/model/gemma4_model.h"
 
 namespace tl {
 namespace {

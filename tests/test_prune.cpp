@@ -5,8 +5,8 @@
 
 #include "core/cpu/cpu_ops.h"
 #include "golden_util.h"
-#include "train/gemma4_model.h"
-#include "train/prune.h"
+#include "train/model/gemma4_model.h"
+#include "train/surgery/prune.h"
 
 namespace tl {
 namespace {

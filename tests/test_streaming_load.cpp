@@ -11,8 +11,8 @@
 #include "core/weights.h"
 #include "golden_util.h"
 #include "nf4_test_util.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 
 namespace tl {
 namespace {

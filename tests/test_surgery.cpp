@@ -1,10 +1,10 @@
 // Surgery: identity expansion leaves the logits bit for bit unchanged on every variant in
 // both identity modes; maps that break KV sharing or leave the model are refused.
 #include "core/cpu/cpu_ops.h"
-#include "core/surgery.h"
+#include "train/surgery/surgery.h"
 #include "golden_util.h"
-#include "train/gemma4_model.h"
-#include "train/inspect.h"
+#include "train/model/gemma4_model.h"
+#include "train/surgery/inspect.h"
 
 namespace tl {
 namespace {

@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "core/tensor.h"
-#include "train/text_measures.h"
+#include "train/eval/text_measures.h"
 
 namespace tl {
 namespace {

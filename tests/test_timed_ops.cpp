@@ -6,9 +6,9 @@
 #include "core/cpu/cpu_ops.h"
 #include "core/timed_ops.h"
 #include "golden_util.h"
-#include "train/gemma4_model.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/model/gemma4_model.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 
 namespace tl {
 namespace {

@@ -10,11 +10,11 @@
 
 #include "core/checkpoint_dir.h"
 #include "core/cpu/cpu_ops.h"
-#include "core/init_model.h"
+#include "train/surgery/init_model.h"
 #include "golden_util.h"
-#include "train/generate.h"
-#include "train/text_measures.h"
-#include "train/plot.h"
+#include "train/eval/generate.h"
+#include "train/eval/text_measures.h"
+#include "train/eval/plot.h"
 #include "train/trainer.h"
 
 namespace tl {

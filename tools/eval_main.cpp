@@ -1,5 +1,5 @@
-// torchless-eval: the measures of a heal for any checkpoint (train/evaluate.h), and with
-// --report the heal report (train/report.h) comparing it with the model before.
+// torchless-eval: the measures of a heal for any checkpoint (train/eval/evaluate.h), and with
+// --report the heal report (train/eval/report.h) comparing it with the model before.
 //   torchless-eval --model DIR [--adapter DIR] [--config heal.yaml | --data FILE --type chat]
 //                  [--prompts FILE] [--reference DIR] [--mc FILE] [--report [--out DIR]]
 #include <CLI/CLI.hpp>
@@ -10,10 +10,10 @@
 
 #include "core/chat_template.h"
 #include "core/cpu/cpu_ops.h"
-#include "train/evaluate.h"
-#include "train/generate.h"
-#include "train/plot.h"
-#include "train/report.h"
+#include "train/eval/evaluate.h"
+#include "train/eval/generate.h"
+#include "train/eval/plot.h"
+#include "train/eval/report.h"
 #include "train/train_config.h"
 #include "core/cpu/thread_policy.h"
 

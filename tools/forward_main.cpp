@@ -19,7 +19,7 @@
 #include "core/tokenizer.h"
 #include "core/safetensors.h"
 #include "tools/backend.h"
-#include "train/gemma4_model.h"
+#include "train/model/gemma4_model.h"
 #include "core/cpu/thread_policy.h"
 
 namespace {

@@ -14,8 +14,8 @@
 #include "core/chat_template.h"
 #include "core/cpu/cpu_ops.h"
 #include "core/safetensors.h"
-#include "train/evaluate.h"
-#include "train/generate.h"
+#include "train/eval/evaluate.h"
+#include "train/eval/generate.h"
 #include "core/cpu/thread_policy.h"
 
 namespace {

@@ -7,7 +7,7 @@
 
 #include <iostream>
 
-#include "train/merge.h"
+#include "train/surgery/merge.h"
 #include "core/cpu/thread_policy.h"
 
 int main(int argc, char** argv) {

@@ -10,14 +10,14 @@
 #include <fmt/format.h>
 
 #include "train/stop_signal.h"
-#include "train/comm.h"
-#include "train/ddp.h"
+#include "train/dist/comm.h"
+#include "train/dist/ddp.h"
 #include "tools/backend.h"
 #if defined(TL_HAVE_NCCL)
-#include "cuda/nccl/comm_nccl.h"
+#include "train/dist/comm_nccl.h"
 #endif
 #include "core/plan.h"
-#include "train/memory_plan.h"
+#include "train/step/memory_plan.h"
 #include "train/trainer.h"
 #include "core/cpu/thread_policy.h"
 

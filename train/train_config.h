@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "train/data.h"
-#include "train/lora.h"
+#include "train/data/data.h"
+#include "train/model/lora.h"
 
 namespace tl {
 

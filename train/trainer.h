@@ -10,12 +10,12 @@
 
 #include "core/ops.h"
 #include "core/tokenizer.h"
-#include "train/comm.h"
-#include "train/ddp.h"
-#include "train/data.h"
-#include "train/evaluate.h"
-#include "train/gemma4_model.h"
-#include "train/optim.h"
+#include "train/dist/comm.h"
+#include "train/dist/ddp.h"
+#include "train/data/data.h"
+#include "train/eval/evaluate.h"
+#include "train/model/gemma4_model.h"
+#include "train/step/optim.h"
 #include "train/train_config.h"
 
 namespace tl {
@@ -82,7 +82,7 @@ class Trainer {
   void write_adapter(const std::filesystem::path& dir, bool final_output) const;
   double evaluate();
   // Greedy generations from the first eval_table_size held-out prompts (appended to
-  // generations.jsonl, scored by train/text_measures.h, with the cross-perplexity under
+  // generations.jsonl, scored by train/eval/text_measures.h, with the cross-perplexity under
   // eval_reference_model) and multiple-choice accuracy on eval_mc_file; logged in one line.
   EvalMeasures measure(int64_t step, double eval_loss);
   // The next micro-batch of the data order; with build false only the position advances.

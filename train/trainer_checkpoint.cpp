@@ -14,7 +14,7 @@
 
 #include "core/checkpoint_dir.h"
 #include "core/weights.h"
-#include "train/peft_adapter.h"
+#include "train/model/peft_adapter.h"
 #include "train/run_dir.h"
 #include "train/stop_signal.h"
 #include "train/trainer.h"

@@ -5,7 +5,7 @@
 # with the project's own tokenizer (models/tiny/tokenizer.json). Layers: sliding ×3, full |
 # sliding, full (2 KV-shared): the layers with their own K/V end "sliding, full" as in the
 # released E2B/E4B, the one layout where llama.cpp's choice of K/V source agrees with
-# transformers' (core/llama_cpp.h). 3000 steps of one 256-token row (configs/demo-pretrain.yaml),
+# transformers' (train/surgery/llama_cpp.h). 3000 steps of one 256-token row (configs/demo-pretrain.yaml),
 # so that greedy decoding does not loop; about 25 minutes on 2 busy cores.
 # Needs: a build (bash scripts/build.sh), apt-get download, python3 (standard library only).
 set -euo pipefail

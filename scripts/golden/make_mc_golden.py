@@ -1,5 +1,5 @@
 """Multiple-choice option log-likelihoods from transformers on the tiny golden checkpoints,
-recorded for torchless-eval's multiple-choice scoring (train/evaluate.h). For each variant: a
+recorded for torchless-eval's multiple-choice scoring (train/eval/evaluate.h). For each variant: a
 few items of random token ids, a context and four options of 1–5 tokens, and for each option
 Σ log p(option token | context, earlier option tokens) from Gemma4ForCausalLM's logits
 (log_softmax of the soft-capped logits), in fp32 and in fp64 (HF's fp32 islands lifted, as

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# torchless-surgery knows llama.cpp's KV-sharing rule (core/llama_cpp.h): check passes the four
+# torchless-surgery knows llama.cpp's KV-sharing rule (train/surgery/llama_cpp.h): check passes the four
 # released layouts and the tiny model, and flags a layout made for the purpose (the tiny model's
 # shape with its own-K/V layers ending "full, sliding", which transformers runs and llama.cpp
 # cannot); upscale and expand report the layout they write and, with --require-llama-cpp,

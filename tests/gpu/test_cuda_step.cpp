@@ -15,8 +15,8 @@
 #include "core/weights.h"
 #include "tests/golden_util.h"
 #include "tests/gpu/gpu_test_util.h"
-#include "train/peft_adapter.h"
-#include "train/train_step.h"
+#include "train/model/peft_adapter.h"
+#include "train/step/train_step.h"
 
 namespace tl {
 namespace {

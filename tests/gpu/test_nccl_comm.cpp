@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "cuda/nccl/comm_nccl.h"
+#include "train/dist/comm_nccl.h"
 
 namespace {
 
