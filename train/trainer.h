@@ -2,6 +2,11 @@
 // NF4-quantized base for QLoRA, or fully trainable), attaches LoRA adapters, prepares the
 // data, and runs optimizer steps with logging, evaluation, resumable checkpoints and the
 // final PEFT adapter.
+//
+// The trainer room (train/, top level) owns heal.yaml, the run (checkpoints, run identity,
+// signals) and the data-parallel wiring; it uses every room below it (model, data, eval,
+// surgery, dist, step: docs/architecture.md) and must not know which backend runs the ops
+// (tools/backend.h makes the Ops it is given).
 #pragma once
 #include <functional>
 #include <nlohmann/json.hpp>
