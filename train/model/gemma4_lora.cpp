@@ -1,5 +1,6 @@
 // LoRA on the model's projections: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ, and its backward
 //   dB += s·dyᵀ·(drop(x)·Aᵀ);  d(xa) = s·dy·B;  dA += d(xa)ᵀ·drop(x);  dx += drop'(d(xa)·A).
+#include <algorithm>
 #include <fmt/format.h>
 
 #include "core/weights.h"
@@ -76,10 +77,22 @@ const Nf4Tensor* Gemma4Model::expert_nf4(const std::string& name, int64_t e) {
   return &it->second[size_t(e)];
 }
 
-void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y) {
+void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y, int64_t column_block) {
   MatmulInputHold hold_x(ops_, x);  // read by the base product and the adapter's A
-  if (auto q = nf4_.find(&w); q != nf4_.end()) ops_.linear_nf4_forward(x, q->second, y);
-  else ops_.linear_forward(x, w, y);
+  if (auto q = nf4_.find(&w); q != nf4_.end()) {
+    ops_.linear_nf4_forward(x, q->second, y);
+  } else if (column_block > 0 && column_block < w.dim(0)) {
+    const int64_t n = x.dim(0), out = w.dim(0);
+    Tensor block = ops_.empty({n, column_block});
+    for (int64_t c = 0; c < out; c += column_block) {
+      const int64_t width = std::min(column_block, out - c);
+      Tensor part = width == column_block ? block : ops_.empty({n, width});
+      ops_.linear_forward(x, w.slice_rows(c, c + width), part, false);
+      ops_.copy_columns(part, 0, y, c, width);
+    }
+  } else {
+    ops_.linear_forward(x, w, y, false);
+  }
   auto it = lora_.find(&w);
   if (it == lora_.end()) return;
   const LoraAdapter& a = it->second;

@@ -167,21 +167,11 @@ Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& 
   const Tensor& ids = st.ids;
   const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
   ctx_scaled = ops_.empty({n, L * P});
-  const Tensor& w = w_.per_layer_model_projection;
-  if (nf4_.count(&w) || lora_.count(&w)) {
-    linear(st, e, w, ctx_scaled);
-  } else {
-    // One layer's slice at a time: each product is [N, H]·[H, P] whatever the depth, so a
-    // layer's numbers do not depend on how many layers surgery added. One [N, L·P] product
-    // blocks its columns by L (a GEMM picks its kernels by shape), which changed the last
-    // bits of the original layers beside inserted identity layers on some CPUs.
-    MatmulInputHold hold_e(ops_, e);
-    Tensor slice = ops_.empty({n, P});
-    for (int64_t l = 0; l < L; ++l) {
-      ops_.linear_forward(e, w.slice_rows(l * P, (l + 1) * P), slice);
-      ops_.copy_columns(slice, 0, ctx_scaled, l * P, P);
-    }
-  }
+  // One layer's slice of the base product at a time: each is [N, H]·[H, P] whatever the
+  // depth, so a layer's numbers do not depend on how many layers surgery added. One [N, L·P]
+  // product blocks its columns by L (a GEMM picks its kernels by shape), which changed the
+  // last bits of the original layers beside inserted identity layers on some CPUs.
+  linear(st, e, w_.per_layer_model_projection, ctx_scaled, /*column_block=*/P);
   ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
   Tensor ple = ops_.empty({n, L * P});
   ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);

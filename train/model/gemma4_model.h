@@ -216,8 +216,9 @@ class Gemma4Model {
   // Attention of the new rows over cache + new keys (forward_cached's path).
   void cached_attention(int i, ForwardState& st, LayerTape& t);
   Tensor dropout_mask(const LoraAdapter& a, const Shape& shape);
-  // y = x·Wᵀ (+ the LoRA path when W has an adapter).
-  void linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y);
+  // y = x·Wᵀ (+ the LoRA path when W has an adapter). With column_block > 0 a dense base's
+  // product is taken column_block outputs at a time (the same shape whatever W's height).
+  void linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y, int64_t column_block = 0);
   // dx += dy·W, dW += dyᵀ·x (when wanted), plus the adapter's dA, dB and its part of dx.
   void linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw);
   void forward(const Batch& batch, ForwardState& st, bool keep_tapes, std::vector<Tensor>* layer_outputs);
