@@ -106,6 +106,9 @@ class Ops {
   virtual void mul(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // x *= s in place.
   virtual void scale(Tensor& x, double s) = 0;
+  // x[i] = value for every i, whatever x held (NaN and Inf included: zeroing a gradient by
+  // scale(x, 0) would keep a NaN, NaN · 0 = NaN, and poison every later step).
+  virtual void fill(Tensor& x, double value) = 0;
   // x[m,:] *= s[m] in place. x: [M, D], s: [M].
   virtual void scale_rows(Tensor& x, const Tensor& s) = 0;
   // x = cap · tanh(x / cap) in place.

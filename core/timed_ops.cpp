@@ -35,6 +35,7 @@ enum OpIndex {
   k_add,
   k_mul,
   k_scale,
+  k_fill,
   k_scale_rows,
   k_softcap_forward,
   k_softcap_backward,
@@ -83,6 +84,7 @@ constexpr OpInfo kOps[kOpCount] = {
     {"add", "elementwise"},
     {"mul", "elementwise"},
     {"scale", "elementwise"},
+    {"fill", "elementwise"},
     {"scale_rows", "elementwise"},
     {"softcap_forward", "elementwise"},
     {"softcap_backward", "elementwise"},
@@ -240,6 +242,9 @@ void TimedOps::mul(const Tensor& a, const Tensor& b, Tensor& out) {
 }
 void TimedOps::scale(Tensor& x, double s) {
   return timed(k_scale, [&] { return inner_.scale(x, s); });
+}
+void TimedOps::fill(Tensor& x, double value) {
+  return timed(k_fill, [&] { return inner_.fill(x, value); });
 }
 void TimedOps::scale_rows(Tensor& x, const Tensor& s) {
   return timed(k_scale_rows, [&] { return inner_.scale_rows(x, s); });

@@ -91,6 +91,7 @@ class CudaOps final : public Ops {
   void add(const Tensor& a, const Tensor& b, Tensor& out) override;
   void mul(const Tensor& a, const Tensor& b, Tensor& out) override;
   void scale(Tensor& x, double s) override;
+  void fill(Tensor& x, double value) override;
   void scale_rows(Tensor& x, const Tensor& s) override;
   void softcap_forward(Tensor& x, double cap) override;
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;

@@ -222,6 +222,16 @@ void CpuOps::scale(Tensor& x, double s) {
   });
 }
 
+void CpuOps::fill(Tensor& x, double value) {
+  dispatch(x.dtype(), [&]<class T>() {
+    const int64_t n = x.numel();
+    const T v = T(value);
+    T* px = x.data<T>();
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) px[i] = v;
+  });
+}
+
 void CpuOps::scale_rows(Tensor& x, const Tensor& s) {
   const int64_t m = s.numel(), d = m ? x.numel() / m : 0;
   require(x.numel() == m * d, "scale_rows sizes");

@@ -94,6 +94,10 @@ void StrictOps::scale(Tensor& x, double v) {
   Scope s("scale", {&x});
   cpu_.scale(x, v);
 }
+void StrictOps::fill(Tensor& x, double value) {
+  Scope s("fill", {&x});
+  cpu_.fill(x, value);
+}
 void StrictOps::scale_rows(Tensor& x, const Tensor& v) {
   Scope s("scale_rows", {&x, &v});
   cpu_.scale_rows(x, v);

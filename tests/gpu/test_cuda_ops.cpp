@@ -216,6 +216,13 @@ TEST(CudaOps, Elementwise) {
     p.cpu.scale(a2, -0.37);
     p.gpu.scale(ad2, -0.37);
     expect_close(p.down(ad2), a2, tol(dt), "scale");
+    {  // fill overwrites whatever is there, NaN included
+      Tensor f = a2.clone(), fd = p.up(a2);
+      p.gpu.scale(fd, NAN);
+      p.cpu.fill(f, 0.25);
+      p.gpu.fill(fd, 0.25);
+      expect_close(p.down(fd), f, 0.0, "fill");
+    }
     Tensor rs = random({3}, dt, rng);
     p.cpu.scale_rows(a2, rs);
     p.gpu.scale_rows(ad2, p.up(rs));

@@ -28,7 +28,7 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
                       const std::vector<MicroBatch>& micro, double lr, double max_grad_norm, Comm* comm,
                       GradBuckets* buckets) {
   auto& params = optimizer.params();
-  for (auto& p : params) ops.scale(*p.grad, 0.0);
+  for (auto& p : params) ops.fill(*p.grad, 0.0);  // a fill: NaN · 0 would stay NaN
   StepResult r;
   for (const auto& mb : micro) r.targets += count_targets(mb.labels);
   if (comm) {  // counts are exact in a double up to 2^53
