@@ -82,7 +82,8 @@ class Ops {
 
   // NeoX-style rotation in place: x viewed [N, heads, d]; pairs (i, i+d/2) rotate by
   // pos[n]·inv_freq[i] (angle and cos/sin in the activation dtype); inv_freq: F64 [d/2]
-  // on the host holding the fp32 values HF computes (zeros leave dims untouched).
+  // on this backend (the model uploads it once, at load) holding the fp32 values HF
+  // computes (zeros leave dims untouched).
   virtual void rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) = 0;
 
   // Scaled-dot-product attention with scale 1.0 and GQA (query head h uses KV head
@@ -156,13 +157,18 @@ class Ops {
   virtual void synchronize() {}
 
   // ---- optimisation ----------------------------------------------------------------------
-  // ‖x‖₂ (accumulated in double).
+  // ‖x‖₂ (accumulated in double), read back to the host.
   virtual double norm2(const Tensor& x) = 0;
+  // acc[index] += Σ x² (in double, the same sum whatever the threads), acc an F64 tensor on
+  // this backend: a step's squared gradient norm stays on the device until its one read.
+  virtual void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) = 0;
   // One PyTorch AdamW update of p with gradient g and moments m, v (bc1, bc2 the bias
-  // corrections 1−β^t):  p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
-  // p ← p − (lr/bc1)·m / (√v/√bc2 + eps).
+  // corrections 1−β^t), the gradient first multiplied by grad_scale (the clipping
+  // coefficient, rounded to p's dtype as torch's grad.mul_ rounds it):  g ← g·grad_scale;
+  // p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+  // p ← p − (lr/bc1)·m / (√v/√bc2 + eps).  g itself is left as it was.
   virtual void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1,
-                            double beta2, double eps, double wd, double bc1, double bc2) = 0;
+                            double beta2, double eps, double wd, double bc1, double bc2, double grad_scale) = 0;
 
   // ---- backward ------------------------------------------------------------------------
   // Each *_backward takes the forward's inputs and the gradient of its output, and ADDS the
@@ -201,10 +207,12 @@ class Ops {
   // the src part is gather_rows of ddst times scale).
   virtual void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) = 0;
   // Fused soft-capped cross-entropy gradient for a chunk: given logits (already capped) and
-  // targets, dlogits = (softmax − onehot)·grad_scale on counted rows, 0 on ignored ones,
-  // then the cap's derivative. Returns the loss sum of the chunk and sets count.
-  virtual double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale,
-                                        double cap, Tensor& dlogits, int64_t& count) = 0;
+  // targets (labels: I32 on this backend, checked by the caller), dlogits = (softmax −
+  // onehot)·grad_scale on counted rows, 0 on ignored ones, then the cap's derivative. Adds the
+  // chunk's loss sum to sums[0] and its argmax hits (token accuracy; ties to the lower index)
+  // to sums[1], sums an F64 tensor on this backend: nothing is read back here.
+  virtual void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) = 0;
 };
 
 // Holds x as an unchanged matmul input for the guard's lifetime (Ops::hold_matmul_input).

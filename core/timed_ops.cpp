@@ -51,6 +51,7 @@ enum OpIndex {
   k_cross_entropy_backward,
   k_count_argmax_hits,
   k_norm2,
+  k_add_sum_squares,
   k_adamw_update,
   kOpCount
 };
@@ -100,6 +101,7 @@ constexpr OpInfo kOps[kOpCount] = {
     {"cross_entropy_backward", "loss"},
     {"count_argmax_hits", "loss"},
     {"norm2", "optimizer"},
+    {"add_sum_squares", "optimizer"},
     {"adamw_update", "optimizer"},
 };
 
@@ -282,8 +284,13 @@ int64_t TimedOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) 
 double TimedOps::norm2(const Tensor& x) {
   return timed(k_norm2, [&] { return inner_.norm2(x); });
 }
-void TimedOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2, double eps, double wd, double bc1, double bc2) {
-  return timed(k_adamw_update, [&] { return inner_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2); });
+void TimedOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                            double eps, double wd, double bc1, double bc2, double grad_scale) {
+  return timed(k_adamw_update,
+               [&] { return inner_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale); });
+}
+void TimedOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
+  return timed(k_add_sum_squares, [&] { return inner_.add_sum_squares(x, acc, index); });
 }
 void TimedOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) {
   return timed(k_linear_backward, [&] { return inner_.linear_backward(x, w, dy, dx, dw); });
@@ -315,8 +322,10 @@ void TimedOps::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) 
 void TimedOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) {
   return timed(k_rowwise_dot, [&] { return inner_.rowwise_dot(a, rows, b, out); });
 }
-double TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap, Tensor& dlogits, int64_t& count) {
-  return timed(k_cross_entropy_backward, [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count); });
+void TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) {
+  return timed(k_cross_entropy_backward,
+               [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums); });
 }
 
 }  // namespace tl

@@ -63,8 +63,9 @@ class CpuOps final : public Ops {
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
 
   double norm2(const Tensor& x) override;
+  void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
-                    double eps, double wd, double bc1, double bc2) override;
+                    double eps, double wd, double bc1, double bc2, double grad_scale) override;
 
   void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
@@ -81,8 +82,8 @@ class CpuOps final : public Ops {
                           const Tensor& dweights, Tensor& dlogits, Tensor& dscale) override;
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
-  double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                Tensor& dlogits, int64_t& count) override;
+  void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) override;
 
  private:
   // The bf16 copy of rows × cols at p (leading dimension ld): a held input's, rounded on its

@@ -68,9 +68,9 @@ void StrictOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width,
   Scope s("rmsnorm_forward", {&x, &w, &y});
   cpu_.rmsnorm_forward(x, w, width, eps, y);
 }
-// inv_freq is a host table by the interface's contract (a backend caches its own copy).
+// inv_freq is device data like the rest: the model uploads it once, at load.
 void StrictOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  Scope s("rope_forward", {&x, &positions});
+  Scope s("rope_forward", {&x, &positions, &inv_freq});
   cpu_.rope_forward(x, heads, positions, inv_freq);
 }
 void StrictOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
@@ -160,10 +160,14 @@ double StrictOps::norm2(const Tensor& x) {
   scalar(1);
   return cpu_.norm2(x);
 }
-void StrictOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1,
-                             double beta2, double eps, double wd, double bc1, double bc2) {
+void StrictOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                    double eps, double wd, double bc1, double bc2, double grad_scale) {
   Scope s("adamw_update", {&p, &g, &m, &v});
-  cpu_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2);
+  cpu_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale);
+}
+void StrictOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
+  Scope s("add_sum_squares", {&x, &acc});
+  cpu_.add_sum_squares(x, acc, index);
 }
 void StrictOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) {
   Scope s("linear_backward", {&x, &w, &dy, &dx, &dw});
@@ -180,7 +184,7 @@ void StrictOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width
   cpu_.rmsnorm_backward(x, w, width, eps, dy, dx, dw);
 }
 void StrictOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  Scope s("rope_backward", {&dx, &positions});
+  Scope s("rope_backward", {&dx, &positions, &inv_freq});
   cpu_.rope_backward(dx, heads, positions, inv_freq);
 }
 void StrictOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
@@ -210,11 +214,10 @@ void StrictOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b
   Scope s("rowwise_dot", {&a, &rows, &b, &out});
   cpu_.rowwise_dot(a, rows, b, out);
 }
-double StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                         Tensor& dlogits, int64_t& count) {
-  Scope s("cross_entropy_backward", {&logits, &labels, &dlogits});
-  scalar(2);
-  return cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count);
+void StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) {
+  Scope s("cross_entropy_backward", {&logits, &labels, &dlogits, &sums});
+  cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums);
 }
 
 }  // namespace tl

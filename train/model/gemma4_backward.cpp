@@ -1,6 +1,8 @@
 // The backward pass of Gemma4Model, op by op in reverse (gemma4.md §2–§5). Every gradient
 // is added into a Gemma4Grads tensor; K/V gradients of KV-shared layers accumulate into the
 // source layer's dk/dv before that layer is reached (consumers come later in the forward).
+#include <fmt/format.h>
+
 #include <cmath>
 
 #include "core/weights.h"
@@ -28,16 +30,38 @@ Gemma4Grads Gemma4Model::zero_grads() {
 
 Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale,
                                                 Gemma4Grads& grads) {
+  Tensor stats = ops_.zeros({2}, DType::F64);
+  Loss loss;
+  loss.count = forward_backward(batch, labels, grad_scale, grads, stats);
+  const Tensor host = ops_.download(stats);
+  loss.sum = host.data<double>()[0];
+  loss.correct = int64_t(host.data<double>()[1]);
+  return loss;
+}
+
+int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads,
+                                      Tensor& stats) {
+  const int64_t V = config_.vocab_size;
+  // The targets are checked and counted here, on the host, and uploaded once: the loss
+  // kernels then trust them (reading them back on the device would wait for the stream).
+  Tensor targets = shift_labels(labels);
+  int64_t count = 0;
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    const int32_t y = targets.data<int32_t>()[i];
+    if (y == -100) continue;
+    if (y < 0 || y >= V)
+      throw Error(fmt::format("label {} at position {} is outside the vocabulary of {} tokens", y, i, V));
+    ++count;
+  }
   ForwardState st;
   forward(batch, st, true, nullptr);
-  const int64_t n = st.hidden.dim(0), H = config_.hidden_size, V = config_.vocab_size;
+  const int64_t n = st.hidden.dim(0), H = config_.hidden_size;
   const double cap = config_.final_logit_softcapping.value_or(0.0);
+  const Tensor targets_dev = ops_.upload(targets, DType::I32);
 
   // Head and loss, chunked over tokens so [tokens, V] logits never exist whole:
   // logits = cap·tanh(h·Eᵀ/cap); dlogits from the fused CE+softcap backward.
-  Tensor targets = shift_labels(labels);
   Tensor dhidden = ops_.zeros({n, H});
-  Loss loss;
   const int64_t chunk = 256;
   // One logits and one dlogits buffer for every chunk: the head's product overwrites the
   // first and the loss's backward every element of the second (fresh [256, 262144] buffers
@@ -48,11 +72,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     Tensor h = st.hidden.slice_rows(t0, t1);
     Tensor lg = lg_buf.slice_rows(0, t1 - t0), dlg = dlg_buf.slice_rows(0, t1 - t0);
     logits_into(h, lg);
-    int64_t c = 0;
-    Tensor chunk_targets = ops_.upload(targets.slice_rows(t0, t1), DType::I32);
-    loss.correct += ops_.count_argmax_hits(lg, chunk_targets);
-    loss.sum += ops_.cross_entropy_backward(lg, chunk_targets, grad_scale, cap, dlg, c);
-    loss.count += c;
+    ops_.cross_entropy_backward(lg, targets_dev.slice_rows(t0, t1), grad_scale, cap, dlg, stats);
     Tensor dh = dhidden.slice_rows(t0, t1);
     ops_.linear_backward(h, w_.lm_head, dlg, dh, grads.w.lm_head);
   }
@@ -91,7 +111,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   }
   // The pad row (padding_idx) of the embedding gets no lookup gradient, as in PyTorch.
   ops_.embedding_backward(st.ids, dx, embed_scale(H), config_.pad_token_id, grads.w.embed_tokens);
-  return loss;
+  return count;
 }
 
 void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4LayerWeights& g,

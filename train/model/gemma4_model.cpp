@@ -49,7 +49,8 @@ Tensor* weight_slot(Gemma4Weights& w, const std::string& name) {
 }
 
 Gemma4Model::Gemma4Model(Gemma4Config config, Ops& ops) : config_(std::move(config)), ops_(ops) {
-  for (const auto& g : config_.layers()) inv_freq_.push_back(rope_inv_freq(g));
+  // On the backend from the start: a per-call copy of a host table would wait for the stream.
+  for (const auto& g : config_.layers()) inv_freq_.push_back(ops_.upload(rope_inv_freq(g), DType::F64));
 }
 
 // Inverse RoPE frequencies, computed in fp32 as HF does.

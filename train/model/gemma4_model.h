@@ -164,6 +164,12 @@ class Gemma4Model {
   // returns the summed loss and target count. grad_scale is 1/N for a token mean over N
   // targets (N may span several micro-batches, as HF's num_items_in_batch).
   Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
+  // The same for the optimizer step, with nothing read back: the loss sum and the argmax hits
+  // are added into stats[0] and stats[1] (an F64 tensor on the backend, read by the caller
+  // once per optimizer step). The labels are checked and counted on the host before their
+  // one upload; returns the target count.
+  int64_t forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads,
+                           Tensor& stats);
 
   // Attaches a LoRA adapter to the projection HF calls `name` (e.g.
   // "layers.3.self_attn.q_proj.weight"); A, B are host tensors, uploaded in the backend's
@@ -244,7 +250,7 @@ class Gemma4Model {
   Gemma4Config config_;
   Ops& ops_;
   Gemma4Weights w_;
-  std::vector<Tensor> inv_freq_;  // per layer, host F64
+  std::vector<Tensor> inv_freq_;  // per layer, F64 on the backend (uploaded once)
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
   std::unordered_map<const Tensor*, Nf4Tensor> nf4_;     // frozen NF4 bases, same keys
   // Frozen NF4 experts: per 3-D expert slot, one Nf4Tensor per expert's [out, in] slice.

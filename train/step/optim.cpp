@@ -15,14 +15,14 @@ AdamW::AdamW(AdamWConfig cfg, std::vector<ParamSlot> params, Ops& ops)
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   ++t_;
   // Bias corrections in double, as torch's non-capturable path computes them in Python.
   const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t_));
   const double bc2 = 1.0 - std::pow(cfg_.beta2, double(t_));
   for (auto& p : params_) {
     const double wd = p.decay ? cfg_.weight_decay : 0.0;
-    ops_.adamw_update(*p.value, *p.grad, p.m, p.v, lr, cfg_.beta1, cfg_.beta2, cfg_.eps, wd, bc1, bc2);
+    ops_.adamw_update(*p.value, *p.grad, p.m, p.v, lr, cfg_.beta1, cfg_.beta2, cfg_.eps, wd, bc1, bc2, grad_scale);
   }
 }
 

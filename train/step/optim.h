@@ -18,10 +18,11 @@ struct AdamWConfig {
 class AdamW {
  public:
   AdamW(AdamWConfig cfg, std::vector<ParamSlot> params, Ops& ops);
-  // One update with learning rate `lr` (base lr · schedule); increments t first:
+  // One update with learning rate `lr` (base lr · schedule), the gradients first multiplied
+  // by grad_scale (the clipping coefficient); increments t first:
   //   p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
   //   p ← p − (lr/(1−β1^t))·m / (√v/√(1−β2^t) + eps)
-  void step(double lr);
+  void step(double lr, double grad_scale = 1.0);
   int64_t t() const { return t_; }
   void set_t(int64_t t) { t_ = t; }
   std::vector<ParamSlot>& params() { return params_; }

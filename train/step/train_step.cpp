@@ -31,39 +31,43 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
   for (auto& p : params) ops.fill(*p.grad, 0.0);  // a fill: NaN · 0 would stay NaN
   StepResult r;
   for (const auto& mb : micro) r.targets += count_targets(mb.labels);
-  if (comm) {  // counts are exact in a double up to 2^53
+  if (comm) {  // host counts (the labels are on the host); exact in a double up to 2^53
     double n = double(r.targets);
     comm->all_reduce_sum_host(&n, 1, "target count all-reduce");
     r.targets = int64_t(n);
   }
   const double grad_scale = r.targets ? 1.0 / double(r.targets) : 0.0;
+  // The step's statistics stay on the device until one read, after the gradients are
+  // complete: [0] Σ loss, [1] argmax hits, [2] Σ gradient² (the global norm, squared).
+  Tensor stats = ops.zeros({3}, DType::F64);
   for (size_t i = 0; i < micro.size(); ++i) {
     // The last backward reports each finished layer, so its bucket's reduction starts.
     if (buckets && i + 1 == micro.size()) model.layer_grads_done = [buckets](int layer) { buckets->layer_done(layer); };
-    Gemma4Model::Loss l;
     try {
-      l = model.forward_backward(micro[i].batch, micro[i].labels, grad_scale, grads);
+      model.forward_backward(micro[i].batch, micro[i].labels, grad_scale, grads, stats);
     } catch (...) {
       model.layer_grads_done = nullptr;
       throw;
     }
     model.layer_grads_done = nullptr;
-    r.loss += l.sum * grad_scale;
-    r.correct += l.correct;
   }
   if (buckets) buckets->finish();
-  if (comm) {
-    double v[2] = {r.loss, double(r.correct)};
-    comm->all_reduce_sum_host(v, 2, "loss all-reduce");
-    r.loss = v[0];
-    r.correct = int64_t(v[1]);
-  }
-  r.grad_norm = clip_grad_norm(ops, params, max_grad_norm);
+  // The norm of the summed gradients (every rank holds them after the reduction).
+  for (auto& p : params) ops.add_sum_squares(*p.grad, stats, 2);
+  const Tensor host = ops.download(stats);  // the step's one read
+  double loss_hits[2] = {host.data<double>()[0], host.data<double>()[1]};
+  if (comm) comm->all_reduce_sum_host(loss_hits, 2, "loss all-reduce");
+  r.loss = loss_hits[0] * grad_scale;
+  r.correct = int64_t(loss_hits[1]);
+  r.grad_norm = std::sqrt(host.data<double>()[2]);
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     return r;
   }
-  optimizer.step(lr);
+  // torch's clip_grad_norm_ (formats.md §5.3): the gradients times min(1, max/(norm + 1e-6)),
+  // always multiplied; here inside the AdamW update rather than by a pass of its own.
+  const double coef = max_grad_norm > 0 ? std::min(1.0, max_grad_norm / (r.grad_norm + 1e-6)) : 1.0;
+  optimizer.step(lr, coef);
   return r;
 }
 
