@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -34,6 +35,24 @@ class OpClock {
   virtual double seconds(size_t a, size_t b) = 0;
   // Forgets every mark (a backend reuses their resources).
   virtual void clear() = 0;
+};
+
+// A MoE layer's experts as the model holds them: dense [E, 2I, H] gate_up and [E, H, I]
+// down tensors, or one NF4 matrix per expert ([2I, H] and [H, I]), frozen either way.
+struct MoeExperts {
+  const Tensor* gate_up = nullptr;  // dense (its data unused when gate_up_nf4 is given)
+  const Tensor* down = nullptr;
+  const std::vector<Nf4Tensor>* gate_up_nf4 = nullptr;
+  const std::vector<Nf4Tensor>* down_nf4 = nullptr;
+  int64_t num_experts = 0, intermediate = 0;  // E, I
+};
+
+// What moe_experts_forward keeps for moe_experts_backward, in the backend's own layout (the
+// CPU: per routed slot t·K + k, [n·K, …]; the GPU: per tile of an expert's rows).
+struct MoeTape {
+  Tensor gate, up, h, out;  // gate and up projections, gelu(gate)∘up, the expert's output
+  Tensor aux;               // backend routing state (the GPU: slot → tile row, tile table)
+  std::shared_ptr<void> state;
 };
 
 class Ops {
@@ -122,6 +141,16 @@ class Ops {
   // weights: [N,k] act dtype; idx: I32 [N,k].
   virtual void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                                  Tensor& weights, Tensor& idx) = 0;
+  // The routed experts of a MoE layer, routed on this backend (no host loop over experts, no
+  // routing read back): for each token t and choice k, with e = idx[t,k] and w = weights[t,k],
+  //   gate|up = y[t]·W_gu,eᵀ;  h = gelu_tanh(gate)∘up;  o = h·W_down,eᵀ;  out[t] += w·o.
+  // y, out: [n, H]; idx: I32 [n, K]; weights: [n, K]. `tape` receives what the backward needs.
+  virtual void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                   const MoeExperts& experts, Tensor& out, MoeTape& tape) = 0;
+  // Its backward for frozen experts: dy += ∂/∂y, dweights[t,k] = ⟨o_{t,k}, dout[t]⟩ (set).
+  virtual void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                    Tensor& dweights) = 0;
   // out[m,:] = src[rows[m],:].
   virtual void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) = 0;
   // dst[rows[m],:] += scale[m] · src[m,:].

@@ -43,6 +43,8 @@ enum OpIndex {
   k_dropout_mask,
   k_moe_route_forward,
   k_moe_route_backward,
+  k_moe_experts_forward,
+  k_moe_experts_backward,
   k_gather_rows,
   k_scatter_add_rows,
   k_scatter_rows,
@@ -93,6 +95,8 @@ constexpr OpInfo kOps[kOpCount] = {
     {"dropout_mask", "elementwise"},
     {"moe_route_forward", "moe"},
     {"moe_route_backward", "moe"},
+    {"moe_experts_forward", "moe"},
+    {"moe_experts_backward", "moe"},
     {"gather_rows", "moe"},
     {"scatter_add_rows", "moe"},
     {"scatter_rows", "moe"},
@@ -259,6 +263,16 @@ void TimedOps::copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int
 }
 void TimedOps::moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k, Tensor& weights, Tensor& idx) {
   return timed(k_moe_route_forward, [&] { return inner_.moe_route_forward(logits, per_expert_scale, k, weights, idx); });
+}
+void TimedOps::moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                   const MoeExperts& experts, Tensor& out, MoeTape& tape) {
+  return timed(k_moe_experts_forward, [&] { return inner_.moe_experts_forward(y, idx, weights, experts, out, tape); });
+}
+void TimedOps::moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                    Tensor& dweights) {
+  return timed(k_moe_experts_backward,
+               [&] { return inner_.moe_experts_backward(y, idx, weights, experts, tape, dout, dy, dweights); });
 }
 void TimedOps::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
   return timed(k_gather_rows, [&] { return inner_.gather_rows(src, rows, out); });

@@ -97,6 +97,10 @@ class CudaOps final : public Ops {
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                          Tensor& weights, Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
@@ -148,7 +152,8 @@ class CudaOps final : public Ops {
   // Reused device buffer `slot` of at least `bytes` (grown, never shrunk; stream order makes
   // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands (0 also an F32 master W
   // rounded for bf16 activations), 3 the NF4 dequant scratch, 4, 5 attention's score /
-  // probability blocks, 6, 7 their bf16 copies (bf16 activations).
+  // probability blocks, 6, 7 their bf16 copies (bf16 activations), 8, 9 a MoE layer's NF4
+  // experts dequantized (gate_up, down), 10 the MoE products' per-tile pointers.
   void* scratch(int slot, size_t bytes);
   // C(fp32, column-major) = op(A)·op(B) + beta·C with A and B rounded to bf16 (cuBLASLt).
   void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
@@ -157,6 +162,13 @@ class CudaOps final : public Ops {
   const void* bf16_weight(const Tensor& w);
   // The dequantized weight [out, in] in the scratch: bf16 (`bf16`), else the activation dtype.
   const void* nf4_dequantized(const Nf4Tensor& w, bool bf16);
+  // The same into `out` (w.numel() values), in the activation dtype (bf16 with BF16 activations).
+  void nf4_dequantize_into(const Nf4Tensor& w, void* out);
+  // The MoE experts' matrices of one kind, [E, out, in] in the activation dtype (moe_experts.cu).
+  const void* expert_weights(const MoeExperts& x, bool gate_up, int slot);
+  // One batched GEMM over a MoE layer's row tiles, each by its expert's matrix (moe_experts.cu).
+  void tile_products(const void* w, bool w_t, int64_t n_out, int64_t k_in, const void* in, void* out,
+                     const int32_t* tile_expert, int64_t tiles);
 
   DType act_;
   CudaMatmul matmul_;

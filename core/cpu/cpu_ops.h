@@ -46,6 +46,10 @@ class CpuOps final : public Ops {
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                          Tensor& weights, Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
@@ -86,6 +90,10 @@ class CpuOps final : public Ops {
                                       Tensor& dlogits, Tensor& sums) override;
 
  private:
+  // Expert e's gate_up (or down) product of the MoE layer and its input gradient (cpu_moe.cpp).
+  void expert_product(const MoeExperts& x, bool gate_up, int64_t e, const Tensor& in, Tensor& out);
+  void expert_product_backward(const MoeExperts& x, bool gate_up, int64_t e, const Tensor& in, const Tensor& dout,
+                               Tensor& din);
   // The bf16 copy of rows × cols at p (leading dimension ld): a held input's, rounded on its
   // first use (hold_matmul_input), or else packed into `scratch`.
   const uint16_t* as_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& scratch) const;

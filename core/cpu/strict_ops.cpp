@@ -115,6 +115,23 @@ void StrictOps::moe_route_forward(const Tensor& logits, const Tensor& per_expert
   Scope s("moe_route_forward", {&logits, &per_expert_scale, &weights, &idx});
   cpu_.moe_route_forward(logits, per_expert_scale, k, weights, idx);
 }
+// The experts' dense tensors are device data; NF4 experts are the backend's own state. The
+// tape's tensors are made by the backend on the device.
+void StrictOps::moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, Tensor& out, MoeTape& tape) {
+  Scope s("moe_experts_forward", {&y, &idx, &weights, &out, experts.gate_up_nf4 ? nullptr : experts.gate_up,
+                                  experts.down_nf4 ? nullptr : experts.down});
+  cpu_.moe_experts_forward(y, idx, weights, experts, out, tape);
+  for (Tensor* t : {&tape.gate, &tape.up, &tape.h, &tape.out})
+    if (t->defined()) *t = to_device(*t);
+}
+void StrictOps::moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                     const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                     Tensor& dweights) {
+  Scope s("moe_experts_backward", {&y, &idx, &weights, &tape.gate, &tape.up, &tape.h, &tape.out, &dout, &dy,
+                                   &dweights});
+  cpu_.moe_experts_backward(y, idx, weights, experts, tape, dout, dy, dweights);
+}
 void StrictOps::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
   Scope s("gather_rows", {&src, &rows, &out});
   cpu_.gather_rows(src, rows, out);

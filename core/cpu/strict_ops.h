@@ -48,6 +48,10 @@ class StrictOps final : public Ops {
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k, Tensor& weights,
                          Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;

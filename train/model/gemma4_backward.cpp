@@ -54,6 +54,8 @@ int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, 
     ++count;
   }
   ForwardState st;
+  expert_grads_ = false;
+  for (const Gemma4LayerWeights& l : grads.w.layers) expert_grads_ |= l.experts_gate_up.defined() || l.experts_down.defined();
   forward(batch, st, true, nullptr);
   const int64_t n = st.hidden.dim(0), H = config_.hidden_size;
   const double cap = config_.final_logit_softcapping.value_or(0.0);
@@ -232,10 +234,33 @@ void Gemma4Model::expert_linear_backward(const Tensor& x, const Tensor& w, int64
 
 void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t, const Tensor& dm2,
                                Gemma4LayerWeights& g, Tensor& dx1) {
-  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
-                I = config_.moe_intermediate_size;
+  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts;
   const double eps = config_.rms_norm_eps;
   Tensor dy2 = like(ops_, t.y2);
+  Tensor dweights;
+  if (t.moe.out.defined()) {  // the routed path: everything stays on the backend
+    dweights = ops_.empty({n, K});
+    ops_.moe_experts_backward(t.y2, t.route_idx, t.route_w, moe_experts(lw), t.moe, dm2, dy2, dweights);
+  } else {
+    dweights = moe_backward_per_expert(lw, t, dm2, g, dy2);
+  }
+  ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, dy2, dx1, g.pre_feedforward_layernorm_2);
+
+  // Router: weights = route(logits), logits = r·W_routerᵀ, r = RMSNorm(x1; router.scale)·H^-½.
+  Tensor dlogits = like(ops_, t.router_logits);
+  ops_.moe_route_backward(t.router_logits, lw.per_expert_scale, t.route_idx, dweights, dlogits, g.per_expert_scale);
+  Tensor dr = like(ops_, t.router_in);
+  linear_backward(st, t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
+  ops_.scale(dr, 1.0 / std::sqrt(double(H)));
+  ops_.rmsnorm_backward(t.x1, lw.router_scale, H, eps, dr, dx1, g.router_scale);
+}
+
+// The per-expert path (expert gradients, or the forward ran with pruning's observer): reads
+// the routing weights' gradients back per expert. Adds into dy2; returns dweights.
+Tensor Gemma4Model::moe_backward_per_expert(const Gemma4LayerWeights& lw, LayerTape& t, const Tensor& dm2,
+                                            Gemma4LayerWeights& g, Tensor& dy2) {
+  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
+                I = config_.moe_intermediate_size;
   Tensor dweights_host = Tensor::zeros({n, K}, DType::F64);
   for (ExpertTape& x : t.experts) {
     const int64_t e = x.expert, m = x.rows.numel();
@@ -257,16 +282,7 @@ void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, L
     expert_linear_backward(x.ye, lw.experts_gate_up, e, dgu, dye, g.experts_gate_up);
     ops_.scatter_rows(dye, x.rows, dy2);
   }
-  ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, dy2, dx1, g.pre_feedforward_layernorm_2);
-
-  // Router: weights = route(logits), logits = r·W_routerᵀ, r = RMSNorm(x1; router.scale)·H^-½.
-  Tensor dweights = ops_.upload(dweights_host, ops_.act_dtype());
-  Tensor dlogits = like(ops_, t.router_logits);
-  ops_.moe_route_backward(t.router_logits, lw.per_expert_scale, t.route_idx, dweights, dlogits, g.per_expert_scale);
-  Tensor dr = like(ops_, t.router_in);
-  linear_backward(st, t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
-  ops_.scale(dr, 1.0 / std::sqrt(double(H)));
-  ops_.rmsnorm_backward(t.x1, lw.router_scale, H, eps, dr, dx1, g.router_scale);
+  return ops_.upload(dweights_host, ops_.act_dtype());
 }
 
 }  // namespace tl

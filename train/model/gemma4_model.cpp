@@ -328,6 +328,10 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
   t.y2 = ops_.zeros({n, H});
   ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, t.y2);
   t.m2 = ops_.zeros({n, H});
+  if (!expert_grads_ && !moe_observer) {  // routed on the backend: nothing crosses the bus
+    ops_.moe_experts_forward(t.y2, t.route_idx, t.route_w, moe_experts(lw), t.m2, t.moe);
+    return t.m2;
+  }
   Tensor idx_host = ops_.download(t.route_idx), w_host = ops_.download(t.route_w);
   for (int64_t e = 0; e < E; ++e) {
     std::vector<int32_t> slots;
@@ -363,6 +367,17 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
     t.experts.push_back(std::move(x));
   }
   return t.m2;
+}
+
+MoeExperts Gemma4Model::moe_experts(const Gemma4LayerWeights& lw) const {
+  MoeExperts x;
+  x.gate_up = &lw.experts_gate_up;
+  x.down = &lw.experts_down;
+  if (auto q = expert_nf4_.find(&lw.experts_gate_up); q != expert_nf4_.end()) x.gate_up_nf4 = &q->second;
+  if (auto q = expert_nf4_.find(&lw.experts_down); q != expert_nf4_.end()) x.down_nf4 = &q->second;
+  x.num_experts = config_.num_experts;
+  x.intermediate = config_.moe_intermediate_size;
+  return x;
 }
 
 void Gemma4Model::expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y) {

@@ -69,7 +69,8 @@ struct LayerTape {
   Tensor x1, m_in, gate, up, h, mlp;   // post-attention stream; dense MLP internals; its output
   // MoE
   Tensor router_in, router_logits, route_w, route_idx, y2, m2;
-  std::vector<ExpertTape> experts;
+  std::vector<ExpertTape> experts;     // the per-expert path (expert gradients, pruning's observer)
+  MoeTape moe;                         // the routed path (Ops::moe_experts_forward)
   Tensor m_sum, x2;                    // input of post_feedforward_layernorm; stream after the MLP
   // PLE
   Tensor ple_i, g, gh, proj;           // per-layer input slice; gate pre-activation; gelu(g)∘ple_i; projection
@@ -246,6 +247,8 @@ class Gemma4Model {
                           std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& da);
   void moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape, const Tensor& dm2,
                     Gemma4LayerWeights& g, Tensor& dx1);
+  Tensor moe_backward_per_expert(const Gemma4LayerWeights& lw, LayerTape& tape, const Tensor& dm2,
+                                 Gemma4LayerWeights& g, Tensor& dy2);
 
   Gemma4Config config_;
   Ops& ops_;
@@ -263,6 +266,10 @@ class Gemma4Model {
   std::vector<const Tensor*> lora_order_;
   bool training_ = false;
   bool checkpointing_ = false;
+  // The MoE experts take the per-expert path, which reads the routing back, only where it is
+  // needed: gradients of the experts themselves (full training) or pruning's observer.
+  bool expert_grads_ = false;
+  MoeExperts moe_experts(const Gemma4LayerWeights& lw) const;
   uint64_t step_ = 0;
 };
 
