@@ -44,8 +44,12 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
     // routed rows' gate/up/h (top_k · 3 · moe_intermediate) and their outputs (top_k · H).
     double tape = 6.0 * double(H) + 3.0 * q + (g.kv_source < 0 ? 4.0 * kv : 0.0) + 3.0 * I;
     if (P > 0) tape += 3.0 * double(P) + double(H);
+    // MoE: the router and expert norms (4 H); the routed rows' gate, up, gelu(gate)∘up and
+    // expert outputs, per routed row (Ops::moe_experts_forward), with the GPU's padding of
+    // each expert's rows to 64-row tiles: up to 64·E rows beside the T·K routed ones.
     if (c.enable_moe_block)
-      tape += 4.0 * double(H) + double(c.top_k_experts) * (3.0 * double(c.moe_intermediate_size) + 2.0 * double(H));
+      tape += 4.0 * double(H) + (double(c.top_k_experts) + 64.0 * double(c.num_experts) / T) *
+                                    (3.0 * double(c.moe_intermediate_size) + double(H));
     // Backward: the MLP's dh, dgate, dup and three H-wide gradients; or attention's dq,
     // dattn, dk, dv and dq_raw, whichever is wider.
     const double back = std::max(3.0 * I + 3.0 * double(H), 3.0 * q + 2.0 * kv + 3.0 * double(H));
@@ -78,6 +82,10 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
     else if (s.is_linear) largest = std::max(largest, double(shape_numel(s.shape)));
   }
   p.dequant = in.load_in_4bit ? 2.0 * largest : 0.0;
+  // The routed experts multiply every expert of a layer at once: all of them dequantized
+  // (gate_up [E, 2I, H] and down [E, H, I], in the activation dtype).
+  if (in.load_in_4bit && c.enable_moe_block)
+    p.dequant += a * double(c.num_experts) * 3.0 * double(c.moe_intermediate_size) * double(H);
   const double transient = p.checkpoints + p.kv_kept + p.working_set + p.attention + p.cross_entropy + p.dequant;
   p.slack = 0.05 * transient + 256.0 * double(1 << 20);
   return p;
