@@ -22,6 +22,14 @@ struct Nf4Tensor;
 struct AttentionMask {
   int64_t window = 0;        // 0: no window (full attention)
   const Tensor* doc_ids = nullptr;  // optional I32 [B, S]; equal ids = same document
+  // The same ids on the host, when the caller has them (the batch came from there): a backend
+  // whose doc_ids live on a device bounds the keys each block of queries reads without
+  // reading them back.
+  const Tensor* doc_ids_host = nullptr;
+  // Each query row's log-sum-exp of its scores, [B, nh, S] on the backend, F32 (F64 with F64
+  // activations): written by attention_forward when given, read by attention_backward when given
+  // (which then recomputes the probabilities from it, without each row's max and sum).
+  Tensor* lse = nullptr;
 };
 
 // Marks in a backend's order of work, so that ops are timed without waiting after each one

@@ -62,6 +62,9 @@ class CpuOps final : public Ops {
   // Under CpuMatmul::Bf16, products of at least this many multiply-adds run in bf16 (default
   // 2^22, below); tests set 0 so that a tiny model takes the bf16 path in every product.
   void set_bf16_min_multiply_adds(int64_t n) { bf16_min_multiply_adds_ = n; }
+  // Attention score elements computed so far (forward and backward): what the masks let the
+  // blocked attention skip shows here (tests count them).
+  int64_t attention_scores() const { return attention_scores_; }
 
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
@@ -113,6 +116,7 @@ class CpuOps final : public Ops {
   DType act_;
   CpuMatmul matmul_;
   int64_t nf4_tile_elements_ = int64_t(1) << 24;
+  int64_t attention_scores_ = 0;
   // Whether a product of `multiply_adds` runs in bf16: with CpuMatmul::Bf16, from 2^22 up.
   // Smaller ones (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
   // save (measured on the bench models) and stay exact in fp32.

@@ -75,7 +75,7 @@ void StrictOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, 
 }
 void StrictOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                   Tensor& out) {
-  Scope s("attention_forward", {&q, &k, &v, mask.doc_ids, &out});
+  Scope s("attention_forward", {&q, &k, &v, mask.doc_ids, &out, mask.lse});
   cpu_.attention_forward(q, k, v, mask, out);
 }
 void StrictOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
@@ -206,7 +206,7 @@ void StrictOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions
 }
 void StrictOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                    const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
-  Scope s("attention_backward", {&q, &k, &v, mask.doc_ids, &dout, &dq, &dk, &dv});
+  Scope s("attention_backward", {&q, &k, &v, mask.doc_ids, &dout, &dq, &dk, &dv, mask.lse});
   cpu_.attention_backward(q, k, v, mask, dout, dq, dk, dv);
 }
 void StrictOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,

@@ -193,7 +193,9 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   Tensor dq = like(ops_, t.q);
   const int64_t kvh = k.dim(1) / d;
   Tensor dk4 = dk.view({B, S, kvh, d}), dv4 = dv.view({B, S, kvh, d});
-  ops_.attention_backward(t.q.view({B, S, nh, d}), k.view({B, S, kvh, d}), v.view({B, S, kvh, d}), mask_for(i, st),
+  AttentionMask mask = mask_for(i, st);
+  if (t.lse.defined()) mask.lse = &t.lse;
+  ops_.attention_backward(t.q.view({B, S, nh, d}), k.view({B, S, kvh, d}), v.view({B, S, kvh, d}), mask,
                           dattn.view({B, S, nh, d}), dq, dk4, dv4);
 
   // q = RoPE(RMSNorm_d(a·W_qᵀ))

@@ -199,7 +199,10 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   }
   st.positions = ops_.upload(positions_host.view({n}), DType::I32);
   st.ids = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
-  if (batch.doc_ids.defined()) st.doc_ids = ops_.upload(to_i32(batch.doc_ids), DType::I32);
+  if (batch.doc_ids.defined()) {
+    st.doc_ids_host = to_i32(batch.doc_ids);
+    st.doc_ids = ops_.upload(st.doc_ids_host, DType::I32);
+  }
   st.x0 = embed(st.ids);
   st.lora_saved.clear();
   if (config_.has_ple()) st.ple = per_layer_inputs(st, st.x0, st.ple_ctx);
@@ -244,8 +247,11 @@ bool Gemma4Model::kv_read_later(int i) const {
 }
 
 AttentionMask Gemma4Model::mask_for(int i, const ForwardState& st) const {
-  return {config_.layer(i).type == LayerType::Sliding ? config_.sliding_window : 0,
-          st.doc_ids.defined() ? &st.doc_ids : nullptr};
+  AttentionMask m;
+  m.window = config_.layer(i).type == LayerType::Sliding ? config_.sliding_window : 0;
+  m.doc_ids = st.doc_ids.defined() ? &st.doc_ids : nullptr;
+  m.doc_ids_host = st.doc_ids_host.defined() ? &st.doc_ids_host : nullptr;
+  return m;
 }
 
 Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
@@ -285,8 +291,13 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
     cached_attention(i, st, t);
   } else {
     const auto& [k, v] = st.kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
+    AttentionMask mask = mask_for(i, st);
+    if (st.keep) {  // the backward's probabilities come from these
+      t.lse = ops_.empty({B, nh, S}, score_dtype());
+      mask.lse = &t.lse;
+    }
     ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
-                           v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
+                           v.view({B, S, v.dim(1) / d, d}), mask, t.attn);
   }
   t.o = ops_.empty({n, config_.hidden_size});
   linear(st, t.attn, lw.o_proj, t.o);

@@ -66,6 +66,7 @@ struct LayerTape {
   Tensor q_raw, q;                     // q projection; after q_norm and RoPE
   Tensor k_raw, v_raw, k, v;           // own K/V only (KV-shared layers read the source's)
   Tensor attn, o;                      // attention output [n, nh·d]; o_proj output
+  Tensor lse;                          // attention rows' log-sum-exp [B, nh, S] (backward's P)
   Tensor x1, m_in, gate, up, h, mlp;   // post-attention stream; dense MLP internals; its output
   // MoE
   Tensor router_in, router_logits, route_w, route_idx, y2, m2;
@@ -211,6 +212,7 @@ class Gemma4Model {
   struct ForwardState {
     int64_t B = 0, S = 0;
     Tensor ids, positions, doc_ids, x0, ple_ctx, ple;
+    Tensor doc_ids_host;  // the batch's document ids on the host (attention's key bounds)
     std::vector<LayerTape> tapes;
     std::vector<std::pair<Tensor, Tensor>> kv;
     Tensor final_in, hidden;
@@ -236,6 +238,8 @@ class Gemma4Model {
   Tensor dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   Tensor moe_block(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   AttentionMask mask_for(int i, const ForwardState& st) const;
+  // The dtype of attention's log-sum-exp: F32, or F64 with F64 activations.
+  DType score_dtype() const { return ops_.act_dtype() == DType::F64 ? DType::F64 : DType::F32; }
   // Whether a later KV-shared layer reads layer i's K/V.
   bool kv_read_later(int i) const;
   Tensor rope_inv_freq(const LayerGeometry& g) const;
