@@ -64,6 +64,8 @@ class CudaOps final : public Ops {
   static void reset_peak_memory();
 
   CudaMatmul matmul() const { return matmul_; }
+  // Attention score elements computed so far, forward and backward (as CpuOps counts them).
+  int64_t attention_scores() const { return attention_scores_; }
 
   Device device() const override { return Device::CUDA; }
   DType act_dtype() const override { return act_; }
@@ -153,7 +155,8 @@ class CudaOps final : public Ops {
   // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands (0 also an F32 master W
   // rounded for bf16 activations), 3 the NF4 dequant scratch, 4, 5 attention's score /
   // probability blocks, 6, 7 their bf16 copies (bf16 activations), 8, 9 a MoE layer's NF4
-  // experts dequantized (gate_up, down), 10 the MoE products' per-tile pointers.
+  // experts dequantized (gate_up, down), 10 the MoE products' per-tile pointers, 11, 12 the
+  // attention block's packed Q and O (dO), 13 its fp32 dQ.
   void* scratch(int slot, size_t bytes);
   // C(fp32, column-major) = op(A)·op(B) + beta·C with A and B rounded to bf16 (cuBLASLt).
   void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
@@ -176,6 +179,7 @@ class CudaOps final : public Ops {
   std::unique_ptr<cuda::LtGemm> lt_;
   std::vector<std::shared_ptr<void>> scratch_;
   std::vector<size_t> scratch_bytes_;
+  int64_t attention_scores_ = 0;
 };
 
 }  // namespace tl
