@@ -188,6 +188,9 @@ class Ops {
   // A clock over this backend's work (OpClock). The default reads the host's steady clock,
   // right for a backend whose ops return when their work is done (the CPU).
   virtual std::unique_ptr<OpClock> make_clock();
+  // Bytes this backend may still allocate: the GPU's free memory, or the host's available
+  // memory (MemAvailable) on the CPU. What `gradient_checkpointing: auto` plans against.
+  virtual double memory_available();
   // Waits for all the work issued so far and throws tl::Error if it failed. A GPU reports a
   // kernel's fault at the next synchronising call, so a caller that synchronizes after each
   // op (TimedOps' blame mode) names the op at fault. The default has nothing to wait for.

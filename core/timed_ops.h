@@ -82,6 +82,7 @@ class TimedOps final : public Ops {
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   std::unique_ptr<OpClock> make_clock() override { return inner_.make_clock(); }
+  double memory_available() override { return inner_.memory_available(); }
   void synchronize() override { inner_.synchronize(); }
   double norm2(const Tensor& x) override;
   void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) override;

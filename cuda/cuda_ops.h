@@ -79,6 +79,7 @@ class CudaOps final : public Ops {
   // CUDA events on the ops' stream; a device-wide wait that throws on a failed kernel
   // (cuda/clock.cu).
   std::unique_ptr<OpClock> make_clock() override;
+  double memory_available() override;
   void synchronize() override;
 
   void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) override;

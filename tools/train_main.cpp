@@ -31,14 +31,17 @@ bool has_weights(const std::filesystem::path& dir) {
   return false;
 }
 // --dry-run on a bare config (e.g. configs/models/*): the plan needs no weights and no data.
-void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act) {
+// `budget`: what `gradient_checkpointing: auto` plans against (≤ 0: unknown).
+void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act, double budget) {
   const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
   const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
                                                   : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
   log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n", cfg.base_model,
                      mc.num_hidden_layers, mc.hidden_size)
       << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable)
-      << tl::format_memory_plan(mc, tl::memory_plan_input(cfg, trainable, act));
+      ;
+  const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, mc, trainable, act, budget);
+  log << tl::describe_checkpointing(cfg, in, budget) << tl::format_memory_plan(mc, in);
 }
 }  // namespace
 
@@ -67,7 +70,7 @@ int main(int argc, char** argv) {
       // CUDA backend's numerics on any machine (training itself then needs the GPU).
       log << "backend          cuda (dry run on a machine without a usable GPU: planned with the CUDA "
              "backend's numerics)\n";
-      plan_bare_config(log, cfg, tl::cuda_activation_dtype(backend_opts));
+      plan_bare_config(log, cfg, tl::cuda_activation_dtype(backend_opts), tl::checkpoint_budget(cfg, 0));
       return 0;
     }
     // The backend comes next: it says which device (this rank's GPU) the plan is for.
@@ -89,7 +92,7 @@ int main(int argc, char** argv) {
 #endif
     // With upscale_from the base is made from it first (the demo): the Trainer plans that.
     if (dry_run && cfg.upscale_from.empty() && !has_weights(cfg.base_model)) {
-      plan_bare_config(log, cfg, backend.ops->act_dtype());
+      plan_bare_config(log, cfg, backend.ops->act_dtype(), tl::checkpoint_budget(cfg, backend.ops->memory_available()));
       return 0;
     }
     tl::Trainer trainer(cfg, *backend.ops, log, *step_comm);

@@ -37,7 +37,14 @@ struct TrainerState {
 
 struct MemoryPlanInput;
 // What the memory plan of a run with `cfg` on a backend storing activations in `act` takes.
-MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable_params, DType act);
+// The memory plan's input for this run. With `gradient_checkpointing: auto` it holds the
+// layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
+                                  DType act, double budget);
+// The budget `auto` plans against: max_memory_gib, else what the backend has free (`available`).
+double checkpoint_budget(const TrainConfig& cfg, double available);
+// One line: how many layers keep their activations, and why.
+std::string describe_checkpointing(const TrainConfig& cfg, const MemoryPlanInput& in, double budget);
 
 class Trainer {
  public:
@@ -49,6 +56,8 @@ class Trainer {
   void print_plan(std::ostream& out) const;
   // The planned peak device memory of one process (the "peak per GPU" line of print_plan).
   double planned_peak_bytes() const;
+  // The layers gradient checkpointing recomputes (all, none, or `auto`'s choice).
+  const std::vector<bool>& checkpointed_layers() const { return checkpointed_; }
   // Runs to the last step; returns the final validation loss (NaN without a split).
   double run();
 
@@ -123,6 +132,8 @@ class Trainer {
   Comm* comm_;
   std::unique_ptr<GradBuckets> buckets_;  // world > 1
   std::unique_ptr<Gemma4Model> model_;
+  double memory_budget_ = 0;        // what `gradient_checkpointing: auto` plans against (bytes)
+  std::vector<bool> checkpointed_;  // per layer: recomputed in the backward
   std::string prefix_;
   std::unique_ptr<Tokenizer> tokenizer_;
   Gemma4Grads grads_;

@@ -85,18 +85,18 @@ int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, 
   std::vector<std::pair<Tensor, Tensor>> dkv(size_t(config_.num_hidden_layers));
   Tensor dple = config_.has_ple() ? like(ops_, st.ple) : Tensor();
   for (int i = config_.num_hidden_layers - 1; i >= 0; --i) {
-    if (checkpointing_) {
+    if (checkpointed(i)) {
       // Recompute this layer's forward from its saved input (same weights, same dropout
       // masks) to rebuild the tape, use it, and drop it before the next layer.
       Tensor x = st.tapes[size_t(i)].x_in;
       layer_forward(i, x, st, st.tapes[size_t(i)]);
     }
     layer_backward(i, dx, st, grads.w.layers[size_t(i)], dkv, dple);
-    if (checkpointing_) {  // every reader of this layer's K/V is done: free them and their gradients
-      st.tapes[size_t(i)] = {};
-      st.kv[size_t(i)] = {};
-      dkv[size_t(i)] = {};
-    }
+    // Every reader of this layer's tape and K/V is done (KV-shared readers come later in the
+    // forward, so earlier here): free them and their gradients.
+    st.tapes[size_t(i)] = {};
+    st.kv[size_t(i)] = {};
+    dkv[size_t(i)] = {};
     if (layer_grads_done) layer_grads_done(i);
   }
 

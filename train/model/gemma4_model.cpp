@@ -219,7 +219,7 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     // Gradient checkpointing: keep only the layer's input; the backward recomputes the rest,
     // K/V included, except the K/V that later KV-shared layers read. Without a backward
     // nothing but those shared K/V outlives the layer.
-    if (!keep_tapes || checkpointing_) {
+    if (!keep_tapes || checkpointed(i)) {
       if (!kv_read_later(i)) st.kv[size_t(i)] = {};
       if (keep_tapes) {
         LayerTape kept;
@@ -232,6 +232,12 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   st.final_in = x;
   st.hidden = ops_.empty({n, config_.hidden_size});
   ops_.rmsnorm_forward(x, w_.norm, config_.hidden_size, config_.rms_norm_eps, st.hidden);
+}
+
+void Gemma4Model::set_checkpointed_layers(std::vector<bool> checkpointed) {
+  if (checkpointed.size() != size_t(config_.num_hidden_layers))
+    throw Error(fmt::format("checkpointed layers: {} flags for {} layers", checkpointed.size(), config_.num_hidden_layers));
+  checkpointed_ = std::move(checkpointed);
 }
 
 Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* layer_outputs) {

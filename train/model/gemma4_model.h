@@ -192,7 +192,13 @@ class Gemma4Model {
   void set_nf4(const std::string& name, Nf4Tensor q);
   // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
   // backward recomputes the layer before differentiating it.
-  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  void set_gradient_checkpointing(bool on) {
+    checkpointed_.assign(static_cast<size_t>(config_.num_hidden_layers), on);
+  }
+  // The same per layer (`gradient_checkpointing: auto` recomputes only some): layer i keeps
+  // only its input when checkpointed[i], else its whole tape.
+  void set_checkpointed_layers(std::vector<bool> checkpointed);
+  bool checkpointed(int layer) const { return !checkpointed_.empty() && checkpointed_[size_t(layer)]; }
   // Called in every MoE layer's forward for each expert that received tokens: the layer, the
   // expert, the token rows (I32 [m]), their routing weights ([m]) and the expert's outputs
   // ([m, H]) before weighting. Used by expert pruning to score experts.
@@ -269,7 +275,7 @@ class Gemma4Model {
                               Tensor& dw);
   std::vector<const Tensor*> lora_order_;
   bool training_ = false;
-  bool checkpointing_ = false;
+  std::vector<bool> checkpointed_;  // per layer; empty: none
   // The MoE experts take the per-expert path, which reads the routing back, only where it is
   // needed: gradients of the experts themselves (full training) or pruning's observer.
   bool expert_grads_ = false;
