@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "core/dir_lock.h"
 #include "core/output_dir.h"
 
 namespace tl {
@@ -34,7 +35,9 @@ std::vector<fs::path> non_weight_files(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
     std::string name = e.path().filename().string();
-    if (name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.ends_with(".tmp"))
+    // A lock file belongs to a writer of that folder, not to the checkpoint (core/dir_lock.h).
+    if (name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.ends_with(".tmp") ||
+        name == kLockFileName)
       continue;
     out.push_back(e.path());
   }
