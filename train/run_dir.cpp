@@ -125,7 +125,7 @@ void prune_run_checkpoints(const fs::path& out, const std::string& id, int64_t l
   for (size_t i = 0; i + size_t(limit) < all.size(); ++i) remove_dir_atomically(all[i].second, midway);
 }
 
-fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log) {
+fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log, DirLock& lock) {
   const fs::path out = normalise_path(cfg.output_dir);
   std::vector<fs::path> inputs{cfg.base_model};
   for (const auto& d : cfg.datasets) inputs.push_back(d.path);
@@ -148,6 +148,9 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ost
   }
   fs::create_directories(out, ec);
   if (ec) throw Error(fmt::format("{}: cannot create output_dir {}: {}", file, out.string(), ec.message()));
+  // Before anything in it is read or changed: a second trainer (or a merge --force) on this
+  // folder would log steps twice, race the run-identity check or delete this run's files.
+  lock = DirLock::acquire(out, fmt::format("{}: output_dir", file));
 
   // Leftovers of killed saves (.checkpoint-N.partial-*) and prunes (.checkpoint-N.deleting-*).
   for (const auto& e : fs::directory_iterator(out, ec)) {

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/dir_lock.h"
 #include "train/train_config.h"
 
 namespace tl {
@@ -24,11 +25,12 @@ std::string run_identity(const TrainConfig& cfg);
 
 // Makes output_dir ready for a run with identity `id`, before anything is written:
 // refuses an output_dir that is, contains or lies inside the base model or a dataset; one
-// that exists, is not empty and holds nothing of ours; and one holding another run's
-// checkpoints or run record unless overwrite_output_dir (then those are removed). Removes
-// stale .partial / .deleting directories of killed saves and prunes, and records the
-// identity. Returns the normalised output_dir.
-fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log);
+// that exists, is not empty and holds nothing of ours; locks it into `lock` (the caller keeps
+// it for the run's life), refusing one another process holds (core/dir_lock.h); refuses one
+// holding another run's checkpoints or run record unless overwrite_output_dir (then those are
+// removed). Removes stale .partial / .deleting directories of killed saves and prunes, and
+// records the identity. Returns the normalised output_dir.
+fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log, DirLock& lock);
 
 // checkpoint-N directories of run `id`, by step (others' and unreadable ones left out).
 std::vector<std::pair<int64_t, fs::path>> run_checkpoints(const fs::path& out, const std::string& id);
