@@ -127,11 +127,22 @@ void Trainer::resume(const fs::path& dir) {
 }
 
 // A signal asked the run to stop (stop_signal.h): save where it is, unless this step was just
-// saved, and say how to resume.
+// saved, and say how to resume. Under mpirun every rank looks at its own flag at this same
+// step boundary and all agree on the first rank's signal: a signal may reach some ranks only
+// (each rank is its own process group; a scheduler or `kill` picks them), and the ranks must
+// stop together, with rank 0 alone saving (one checkpoint, its metrics length, not one per rank).
 bool Trainer::stop_if_signalled() {
-  const int sig = stop_signal();
+  int sig = stop_signal();
+  if (comm_->world() > 1) {
+    sig = 0;
+    for (uint64_t s : comm_->all_gather_host(uint64_t(stop_signal()), "stop signal agreement"))
+      if (s != 0) {
+        sig = int(s);
+        break;
+      }
+  }
   if (sig == 0) return false;
-  if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
+  if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint_ranks();
   interrupted_by = sig;
   log_ << fmt::format("interrupted by {} after step {}: saved checkpoint-{} (resume with resume_from_checkpoint: "
                       "auto)\n",
