@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <iostream>
 #include <random>
 
 #include "core/dir_lock.h"
@@ -61,7 +60,7 @@ const std::vector<std::string>& output_record_files() {
   static const std::vector<std::string> names = {"torchless_merge.json", "torchless_surgery.json",
                                                  "expert_drop_map.json", "torchless_convert.json",
                                                  "torchless_init.json",  "torchless_run.json",
-                                                 "trainer_state.json"};
+                                                 "trainer_state.json",   "report.json"};
   return names;
 }
 
@@ -81,7 +80,7 @@ namespace {
 // Hidden siblings a killed write of `out` left: .NAME.partial-* (a half-built output) and
 // .NAME.old-* (the replaced one, renamed aside but not yet deleted). One whose lock a live
 // process holds is another writer's, still at work, and is left alone.
-void remove_stale_partials(const fs::path& out) {
+void remove_stale_partials(const fs::path& out, std::ostream& notes) {
   const std::string name = out.filename().string();
   std::error_code ec;
   std::vector<fs::path> stale;
@@ -93,13 +92,13 @@ void remove_stale_partials(const fs::path& out) {
   }
   for (const fs::path& p : stale) {
     fs::remove_all(p, ec);
-    if (!ec) std::cout << fmt::format("removed {} (left by an interrupted run)\n", p.string());
+    if (!ec) notes << fmt::format("removed {} (left by an interrupted run)\n", p.string());
   }
 }
 }  // namespace
 
 fs::path write_output_dir(const fs::path& out_arg, const std::vector<fs::path>& inputs, bool force,
-                          const std::function<void(const fs::path&)>& fill) {
+                          const std::function<void(const fs::path&)>& fill, std::ostream& notes) {
   const fs::path out = normalise_path(out_arg);
   refuse_overlap(out, inputs, "output");
   std::error_code ec;
@@ -121,7 +120,7 @@ fs::path write_output_dir(const fs::path& out_arg, const std::vector<fs::path>& 
   // merge) that holds it refuses this write instead of losing its files under it.
   DirLock old_lock;
   if (exists) old_lock = DirLock::acquire(out, "output");
-  remove_stale_partials(out);
+  remove_stale_partials(out, notes);
   std::mt19937_64 rng(std::random_device{}());
   const fs::path tmp = parent / fmt::format(".{}.partial-{:06x}", out.filename().string(), rng() & 0xffffff);
   fs::create_directory(tmp, ec);

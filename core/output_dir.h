@@ -16,6 +16,7 @@
 #pragma once
 #include <filesystem>
 #include <functional>
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -45,10 +46,10 @@ bool looks_like_our_output(const fs::path& dir);
 
 // The whole discipline: normalises `out`, refuses overlap with `inputs`, refuses an existing
 // `out` without `force` (or one that is not ours even with it, or one another process holds
-// locked), removes stale temporaries of `out` (saying so on stdout), builds the result with
+// locked), removes stale temporaries of `out` (saying so on `notes`), builds the result with
 // `fill(tmp)` in a locked sibling temporary, and renames it into place. Returns the normalised
 // path.
 fs::path write_output_dir(const fs::path& out, const std::vector<fs::path>& inputs, bool force,
-                          const std::function<void(const fs::path& tmp_dir)>& fill);
+                          const std::function<void(const fs::path& tmp_dir)>& fill, std::ostream& notes = std::cout);
 
 }  // namespace tl
