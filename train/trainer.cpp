@@ -325,6 +325,11 @@ std::string duration(double s) {
 }  // namespace
 
 double Trainer::run() {
+  // output_dir stays locked while the run writes to it, and no longer: however run() ends.
+  struct Unlock {
+    DirLock& lock;
+    ~Unlock() { lock.release(); }
+  } unlock{run_lock_};
   run_id_ = run_identity(cfg_);
   // Rank 0 alone inspects and prepares output_dir (records, leftovers); the others would see
   // its fresh run record as another run's. They wait for it, then use the same directory.

@@ -141,7 +141,7 @@ class Trainer {
   std::vector<int64_t> order_;
   int64_t total_params_ = 0, trainable_params_ = 0;
   std::string run_id_;  // train/run_dir.h
-  DirLock run_lock_;    // output_dir, locked for the run (core/dir_lock.h)
+  DirLock run_lock_;    // output_dir, locked while run() runs (core/dir_lock.h)
 };
 
 // What every rank must agree on before training: (what, fingerprint) pairs for the config
