@@ -141,6 +141,7 @@ class Trainer {
   std::vector<int64_t> order_;
   int64_t total_params_ = 0, trainable_params_ = 0;
   std::string run_id_;  // train/run_dir.h
+  nlohmann::json run_keys_;  // what run_id_ is the hash of
   DirLock run_lock_;    // output_dir, locked while run() runs (core/dir_lock.h)
 };
 
