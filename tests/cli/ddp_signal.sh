@@ -13,11 +13,14 @@ build=$1 src=$2
 tmp=$(mktemp -d)
 trap 'kill -9 $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/mpi.bash"
+source "$(dirname "$0")/expect.bash"  # tree_hash
 fails=0
 fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 train=$build/torchless-train
 write_heal_yaml "$tmp/heal.yaml"
 common=(save_steps=0 max_steps=30)
+inputs_h() { echo "$(tree_hash "$tmp/heal.yaml") $(tree_hash "$src/data/demo/heal.jsonl") $(tree_hash "$src/models/tiny")"; }
+in_h=$(inputs_h)
 
 mpi 2 "$train" --config "$tmp/heal.yaml" output_dir="$tmp/ref" "${common[@]}" >"$tmp/ref.log" 2>&1 ||
   fail "uninterrupted run failed: $(tail -5 "$tmp/ref.log")"
@@ -66,5 +69,6 @@ interrupt int_both INT 0 1
 check_stopped int_both SIGINT 130
 interrupt term_rank1 TERM 1
 check_stopped term_rank1 SIGTERM 143
+[ "$(inputs_h)" = "$in_h" ] || fail "an input changed"
 echo "ddp signal: $fails failed"
 [ "$fails" -eq 0 ]
