@@ -161,9 +161,26 @@ int main(int argc, char** argv) {
                              fmt::format("logits [{}, {}, {}]", in.micro_batch, longest, mcfg.vocab_size), what,
                              "lower sequence_len or micro_batch_size");
     }
-    if (!mc.empty()) in.mc = tl::load_mc_jsonl(mc);
+    if (!mc.empty()) {
+      in.mc = tl::load_mc_jsonl(mc);
+      const auto [longest_mc, item] = tl::mc_longest_sequence(*m.tokenizer, in.mc);
+      const std::string what = fmt::format("{} item {} (question and option)", mc, item + 1);
+      tl::refuse_over_context(mcfg, config_file, longest_mc, what, "shorten the question or its options");
+      tl::refuse_over_memory(tl::forward_peak_bytes(mcfg, 1, longest_mc, 4, true),
+                             fmt::format("logits [1, {}, {}]", longest_mc, mcfg.vocab_size), what,
+                             "shorten the question or its options");
+    }
     std::unique_ptr<tl::EvalModel> ref;
-    if (!reference.empty()) ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
+    if (!reference.empty()) {
+      // The generations are scored under the reference, whose context may be shorter.
+      const tl::Gemma4Config rc = tl::Gemma4Config::load(reference);
+      for (size_t i = 0; i < in.prompts.size(); ++i)
+        tl::refuse_over_context(rc, (fs::path(reference) / "config.json").string(),
+                                int64_t(in.prompts[i].size()) + in.max_new_tokens,
+                                fmt::format("--reference: prompt {} with --max-new-tokens {}", i + 1, in.max_new_tokens),
+                                "lower --max-new-tokens or shorten the prompt");
+      ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
+    }
 
     std::vector<tl::Generation> gens_after, gens_before;
     const tl::EvalMeasures after = evaluate(m, ops, in, ref.get(), &gens_after);

@@ -111,6 +111,9 @@ expect eval_max_new_1e9 "--max-new-tokens 1000000000: 1000000000 tokens, more th
   timeout 60 "$ev" -m "$tmp/base" --prompts "$tmp/prompts.jsonl" -n 1e9
 expect eval_prompt_and_max_new_over_context "prompts.jsonl prompt 1 (" \
   timeout 60 "$ev" -m "$tmp/base" --prompts "$tmp/prompts.jsonl" -n 4090
+python3 -c 'import json,sys; print(json.dumps({"question": "2+2?", "choices": ["4", "5"], "answer": 0})); print(json.dumps({"question": open(sys.argv[1]).read(), "choices": ["yes", "no"], "answer": 0}))' "$tmp/long.txt" >"$tmp/mc.jsonl"
+expect eval_mc_over_context "mc.jsonl item 2 (question and option):" timeout 60 "$ev" -m "$tmp/base" --mc "$tmp/mc.jsonl"
+grep -q "more than the model's context of 4096" "$tmp/err" && passes=$((passes + 1)) || { fails=$((fails + 1)); echo "FAIL eval_mc_over_context: $(cat "$tmp/err")"; }
 # Within the context but not within memory: the pass is planned before it allocates (a model
 # whose context allows 10⁶ positions; attention alone over these would need hundreds of GiB).
 cp -r "$tmp/base" "$tmp/wide" && sed -i 's/"max_position_embeddings": 4096/"max_position_embeddings": 1000000/' "$tmp/wide/config.json"
