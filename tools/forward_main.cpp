@@ -173,8 +173,9 @@ int main(int argc, char** argv) {
     tl::refuse_over_context(cfg, config_file, S, source, "shorten the input");
     const int copies = 1 + int(!output.empty()) + int(rec && rec->contains("logits"));
     tl::refuse_over_memory(tl::forward_peak_bytes(cfg, B, S, int64_t(tl::dtype_size(act)), true, copies),
-                           fmt::format("{} logits [{}, {}, {}] in {}, attention over {} positions", copies, B, S,
-                                       cfg.vocab_size, dtype, S),
+                           fmt::format("{}logits [{}, {}, {}] in {}, attention over {} positions",
+                                       copies > 1 ? fmt::format("{} copies of the ", copies) : "", B, S, cfg.vocab_size,
+                                       dtype, S),
                            source, "shorten the input");
     tl::Gemma4Model model(cfg, ops);
     model.load(tl::Checkpoint::open(model_dir));
