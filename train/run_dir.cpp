@@ -215,10 +215,13 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const json& keys, std::ostream&
       try {
         st = json::parse(in);
       } catch (const json::exception& x) {
-        // Perhaps this very run's checkpoint, damaged: no advice that would delete it.
-        throw Error(fmt::format("{}: {}/trainer_state.json is unreadable (truncated or edited? {}); repair it, or "
-                                "move {} out of output_dir {}, then run again",
-                                file, e.path().string(), x.what(), e.path().filename().string(), out.string()));
+        // Perhaps this very run's checkpoint, damaged: no advice that would delete it. Asked to
+        // overwrite the folder, it goes with the rest.
+        if (!cfg.overwrite_output_dir)
+          throw Error(fmt::format("{}: {}/trainer_state.json is unreadable (truncated or edited? {}); repair it, or "
+                                  "move {} out of output_dir {}, then run again",
+                                  file, e.path().string(), x.what(), e.path().filename().string(), out.string()));
+        st = json();
       }
     }
     const std::string rid = st.is_object() ? st.value("run_id", std::string()) : std::string();

@@ -38,7 +38,8 @@ std::string run_key_differences(const nlohmann::json& recorded, const nlohmann::
 // removed). Removes stale .partial / .deleting directories of killed saves and prunes, and
 // records the identity and its keys (run_identity_keys). A refusal names the keys that differ
 // where the other run recorded them; a checkpoint whose trainer_state.json is unreadable is
-// refused naming the file (it may be this run's, damaged: nothing of it is deleted). Returns
+// refused naming the file (it may be this run's, damaged: nothing of it is deleted unless
+// overwrite_output_dir). Returns
 // the normalised output_dir.
 fs::path prepare_run_dir(const TrainConfig& cfg, const nlohmann::json& keys, std::ostream& log, DirLock& lock);
 
