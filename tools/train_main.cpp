@@ -119,9 +119,14 @@ int main(int argc, char** argv) {
                          backend.peak_device_bytes() / double(1ull << 30), backend.device,
                          trainer.planned_peak_bytes() / double(1ull << 30));
     if (trainer.interrupted_by) {
-      std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
-                               trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,
-                               cfg.output_dir);
+      // Every rank agreed on the signal (train/trainer_checkpoint.cpp); rank 0 says so once, and
+      // no rank exits before it has (mpirun ends the job when the first rank exits non-zero).
+      if (comm->rank() == 0)
+        std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
+                                 trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,
+                                 cfg.output_dir)
+                  << std::flush;
+      if (comm->world() > 1) comm->barrier("exit after a signal", cfg.ddp_io_timeout);
       return 128 + trainer.interrupted_by;
     }
   } catch (const tl::OutOfMemory& e) {

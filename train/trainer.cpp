@@ -352,11 +352,17 @@ std::string duration(double s) {
 }  // namespace
 
 double Trainer::run() {
-  run_id_ = run_identity(cfg_);
+  // output_dir stays locked while the run writes to it, and no longer: however run() ends.
+  struct Unlock {
+    DirLock& lock;
+    ~Unlock() { lock.release(); }
+  } unlock{run_lock_};
+  run_keys_ = run_identity_keys(cfg_);
+  run_id_ = run_identity(run_keys_);
   // Rank 0 alone inspects and prepares output_dir (records, leftovers); the others would see
   // its fresh run record as another run's. They wait for it, then use the same directory.
   fs::path out = normalise_path(cfg_.output_dir);
-  on_writer("output_dir preparation", [&] { out = prepare_run_dir(cfg_, run_id_, log_); });
+  on_writer("output_dir preparation", [&] { out = prepare_run_dir(cfg_, run_keys_, log_, run_lock_); });
   cfg_.output_dir = out.string();
   fs::path resume_dir;
   if (cfg_.resume_from_checkpoint == "auto") {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <ostream>
 
+#include "core/dir_lock.h"
 #include "core/ops.h"
 #include "core/tokenizer.h"
 #include "train/dist/comm.h"
@@ -151,6 +152,8 @@ class Trainer {
   std::vector<int64_t> order_;
   int64_t total_params_ = 0, trainable_params_ = 0;
   std::string run_id_;  // train/run_dir.h
+  nlohmann::json run_keys_;  // what run_id_ is the hash of
+  DirLock run_lock_;    // output_dir, locked while run() runs (core/dir_lock.h)
 };
 
 // What every rank must agree on before training: (what, fingerprint) pairs for the config
