@@ -100,6 +100,12 @@ int main(int argc, char** argv) {
     if (dry_run) return 0;
     // Fault injection for the crash tests (tests/cli/train_runs.sh): SIGKILL this process in
     // the middle of saving checkpoint N, or in the middle of pruning after step N's save.
+    // TORCHLESS_TEST_SIGINT=N: SIGINT to this process once step N is done (the signal test,
+    // which must not race a run that finishes first).
+    if (const char* f = std::getenv("TORCHLESS_TEST_SIGINT")) {
+      const int64_t at = std::atoll(f);
+      trainer.around_step = [at](int64_t step, bool after) { if (after && step == at) std::raise(SIGINT); };
+    }
     if (const char* f = std::getenv("TORCHLESS_TEST_KILL")) {
       const std::string spec = f;
       const auto colon = spec.find(':');
