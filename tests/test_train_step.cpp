@@ -52,10 +52,10 @@ StepLog qlora_run(Backend backend, int steps, int poison) {
       saved = ops.download(first.A);
       Tensor bad = saved.clone();
       bad.data<float>()[0] = NAN;
-      first.A = ops.upload(bad, first.A.dtype());
+      assign(ops, first.A, bad);  // in place: A is a view into the optimizer's flat buffer
     }
     const StepResult r = train_step(m, none, opt, ops, micro, 1e-2, 1.0);
-    if (k == poison) first.A = ops.upload(saved, first.A.dtype());
+    if (k == poison) assign(ops, first.A, saved);
     run.losses.push_back(r.loss);
     run.skipped.push_back(r.skipped);
   }

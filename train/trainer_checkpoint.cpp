@@ -124,9 +124,9 @@ void Trainer::resume(const fs::path& dir) {
     if (!file || !file->contains(key))
       throw Error(fmt::format("{}: checkpoint has no tensor '{}' (trained with another adapter setup?)", dir.string(), key));
     // Each in the dtype the run holds it in (F32 LoRA masters beside BF16 activations).
-    *p.value = ops_.upload(file->get(key), p.value->dtype());
-    p.m = ops_.upload(moments.get(p.name + ".exp_avg"), p.m.dtype());
-    p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), p.v.dtype());
+    assign(ops_, *p.value, file->get(key));  // in place: the optimizer's flat buffers hold them
+    assign(ops_, p.m, moments.get(p.name + ".exp_avg"));
+    assign(ops_, p.v, moments.get(p.name + ".exp_avg_sq"));
   }
   log_ << fmt::format("resumed from {} at step {} (run {})\n", dir.string(), state_.step, run_id_);
 }

@@ -27,8 +27,7 @@ int64_t count_targets(const Tensor& labels) {
 StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, Ops& ops,
                       const std::vector<MicroBatch>& micro, double lr, double max_grad_norm, Comm* comm,
                       GradBuckets* buckets) {
-  auto& params = optimizer.params();
-  for (auto& p : params) ops.fill(*p.grad, 0.0);  // a fill: NaN · 0 would stay NaN
+  optimizer.zero_grads();  // a fill: NaN · 0 would stay NaN
   StepResult r;
   for (const auto& mb : micro) r.targets += count_targets(mb.labels);
   if (comm) {  // host counts (the labels are on the host); exact in a double up to 2^53
@@ -53,7 +52,7 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
   }
   if (buckets) buckets->finish();
   // The norm of the summed gradients (every rank holds them after the reduction).
-  for (auto& p : params) ops.add_sum_squares(*p.grad, stats, 2);
+  optimizer.add_grad_sum_squares(stats, 2);
   const Tensor host = ops.download(stats);  // the step's one read
   double loss_hits[2] = {host.data<double>()[0], host.data<double>()[1]};
   if (comm) comm->all_reduce_sum_host(loss_hits, 2, "loss all-reduce");
