@@ -49,6 +49,8 @@ enum OpIndex {
   k_cross_entropy_sum,
   k_cross_entropy_backward,
   k_count_argmax_hits,
+  k_distill_kl_sum,
+  k_distill_kl_backward,
   k_norm2,
   k_adamw_update,
   kOpCount
@@ -97,6 +99,8 @@ constexpr OpInfo kOps[kOpCount] = {
     {"cross_entropy_sum", "loss"},
     {"cross_entropy_backward", "loss"},
     {"count_argmax_hits", "loss"},
+    {"distill_kl_sum", "loss"},
+    {"distill_kl_backward", "loss"},
     {"norm2", "optimizer"},
     {"adamw_update", "optimizer"},
 };
@@ -312,6 +316,17 @@ void TimedOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b,
 }
 double TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap, Tensor& dlogits, int64_t& count) {
   return timed(k_cross_entropy_backward, [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count); });
+}
+Ops::DistillSums TimedOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                          double temperature, int64_t top_k) {
+  return timed(k_distill_kl_sum, [&] { return inner_.distill_kl_sum(student, teacher, labels, temperature, top_k); });
+}
+double TimedOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                     double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                     int64_t& count) {
+  return timed(k_distill_kl_backward, [&] {
+    return inner_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, count);
+  });
 }
 
 }  // namespace tl

@@ -82,6 +82,10 @@ class CpuOps final : public Ops {
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
   double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
                                 Tensor& dlogits, int64_t& count) override;
+  DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k) override;
+  double distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor& dstudent, int64_t& count) override;
 
  private:
   // The bf16 copy of rows × cols at p (leading dimension ld): a held input's, rounded on its

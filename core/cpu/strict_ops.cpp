@@ -212,5 +212,18 @@ double StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& lab
   scalar(2);
   return cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count);
 }
+Ops::DistillSums StrictOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                           double temperature, int64_t top_k) {
+  Scope s("distill_kl_sum", {&student, &teacher, &labels});
+  scalar(3);  // the KL sum, the count and the agreements
+  return cpu_.distill_kl_sum(student, teacher, labels, temperature, top_k);
+}
+double StrictOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                      double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                      int64_t& count) {
+  Scope s("distill_kl_backward", {&student, &teacher, &labels, &dstudent});
+  scalar(2);
+  return cpu_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, count);
+}
 
 }  // namespace tl
