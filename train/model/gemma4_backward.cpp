@@ -28,6 +28,9 @@ Gemma4Grads Gemma4Model::zero_grads() {
 
 Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale,
                                                 Gemma4Grads& grads) {
+  // Distillation: the teacher's final hidden states first (a tape-less forward, so it never
+  // overlaps the student's tapes); its logits are made per chunk below.
+  const Tensor teacher_hidden = distill_.teacher ? distill_.teacher->forward_hidden(batch) : Tensor();
   ForwardState st;
   forward(batch, st, true, nullptr);
   const int64_t n = st.hidden.dim(0), H = config_.hidden_size, V = config_.vocab_size;
@@ -43,6 +46,8 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   // first and the loss's backward every element of the second (fresh [256, 262144] buffers
   // per chunk cost page faults and zero-fills comparable to the softmax itself).
   Tensor lg_buf = ops_.empty({std::min(n, chunk), V}), dlg_buf = ops_.empty({std::min(n, chunk), V});
+  Tensor teacher_lg_buf = distill_.teacher ? ops_.empty({std::min(n, chunk), V}) : Tensor();
+  const double ce_scale = distill_.teacher ? (1.0 - distill_.alpha) * grad_scale : grad_scale;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t t1 = std::min(n, t0 + chunk);
     Tensor h = st.hidden.slice_rows(t0, t1);
@@ -51,8 +56,12 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     int64_t c = 0;
     Tensor chunk_targets = ops_.upload(targets.slice_rows(t0, t1), DType::I32);
     loss.correct += ops_.count_argmax_hits(lg, chunk_targets);
-    loss.sum += ops_.cross_entropy_backward(lg, chunk_targets, grad_scale, cap, dlg, c);
+    loss.sum += ops_.cross_entropy_backward(lg, chunk_targets, ce_scale, cap, dlg, c);
     loss.count += c;
+    if (distill_.teacher) {
+      Tensor teacher_lg = teacher_lg_buf.slice_rows(0, t1 - t0);
+      loss.kl_sum += distill_chunk(lg, teacher_hidden.slice_rows(t0, t1), teacher_lg, chunk_targets, grad_scale, cap, dlg);
+    }
     Tensor dh = dhidden.slice_rows(t0, t1);
     ops_.linear_backward(h, w_.lm_head, dlg, dh, grads.w.lm_head);
   }
@@ -202,7 +211,7 @@ void Gemma4Model::expert_linear_backward(const Tensor& x, const Tensor& w, int64
                                          Tensor& dw) {
   if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
     if (dw.defined()) throw Error("MoE experts held in NF4 are frozen and have no gradient");
-    ops_.linear_nf4_backward(dy, q->second[size_t(e)], dx);
+    ops_.linear_nf4_backward(dy, (*q->second)[size_t(e)], dx);
     return;
   }
   const Shape slice{w.dim(1), w.dim(2)};

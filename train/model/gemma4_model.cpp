@@ -128,7 +128,7 @@ void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options)
       for (int64_t e = 0; e < s.shape[0]; ++e)
         experts.push_back(nf4_quantize(host.slice_rows(e, e + 1).view({s.shape[1], s.shape[2]}), options.double_quant));
       *slot = Tensor::wrap(nullptr, nullptr, s.shape, act, ops_.device());  // shape only
-      expert_nf4_[slot] = std::move(experts);
+      expert_nf4_[slot] = std::make_shared<const std::vector<Nf4Tensor>>(std::move(experts));
     } else {
       throw Error(fmt::format("NF4: '{}' {} is neither a projection nor an expert tensor", s.name,
                               shape_str(s.shape)));
@@ -165,17 +165,18 @@ Tensor Gemma4Model::embed(const Tensor& ids) {
 // `ctx_scaled` receives e·W_plmpᵀ·H^-½ (the norm's input) for the backward.
 Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& ctx_scaled) {
   const Tensor& ids = st.ids;
-  const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
-  ctx_scaled = ops_.empty({n, L * P});
+  // The tables' width, L·P: a parent_view runs fewer layers over its student's wider tables.
+  const int64_t n = ids.numel(), P = config_.hidden_size_per_layer_input, LP = w_.per_layer_model_projection.dim(0);
+  ctx_scaled = ops_.empty({n, LP});
   // One layer's slice of the base product at a time: each is [N, H]·[H, P] whatever the
   // depth, so a layer's numbers do not depend on how many layers surgery added. One [N, L·P]
   // product blocks its columns by L (a GEMM picks its kernels by shape), which changed the
   // last bits of the original layers beside inserted identity layers on some CPUs.
   linear(st, e, w_.per_layer_model_projection, ctx_scaled, /*column_block=*/P);
   ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
-  Tensor ple = ops_.empty({n, L * P});
+  Tensor ple = ops_.empty({n, LP});
   ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);
-  Tensor tok = ops_.empty({n, L * P});
+  Tensor tok = ops_.empty({n, LP});
   ops_.embedding_forward(w_.embed_tokens_per_layer, ids, embed_scale(P), tok);
   ops_.add(ple, tok, ple);
   ops_.scale(ple, 1.0 / std::sqrt(2.0));
@@ -366,7 +367,7 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
 
 void Gemma4Model::expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y) {
   if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
-    ops_.linear_nf4_forward(x, q->second[size_t(e)], y);
+    ops_.linear_nf4_forward(x, (*q->second)[size_t(e)], y);
     return;
   }
   ops_.linear_forward(x, w.slice_rows(e, e + 1).view({w.dim(1), w.dim(2)}), y);
@@ -411,7 +412,7 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
     t.g = ops_.empty({n, P});
     linear(st, t.x2, lw.per_layer_input_gate, t.g);
     t.ple_i = ops_.empty({n, P});
-    ops_.copy_columns(st.ple, int64_t(i) * P, t.ple_i, 0, P);
+    ops_.copy_columns(st.ple, int64_t(ple_block_.empty() ? i : ple_block_[size_t(i)]) * P, t.ple_i, 0, P);
     t.gh = ops_.empty({n, P});
     ops_.gelu_tanh_mul_forward(t.g, t.ple_i, t.gh);
     t.proj = ops_.empty({n, H});
