@@ -49,17 +49,19 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
     }
     model.layer_grads_done = nullptr;
     r.loss += l.sum * grad_scale;
+    r.kl += l.kl_sum * grad_scale;
     r.correct += l.correct;
   }
   if (buckets) buckets->finish();
   if (comm) {
-    double v[2] = {r.loss, double(r.correct)};
-    comm->all_reduce_sum_host(v, 2, "loss all-reduce");
+    double v[3] = {r.loss, double(r.correct), r.kl};
+    comm->all_reduce_sum_host(v, 3, "loss all-reduce");
     r.loss = v[0];
     r.correct = int64_t(v[1]);
+    r.kl = v[2];
   }
   r.grad_norm = clip_grad_norm(ops, params, max_grad_norm);
-  if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
+  if (!std::isfinite(r.loss) || !std::isfinite(r.kl) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     return r;
   }
