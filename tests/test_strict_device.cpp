@@ -70,11 +70,13 @@ TEST(StrictDevice, DropoutMaskIsMadeOnTheDevice) {
 
 struct HealRun {
   std::vector<double> cpu_loss, strict_loss, cpu_eval, strict_eval;
+  std::vector<double> cpu_kl, strict_kl;  // the distillation term, logged beside the loss
   std::vector<TransferStats> steps;  // strict mode's traffic inside each optimizer step
 };
 
-// configs/demo-heal.yaml (models/tiny, chat data) with `overrides`, once on the CPU backend
-// and once under strict-device mode, each in its own output directory.
+// configs/demo-heal.yaml (models/tiny-chat upscaled, healed by distillation from it, chat data)
+// with `overrides`, once on the CPU backend and once under strict-device mode, each in its own
+// output directory.
 HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& overrides) {
   const fs::path cfg_path = fs::path(TL_SOURCE_DIR) / "configs/demo-heal.yaml";
   const fs::path dir = fs::temp_directory_path() / fmt::format("tl_strict_{}_{}", name, ::getpid());
@@ -112,23 +114,33 @@ HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& o
   run(strict, "strict");
   r.cpu_loss = logged_values(dir / "cpu/metrics.jsonl", "loss");
   r.strict_loss = logged_values(dir / "strict/metrics.jsonl", "loss");
+  r.cpu_kl = logged_values(dir / "cpu/metrics.jsonl", "distill_kl");
+  r.strict_kl = logged_values(dir / "strict/metrics.jsonl", "distill_kl");
   r.cpu_eval = logged_values(dir / "cpu/metrics.jsonl", "eval_loss");
   r.strict_eval = logged_values(dir / "strict/metrics.jsonl", "eval_loss");
   fs::remove_all(dir);
   return r;
 }
 
-// The same losses to 1e-6 (logged training losses and validation losses), and per optimizer
-// step only the batch up and scalars down. Each step has 2 micro-batches of 4×256 tokens;
-// each uploads ids, positions and document ids (I32) and its shifted labels (I32, in CE
-// chunks): at most 4·4 bytes per token. Scalars: one norm per trainable tensor (clipping),
-// and a loss sum, count and hit count per cross-entropy chunk of 256 tokens.
+// The same losses to 1e-6 (logged training losses, distillation terms and validation losses),
+// and per optimizer step only the batch up and scalars down. Each step has 2 micro-batches of
+// 4×256 tokens; each uploads ids, positions and document ids (I32) and its shifted labels
+// (I32, in CE chunks): at most 4·4 bytes per token (the teacher runs on the same uploaded
+// batch). Scalars: one norm per trainable tensor (clipping), and a loss sum, count and hit
+// count per cross-entropy chunk of 256 tokens, plus the KL sum and count when distilling.
 void check_heal(const HealRun& r, size_t logged, size_t evals, size_t steps) {
   ASSERT_EQ(r.cpu_loss.size(), logged);
   ASSERT_EQ(r.strict_loss.size(), logged);
   ASSERT_EQ(r.cpu_eval.size(), evals);
   ASSERT_EQ(r.strict_eval.size(), evals);
   for (size_t i = 0; i < logged; ++i) EXPECT_NEAR(r.strict_loss[i], r.cpu_loss[i], 1e-6) << "logged loss " << i;
+  // The demo heal distils: every logged step has its KL term, the same in both modes.
+  ASSERT_EQ(r.cpu_kl.size(), logged);
+  ASSERT_EQ(r.strict_kl.size(), logged);
+  for (size_t i = 0; i < logged; ++i) {
+    EXPECT_GT(r.cpu_kl[i], 0.0) << "logged KL " << i;
+    EXPECT_NEAR(r.strict_kl[i], r.cpu_kl[i], 1e-6) << "logged KL " << i;
+  }
   for (size_t i = 0; i < evals; ++i) EXPECT_NEAR(r.strict_eval[i], r.cpu_eval[i], 1e-6) << "eval loss " << i;
   EXPECT_LT(r.cpu_eval.back(), r.cpu_eval.front());  // it trained
   const int64_t tokens = 2 * 4 * 256, batch_bytes = 4 * 4 * tokens;
@@ -141,7 +153,7 @@ void check_heal(const HealRun& r, size_t logged, size_t evals, size_t steps) {
   for (const TransferStats& s : r.steps) {
     EXPECT_EQ(s.downloads, 0);
     EXPECT_LE(s.upload_bytes, batch_bytes);
-    EXPECT_LE(s.scalar_reads, trainable + 3 * ce_chunks);
+    EXPECT_LE(s.scalar_reads, trainable + (3 + 2) * ce_chunks);
     max_up = std::max(max_up, s.upload_bytes);
     max_scalars = std::max(max_scalars, s.scalar_reads);
   }

@@ -62,7 +62,7 @@ std::vector<fs::path> write_heal_report(const fs::path& dir, const HealReport& r
       double lo = INFINITY, hi = -INFINITY;
       for (const PlotSeries* s : {&train, &val})
         for (double x : s->x) lo = std::min(lo, x), hi = std::max(hi, x);
-      curves.push_back({fmt::format("{} held-out loss", r.parent_label), {lo, hi}, {r.parent.eval_loss, r.parent.eval_loss}, false});
+      curves.push_back({r.parent_label, {lo, hi}, {r.parent.eval_loss, r.parent.eval_loss}, false});
     }
     pngs.push_back(dir / "loss.png");
     write_line_plot(pngs.back(), r.title + ": loss", "optimizer step", "cross-entropy (nats per token)", curves);

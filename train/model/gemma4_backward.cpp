@@ -28,10 +28,11 @@ Gemma4Grads Gemma4Model::zero_grads() {
 
 Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale,
                                                 Gemma4Grads& grads) {
-  // Distillation: the teacher's final hidden states first (a tape-less forward, so it never
-  // overlaps the student's tapes); its logits are made per chunk below.
-  const Tensor teacher_hidden = distill_.teacher ? distill_.teacher->forward_hidden(batch) : Tensor();
   ForwardState st;
+  upload_batch(batch, st);
+  // Distillation: the teacher's final hidden states first (a tape-less forward on the batch
+  // uploaded once, so it never overlaps the student's tapes); its logits per chunk below.
+  const Tensor teacher_hidden = distill_.teacher ? distill_.teacher->teacher_hidden(batch, st) : Tensor();
   forward(batch, st, true, nullptr);
   const int64_t n = st.hidden.dim(0), H = config_.hidden_size, V = config_.vocab_size;
   const double cap = config_.final_logit_softcapping.value_or(0.0);

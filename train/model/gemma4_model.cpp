@@ -183,13 +183,9 @@ Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& 
   return ple;
 }
 
-void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
-                          std::vector<Tensor>* layer_outputs) {
+void Gemma4Model::upload_batch(const Batch& batch, ForwardState& st) {
   if (batch.ids.rank() != 2) throw Error("batch ids must be [B, S]");
   const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
-  st.B = B;
-  st.S = S;
-  st.keep = keep_tapes;
   Tensor positions_host;
   if (batch.positions.defined()) {
     positions_host = to_i32(batch.positions);
@@ -200,6 +196,16 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   st.positions = ops_.upload(positions_host.view({n}), DType::I32);
   st.ids = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
   if (batch.doc_ids.defined()) st.doc_ids = ops_.upload(to_i32(batch.doc_ids), DType::I32);
+}
+
+void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
+                          std::vector<Tensor>* layer_outputs) {
+  if (batch.ids.rank() != 2) throw Error("batch ids must be [B, S]");
+  const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
+  st.B = B;
+  st.S = S;
+  st.keep = keep_tapes;
+  if (!st.ids.defined()) upload_batch(batch, st);  // else uploaded by the caller (a student, for its teacher)
   st.x0 = embed(st.ids);
   st.lora_saved.clear();
   if (config_.has_ple()) st.ple = per_layer_inputs(st, st.x0, st.ple_ctx);

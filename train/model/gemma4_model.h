@@ -251,6 +251,11 @@ class Gemma4Model {
   // dx += dy·W, dW += dyᵀ·x (when wanted), plus the adapter's dA, dB and its part of dx.
   void linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw);
   void forward(const Batch& batch, ForwardState& st, bool keep_tapes, std::vector<Tensor>* layer_outputs);
+  // The batch's ids, positions and document ids on the backend, into st.
+  void upload_batch(const Batch& batch, ForwardState& st);
+  // A teacher's final hidden states for the batch its student has uploaded into `student`
+  // (the same device tensors: the batch crosses once).
+  Tensor teacher_hidden(const Batch& batch, const ForwardState& student);
   Tensor embed(const Tensor& ids);
   Tensor per_layer_inputs(ForwardState& st, const Tensor& embedded, Tensor& ctx_scaled);
   void layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& tape);

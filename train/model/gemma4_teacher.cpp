@@ -101,6 +101,15 @@ std::unique_ptr<Gemma4Model> Gemma4Model::parent_view(const Gemma4Config& parent
   return view;
 }
 
+Tensor Gemma4Model::teacher_hidden(const Batch& batch, const ForwardState& student) {
+  ForwardState st;
+  st.ids = student.ids;
+  st.positions = student.positions;
+  st.doc_ids = student.doc_ids;
+  forward(batch, st, false, nullptr);
+  return st.hidden;
+}
+
 void Gemma4Model::set_distillation(const Distillation& d) {
   if (d.teacher) {
     if (d.teacher == this) throw Error("distillation: a model cannot be its own teacher");
