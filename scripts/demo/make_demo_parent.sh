@@ -5,7 +5,7 @@
 # (configs/demo-parent.yaml: val_set_size 0.05 and seed 7, as configs/demo-heal.yaml), then
 # stored in bf16 as models/tiny is. The heal demo damages this model and heals it back toward
 # it, so the parent must know the heal's data: a heal on data its parent never saw fine-tunes
-# past the parent and shows nothing about repair. About 3 minutes on 2 cores.
+# past the parent and shows nothing about repair. 1m33s on 2 cores; two runs write the same bytes.
 # Needs: a build (bash scripts/build.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
