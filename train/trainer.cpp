@@ -196,7 +196,7 @@ void Trainer::setup_parent() {
       why = "the parent's " + bad;
     } else {
       try {
-        parent_ = model_->parent_view(pc, *order);
+        own_parent_ = model_->parent_view(pc, *order);
         std::string layers;
         for (size_t j = 0; j < order->size(); ++j) layers += fmt::format("{}{}", j ? "," : "", (*order)[j]);
         parent_mode_ = fmt::format("shared weights: the parent's layers are layers {} of {}, run without LoRA "
@@ -207,15 +207,22 @@ void Trainer::setup_parent() {
       }
     }
   }
-  if (!parent_) {
-    parent_ = std::make_unique<Gemma4Model>(pc, ops_);
-    parent_->load(Checkpoint::open(dir), cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant) : Gemma4LoadOptions{});
+  if (!own_parent_ && !distill && same_dir(dir, cfg_.eval_reference_model)) {
+    // Measured only: the reference model setup_data loads anyway is the parent (no third copy).
+    parent_mode_ = fmt::format("the eval_reference_model, as loaded for cross-perplexity ({})", why);
+    return;
+  }
+  if (!own_parent_) {
+    own_parent_ = std::make_unique<Gemma4Model>(pc, ops_);
+    own_parent_->load(Checkpoint::open(dir),
+                      cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant) : Gemma4LoadOptions{});
     const ModelPlan pp = plan_model(pc);
     parent_weight_bytes_ = cfg_.load_in_4bit ? pp.bytes_nf4 : pp.bytes_bf16;
     parent_mode_ = fmt::format("second model: loaded frozen{}, {:.3f} GiB ({})", cfg_.load_in_4bit ? " in NF4" : "",
                                parent_weight_bytes_ / double(1ull << 30), why);
   }
-  if (distill) model_->set_distillation({parent_.get(), cfg_.distill_alpha, cfg_.distill_temperature, cfg_.distill_top_k});
+  parent_ = own_parent_.get();
+  if (distill) model_->set_distillation({parent_, cfg_.distill_alpha, cfg_.distill_temperature, cfg_.distill_top_k});
 }
 
 void Trainer::setup_data() {
@@ -233,6 +240,11 @@ void Trainer::setup_data() {
     stop_tokens_ = stop_tokens_for(cfg_.base_model, *tokenizer_);
     if (!cfg_.eval_reference_model.empty())
       reference_ = std::make_unique<EvalModel>(load_eval_model(cfg_.eval_reference_model, {}, false, ops_));
+  }
+  if (!parent_ && !parent_dir_.empty()) {  // setup_parent chose the reference model as the parent
+    if (!reference_)
+      reference_ = std::make_unique<EvalModel>(load_eval_model(cfg_.eval_reference_model, {}, false, ops_));
+    parent_ = reference_->model.get();
   }
   if (!cfg_.eval_mc_file.empty()) mc_items_ = load_mc_jsonl(cfg_.eval_mc_file);
   const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps * comm_->world();
@@ -352,7 +364,7 @@ Trainer::Evaluation Trainer::evaluate() {
   Evaluation e;
   if (val_rows_.empty()) return e;
   // Sharded: rank r evaluates every world-th micro-batch; the sums are reduced below.
-  const HeldOut h = held_out(*model_, parent_.get(), val_rows_, cfg_.micro_batch_size,
+  const HeldOut h = held_out(*model_, parent_, val_rows_, cfg_.micro_batch_size,
                              cfg_.micro_batch_size * comm_->rank(), cfg_.micro_batch_size * comm_->world());
   double v[5] = {h.loss.sum, double(h.loss.count), h.parent.kl, double(h.parent.count), double(h.parent.agree)};
   comm_->all_reduce_sum_host(v, 5, "evaluation all-reduce");

@@ -153,7 +153,8 @@ class Trainer {
   std::unique_ptr<EvalModel> reference_;
   std::vector<McItem> mc_items_;
   EvalMeasures before_;
-  std::unique_ptr<Gemma4Model> parent_;
+  std::unique_ptr<Gemma4Model> own_parent_;  // a parent_view or a second model, when one is made
+  Gemma4Model* parent_ = nullptr;            // the parent: own_parent_'s, or the reference model's
   std::string parent_dir_, parent_mode_;  // the parent's directory; how it runs (plan and log)
   double parent_weight_bytes_ = 0;        // a second model's weights (0: shared)
   bool parent_measured_ = false;

@@ -46,6 +46,10 @@ check teacher_memory "$tmp/plan" "^peak per GPU .* \+ teacher [0-9.]+ \+ slack"
 # A base without a layer map: the parent is loaded on its own, in NF4 under QLoRA.
 "$train" --config "$tmp/heal.yaml" base_model="$tmp/copy" distill_from="$src/models/tiny" --dry-run >"$tmp/plan2" 2>&1
 check second_model "$tmp/plan2" "^parent .*: second model: loaded frozen in NF4, [0-9.]+ GiB \('$tmp/copy' has no surgery layer map"
+# Measured only, without a layer map: the eval_reference_model the run loads anyway is the parent.
+"$train" --config "$tmp/heal.yaml" base_model="$tmp/copy" distill_from= distill_alpha= distill_temperature= \
+  eval_reference_model="$src/models/tiny" --dry-run >"$tmp/plan5" 2>&1
+check reference_parent "$tmp/plan5" "^parent .*: the eval_reference_model, as loaded for cross-perplexity"
 # distill_alpha 0: the parent is measured, nothing is distilled.
 "$train" --config "$tmp/heal.yaml" distill_alpha=0 --dry-run >"$tmp/plan3" 2>&1
 check alpha_zero "$tmp/plan3" "^distillation +off \(distill_alpha 0\): the parent is measured only"
