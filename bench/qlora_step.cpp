@@ -3,14 +3,16 @@
 // GPU; bf16 products on a CPU with bf16 instructions, else fp32), timed by op family:
 //
 //   bench_qlora_step --config CONFIG_JSON [--layers N] [--seq S] [--steps K]
-//                    [--backend auto|cpu|cuda] [--no-checkpointing] [--blame]
+//                    [--backend auto|cpu|cuda|strict] [--no-checkpointing] [--blame]
 //
 // NF4 (double-quantized) bases made on the backend (no checkpoint: the weights are
 // {−0.02, 0, 0.02} from two dropout masks, enough to time the step), LoRA r 16 on every
 // projection, micro-batch 1, gradient checkpointing unless --no-checkpointing. One warm-up
 // step, K steps for tokens/s, then one step through TimedOps (core/timed_ops.h) for the time
 // by op family (on the GPU from CUDA events, so the GPU does not wait per op). --blame
-// synchronizes after every op of that step and names the op whose work failed.
+// synchronizes after every op of that step and names the op whose work failed. `strict` is
+// the CPU backend in strict-device mode (core/cpu/strict_ops.h): the JSON then also counts
+// what crossed the bus in that step (host-to-device copies, device-to-host reads).
 // Prints the family table to stderr and one JSON line to stdout: tokens/s, the same scaled
 // to the full depth (× LAYERS / num_hidden_layers), the measured peak beside the memory plan's
 // (train/step/memory_plan.h) and the op table. Exit status 3 when the device ran out of memory
@@ -24,6 +26,8 @@
 
 #include "core/math.h"
 #include "core/nf4.h"
+#include "core/cpu/gemm_bf16.h"
+#include "core/cpu/strict_ops.h"
 #include "core/cpu/thread_policy.h"
 #include "core/timed_ops.h"
 #include "core/weights.h"
@@ -47,7 +51,7 @@ struct Args {
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "bench_qlora_step: " << why
             << "\nusage: bench_qlora_step --config CONFIG_JSON [--layers N] [--seq S] [--steps K] "
-               "[--backend auto|cpu|cuda] [--no-checkpointing] [--blame]\n";
+               "[--backend auto|cpu|cuda|strict] [--no-checkpointing] [--blame]\n";
   std::exit(2);
 }
 
@@ -81,7 +85,7 @@ Args parse(int argc, char** argv) {
     else if (k == "-h" || k == "--help") {
       std::cout << "bench_qlora_step: the QLoRA step of a released config cut to N layers, timed by op family\n"
                 << "usage: bench_qlora_step --config CONFIG_JSON [--layers N (2)] [--seq S (2048)] [--steps K (3)]\n"
-                << "       [--backend auto|cpu|cuda] [--no-checkpointing] [--blame]\n";
+                << "       [--backend auto|cpu|cuda|strict] [--no-checkpointing] [--blame]\n";
       std::exit(0);
     } else usage("unknown argument '" + k + "'");
   }
@@ -133,7 +137,16 @@ int main(int argc, char** argv) {
     tl::BackendOptions opts;
     opts.act = tl::DType::F32;
     opts.bf16 = true;  // the trainer's default
-    tl::Backend backend = tl::make_backend(tl::parse_backend(args.backend, "--backend"), opts);
+    tl::Backend backend;
+    tl::StrictOps* strict = nullptr;
+    if (args.backend == "strict") {
+      auto s = std::make_unique<tl::StrictOps>(tl::DType::F32, tl::cpu::native_bf16() ? tl::CpuMatmul::Bf16 : tl::CpuMatmul::F32);
+      strict = s.get();
+      backend.ops = std::move(s);
+      backend.description = "cpu in strict-device mode";
+    } else {
+      backend = tl::make_backend(tl::parse_backend(args.backend, "--backend"), opts);
+    }
     std::cerr << "backend: " << backend.description << "\n";
     tl::TimedOps ops(*backend.ops, args.blame);
     ops.set_enabled(false);  // on for the one step that the table measures
@@ -181,8 +194,19 @@ int main(int argc, char** argv) {
     ops.synchronize();
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ops.set_enabled(true);
+    const tl::TransferStats before = strict ? strict->transfers() : tl::TransferStats{};
     tl::train_step(model, none, opt, ops, micro, 1e-4, 1.0);
     const tl::TimedOps::Times times = ops.collect();
+    nlohmann::json bus;
+    if (strict) {
+      const tl::TransferStats& after = strict->transfers();
+      bus = {{"uploads", after.uploads - before.uploads},
+             {"upload_bytes", after.upload_bytes - before.upload_bytes},
+             {"downloads", after.downloads - before.downloads},
+             {"download_bytes", after.download_bytes - before.download_bytes},
+             {"scalar_reads", after.scalar_reads - before.scalar_reads}};
+      std::cerr << "bus in one step: " << bus.dump() << "\n";
+    }
     std::cerr << times.table();
 
     tl::MemoryPlanInput plan_in;
@@ -217,7 +241,8 @@ int main(int argc, char** argv) {
                                 {"peak_bytes", peak},
                                 {"peak_kind", peak_kind},
                                 {"planned_peak_bytes", planned},
-                                {"ops", times.to_json()}}
+                                {"ops", times.to_json()},
+                                {"bus_per_step", bus}}
                      .dump()
               << "\n";
     return 0;

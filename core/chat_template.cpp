@@ -168,6 +168,11 @@ std::vector<ChatMessage> chat_from_json(const nlohmann::json& messages, const st
     msg.content = text("content");
     msg.reasoning = text("reasoning");
     if (msg.reasoning.empty()) msg.reasoning = text("reasoning_content");  // the template's `or`
+    // A turn without text would render (and train) as an empty message: a dropped field, not
+    // an empty answer ("content": "" says that). A null content beside reasoning is a turn of
+    // thinking only, as the template renders it.
+    if (!m.contains("content") || (m["content"].is_null() && msg.reasoning.empty()))
+      throw Error(where + ": has no \"content\" (an empty turn is \"content\": \"\")");
     out.push_back(std::move(msg));
   }
   return out;

@@ -9,7 +9,10 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "core/config.h"
+#include "core/dir_lock.h"
 #include "core/output_dir.h"
+#include "core/weights.h"
 
 namespace tl {
 
@@ -34,7 +37,9 @@ std::vector<fs::path> non_weight_files(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir)) {
     if (!e.is_regular_file()) continue;
     std::string name = e.path().filename().string();
-    if (name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.ends_with(".tmp"))
+    // A lock file belongs to a writer of that folder, not to the checkpoint (core/dir_lock.h).
+    if (name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.ends_with(".tmp") ||
+        name == kLockFileName)
       continue;
     out.push_back(e.path());
   }
@@ -76,6 +81,10 @@ void write_derived_checkpoint(const fs::path& src, const fs::path& out, bool for
 void convert_checkpoint(const fs::path& src, const fs::path& out, std::optional<DType> dtype,
                         uint64_t max_shard_bytes, bool force) {
   Checkpoint ckpt = Checkpoint::open(src);
+  // What `check` refuses is not copied into an output called good: a config contradicting the
+  // weights, or (with a dtype) a bitsandbytes checkpoint, whose U8 codes would stay while their
+  // float32 scales became another dtype.
+  check_text_decoder(Gemma4Config::load(src), ckpt, /*allow_bnb_4bit=*/!dtype);
   write_checkpoint_dir(out, {src}, force, [&](const fs::path& tmp) {
     std::vector<NamedTensor> tensors;
     for (const std::string& name : ckpt.names()) {

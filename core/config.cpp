@@ -214,6 +214,37 @@ void Gemma4Config::finalize(const std::string& label) {
       if (idx >= num_hidden_layers)
         throw Error(fmt::format("{}: per_layer_config names layer {} but num_hidden_layers is {}", label,
                                 idx, num_hidden_layers));
+    // transformers reads a layer type's settings as per_layer_config[type] (KV sharing, the
+    // cache), which refuses a type whose layers' overrides differ: "Layer type '…' is not
+    // homogeneous across layers". A config ending on a sliding layer whose per_layer_config has
+    // no full-layer entry for it (the last layer is forced to full above) is one such.
+    auto same = [](const LayerOverride& a, const LayerOverride& b) {
+      return a.head_dim == b.head_dim && a.num_key_value_heads == b.num_key_value_heads;
+    };
+    auto override_of = [&](int i) {
+      auto it = per_layer_config->find(i);
+      return it == per_layer_config->end() ? LayerOverride{} : it->second;
+    };
+    auto text = [](const LayerOverride& o) {
+      std::string t;
+      if (o.head_dim) t += fmt::format("head_dim {}", *o.head_dim);
+      if (o.num_key_value_heads) t += fmt::format("{}num_key_value_heads {}", t.empty() ? "" : ", ", *o.num_key_value_heads);
+      return t.empty() ? std::string("none") : t;
+    };
+    for (int i = 0; i < num_hidden_layers; ++i) {
+      int first = 0;
+      while (layer_types[size_t(first)] != layer_types[size_t(i)]) ++first;
+      if (!same(override_of(i), override_of(first)))
+        throw Error(fmt::format("{}: per_layer_config: layer type '{}' is not homogeneous across layers (layer {} "
+                                "overrides {}, layer {} {}){}; transformers refuses to load it",
+                                label, layer_type_name(layer_types[size_t(i)]), first, text(override_of(first)), i,
+                                text(override_of(i)),
+                                forced_full_last_layer && i == num_hidden_layers - 1
+                                    ? fmt::format(" (layer_types ends on sliding_attention; transformers forces layer {} "
+                                                  "to full_attention)",
+                                                  i)
+                                    : ""));
+    }
   }
 
   layers_.assign(size_t(num_hidden_layers), {});

@@ -1,5 +1,6 @@
 #include "core/nf4.h"
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -479,7 +480,7 @@ std::vector<NamedTensor> nf4_state_dict(const std::string& prefix, const Nf4Tens
   return out;
 }
 
-Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get) {
+Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get, bool read_packed) {
   const std::string w = prefix + "weight";
   auto need = [&](const std::string& key, DType dtype, int64_t numel) {
     std::optional<Tensor> t = get(key);
@@ -519,13 +520,23 @@ Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get
       if (field("nested_blocksize") != 256) throw Error("nf4: '" + qs_key + "' nested_blocksize is not 256");
       if (field("nested_dtype") != "float32") throw Error("nf4: '" + qs_key + "' nested_dtype is not float32");
       t.offset = float(field("nested_offset").get<double>());
+      if (!std::isfinite(t.offset)) throw Error("nf4: '" + qs_key + "' nested_offset is not finite");
     }
   } catch (const nlohmann::json::exception& e) {
     throw Error("nf4: '" + qs_key + "': " + e.what());
   }
   const int64_t n = t.numel(), nb = t.nblocks();
-  Tensor packed = need(w, DType::U8, (n + 1) / 2);
-  t.packed.assign(packed.data<uint8_t>(), packed.data<uint8_t>() + packed.numel());
+  if (read_packed) {
+    Tensor packed = need(w, DType::U8, (n + 1) / 2);
+    t.packed.assign(packed.data<uint8_t>(), packed.data<uint8_t>() + packed.numel());
+  }
+  // Scales that dequantize to NaN or infinity (a damaged file) would reach every product.
+  auto finite_scales = [&](const std::string& key, const float* v, size_t count) {
+    for (size_t i = 0; i < count; ++i)
+      if (!std::isfinite(v[i]) || v[i] < 0)
+        throw Error(fmt::format("nf4: tensor '{}' holds {} at index {}; a block's scale must be finite and ≥ 0", key,
+                                v[i], i));
+  };
   Tensor qmap = need(w + ".quant_map", DType::F32, 16);
   for (unsigned q = 0; q < 16; ++q)
     if (float_bits(qmap.data<float>()[q]) != float_bits(nf4_code_value(q)))
@@ -536,11 +547,17 @@ Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get
     const int64_t nn = (nb + kNf4NestedBlockSize - 1) / kNf4NestedBlockSize;
     Tensor na = need(w + ".nested_absmax", DType::F32, nn);
     t.nested_absmax.assign(na.data<float>(), na.data<float>() + nn);
+    finite_scales(w + ".nested_absmax", t.nested_absmax.data(), t.nested_absmax.size());
     Tensor nm = need(w + ".nested_quant_map", DType::F32, 256);
     t.nested_map.assign(nm.data<float>(), nm.data<float>() + 256);  // readers use the stored map
+    for (size_t i = 0; i < t.nested_map.size(); ++i)
+      if (!std::isfinite(t.nested_map[i]))
+        throw Error(fmt::format("nf4: tensor '{}' holds {} at index {}; the map must be finite",
+                                w + ".nested_quant_map", t.nested_map[i], i));
   } else {
     Tensor a = need(w + ".absmax", DType::F32, nb);
     t.absmax.assign(a.data<float>(), a.data<float>() + nb);
+    finite_scales(w + ".absmax", t.absmax.data(), t.absmax.size());
   }
   return t;
 }
@@ -565,6 +582,23 @@ Nf4Tensor nf4_from_state_dict(const std::string& prefix, const Checkpoint& ckpt)
     if (!ckpt.contains(k)) return std::nullopt;
     return ckpt.get(k);
   });
+}
+
+void check_nf4_state(const std::string& prefix, const Checkpoint& ckpt) try {
+  const std::string w = prefix + "weight";
+  const Nf4Tensor t = nf4_from_state_dict(
+      prefix,
+      [&](const std::string& k) -> std::optional<Tensor> {
+        if (!ckpt.contains(k)) return std::nullopt;
+        return ckpt.get(k);
+      },
+      /*read_packed=*/false);
+  const TensorEntry& e = ckpt.entry(w);
+  if (e.dtype != DType::U8 || shape_numel(e.shape) != (t.numel() + 1) / 2)
+    throw Error(fmt::format("nf4: tensor '{}' is {} {}, expected U8 with {} elements (two 4-bit codes a byte)", w,
+                            dtype_name(e.dtype), shape_str(e.shape), (t.numel() + 1) / 2));
+} catch (const Error& e) {
+  throw Error(fmt::format("{}: {}", ckpt.dir().string(), e.what()));
 }
 
 }  // namespace tl

@@ -188,11 +188,18 @@ std::string nf4_quant_state_json(const Nf4Tensor& t);
 std::string python_float_repr(double d);
 
 // Inverse of nf4_state_dict. `get(name)` returns the tensor or nullopt; a missing or
-// malformed entry throws tl::Error naming the key.
+// malformed entry throws tl::Error naming the key, and so does a quantization state that
+// cannot dequantize to finite weights (an absmax, nested_absmax, nested_quant_map or
+// nested_offset that is NaN, infinite or negative): bitsandbytes would compute with it and
+// give a NaN loss. Without `read_packed` the packed weight itself is neither read nor returned
+// (a check of the state only).
 using TensorLookup = std::function<std::optional<Tensor>(const std::string&)>;
-Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get);
+Nf4Tensor nf4_from_state_dict(const std::string& prefix, const TensorLookup& get, bool read_packed = true);
 Nf4Tensor nf4_from_state_dict(const std::string& prefix, const std::vector<NamedTensor>& tensors);
 Nf4Tensor nf4_from_state_dict(const std::string& prefix, const SafetensorsFile& file);
 Nf4Tensor nf4_from_state_dict(const std::string& prefix, const Checkpoint& ckpt);
+// The checks of nf4_from_state_dict on a checkpoint's pre-quantized weight `prefix`+"weight",
+// reading its quantization state and the packed weight's header only.
+void check_nf4_state(const std::string& prefix, const Checkpoint& ckpt);
 
 }  // namespace tl

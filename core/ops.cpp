@@ -5,7 +5,10 @@
 #include "core/math.h"
 #include "core/nf4.h"
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <vector>
 
@@ -134,5 +137,18 @@ class HostClock final : public OpClock {
 }  // namespace
 
 std::unique_ptr<OpClock> Ops::make_clock() { return std::make_unique<HostClock>(); }
+
+double Ops::memory_available() {
+  // /proc/meminfo's MemAvailable (kB): what the kernel can hand out without swapping.
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb > 0) return double(kb) * 1024.0;
+  }
+  return double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+}
 
 }  // namespace tl

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -21,6 +22,14 @@ struct Nf4Tensor;
 struct AttentionMask {
   int64_t window = 0;        // 0: no window (full attention)
   const Tensor* doc_ids = nullptr;  // optional I32 [B, S]; equal ids = same document
+  // The same ids on the host, when the caller has them (the batch came from there): a backend
+  // whose doc_ids live on a device bounds the keys each block of queries reads without
+  // reading them back.
+  const Tensor* doc_ids_host = nullptr;
+  // Each query row's log-sum-exp of its scores, [B, nh, S] on the backend, F32 (F64 with F64
+  // activations): written by attention_forward when given, read by attention_backward when given
+  // (which then recomputes the probabilities from it, without each row's max and sum).
+  Tensor* lse = nullptr;
 };
 
 // Marks in a backend's order of work, so that ops are timed without waiting after each one
@@ -34,6 +43,24 @@ class OpClock {
   virtual double seconds(size_t a, size_t b) = 0;
   // Forgets every mark (a backend reuses their resources).
   virtual void clear() = 0;
+};
+
+// A MoE layer's experts as the model holds them: dense [E, 2I, H] gate_up and [E, H, I]
+// down tensors, or one NF4 matrix per expert ([2I, H] and [H, I]), frozen either way.
+struct MoeExperts {
+  const Tensor* gate_up = nullptr;  // dense (its data unused when gate_up_nf4 is given)
+  const Tensor* down = nullptr;
+  const std::vector<Nf4Tensor>* gate_up_nf4 = nullptr;
+  const std::vector<Nf4Tensor>* down_nf4 = nullptr;
+  int64_t num_experts = 0, intermediate = 0;  // E, I
+};
+
+// What moe_experts_forward keeps for moe_experts_backward, in the backend's own layout (the
+// CPU: per routed slot t·K + k, [n·K, …]; the GPU: per tile of an expert's rows).
+struct MoeTape {
+  Tensor gate, up, h, out;  // gate and up projections, gelu(gate)∘up, the expert's output
+  Tensor aux;               // backend routing state (the GPU: slot → tile row, tile table)
+  std::shared_ptr<void> state;
 };
 
 class Ops {
@@ -82,7 +109,8 @@ class Ops {
 
   // NeoX-style rotation in place: x viewed [N, heads, d]; pairs (i, i+d/2) rotate by
   // pos[n]·inv_freq[i] (angle and cos/sin in the activation dtype); inv_freq: F64 [d/2]
-  // on the host holding the fp32 values HF computes (zeros leave dims untouched).
+  // on this backend (the model uploads it once, at load) holding the fp32 values HF
+  // computes (zeros leave dims untouched).
   virtual void rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) = 0;
 
   // Scaled-dot-product attention with scale 1.0 and GQA (query head h uses KV head
@@ -106,6 +134,9 @@ class Ops {
   virtual void mul(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // x *= s in place.
   virtual void scale(Tensor& x, double s) = 0;
+  // x[i] = value for every i, whatever x held (NaN and Inf included: zeroing a gradient by
+  // scale(x, 0) would keep a NaN, NaN · 0 = NaN, and poison every later step).
+  virtual void fill(Tensor& x, double value) = 0;
   // x[m,:] *= s[m] in place. x: [M, D], s: [M].
   virtual void scale_rows(Tensor& x, const Tensor& s) = 0;
   // x = cap · tanh(x / cap) in place.
@@ -118,6 +149,16 @@ class Ops {
   // weights: [N,k] act dtype; idx: I32 [N,k].
   virtual void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                                  Tensor& weights, Tensor& idx) = 0;
+  // The routed experts of a MoE layer, routed on this backend (no host loop over experts, no
+  // routing read back): for each token t and choice k, with e = idx[t,k] and w = weights[t,k],
+  //   gate|up = y[t]·W_gu,eᵀ;  h = gelu_tanh(gate)∘up;  o = h·W_down,eᵀ;  out[t] += w·o.
+  // y, out: [n, H]; idx: I32 [n, K]; weights: [n, K]. `tape` receives what the backward needs.
+  virtual void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                   const MoeExperts& experts, Tensor& out, MoeTape& tape) = 0;
+  // Its backward for frozen experts: dy += ∂/∂y, dweights[t,k] = ⟨o_{t,k}, dout[t]⟩ (set).
+  virtual void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                    Tensor& dweights) = 0;
   // out[m,:] = src[rows[m],:].
   virtual void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) = 0;
   // dst[rows[m],:] += scale[m] · src[m,:].
@@ -147,19 +188,27 @@ class Ops {
   // A clock over this backend's work (OpClock). The default reads the host's steady clock,
   // right for a backend whose ops return when their work is done (the CPU).
   virtual std::unique_ptr<OpClock> make_clock();
+  // Bytes this backend may still allocate: the GPU's free memory, or the host's available
+  // memory (MemAvailable) on the CPU. What `gradient_checkpointing: auto` plans against.
+  virtual double memory_available();
   // Waits for all the work issued so far and throws tl::Error if it failed. A GPU reports a
   // kernel's fault at the next synchronising call, so a caller that synchronizes after each
   // op (TimedOps' blame mode) names the op at fault. The default has nothing to wait for.
   virtual void synchronize() {}
 
   // ---- optimisation ----------------------------------------------------------------------
-  // ‖x‖₂ (accumulated in double).
+  // ‖x‖₂ (accumulated in double), read back to the host.
   virtual double norm2(const Tensor& x) = 0;
+  // acc[index] += Σ x² (in double, the same sum whatever the threads), acc an F64 tensor on
+  // this backend: a step's squared gradient norm stays on the device until its one read.
+  virtual void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) = 0;
   // One PyTorch AdamW update of p with gradient g and moments m, v (bc1, bc2 the bias
-  // corrections 1−β^t):  p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
-  // p ← p − (lr/bc1)·m / (√v/√bc2 + eps).
+  // corrections 1−β^t), the gradient first multiplied by grad_scale (the clipping
+  // coefficient, rounded to p's dtype as torch's grad.mul_ rounds it):  g ← g·grad_scale;
+  // p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
+  // p ← p − (lr/bc1)·m / (√v/√bc2 + eps).  g itself is left as it was.
   virtual void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1,
-                            double beta2, double eps, double wd, double bc1, double bc2) = 0;
+                            double beta2, double eps, double wd, double bc1, double bc2, double grad_scale) = 0;
 
   // ---- backward ------------------------------------------------------------------------
   // Each *_backward takes the forward's inputs and the gradient of its output, and ADDS the
@@ -198,10 +247,12 @@ class Ops {
   // the src part is gather_rows of ddst times scale).
   virtual void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) = 0;
   // Fused soft-capped cross-entropy gradient for a chunk: given logits (already capped) and
-  // targets, dlogits = (softmax − onehot)·grad_scale on counted rows, 0 on ignored ones,
-  // then the cap's derivative. Returns the loss sum of the chunk and sets count.
-  virtual double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale,
-                                        double cap, Tensor& dlogits, int64_t& count) = 0;
+  // targets (labels: I32 on this backend, checked by the caller), dlogits = (softmax −
+  // onehot)·grad_scale on counted rows, 0 on ignored ones, then the cap's derivative. Adds the
+  // chunk's loss sum to sums[0] and its argmax hits (token accuracy; ties to the lower index)
+  // to sums[1], sums an F64 tensor on this backend: nothing is read back here.
+  virtual void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) = 0;
 
   // ---- distillation from a teacher (issue 24) ----------------------------------------------
   // For a chunk of student logits s and teacher logits t ([N, V], both already soft-capped),
@@ -217,15 +268,17 @@ class Ops {
     int64_t count = 0;  // rows with label ≠ −100
     int64_t agree = 0;  // counted rows where argmax s = argmax t (ties to the lower index)
   };
+  // For evaluation: the sums, read back.
   virtual DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
                                      double temperature, int64_t top_k) = 0;
-  // The fused gradient of weight·T²·kl for a chunk, ADDED to dstudent (which the
+  // For training: the fused gradient of weight·T²·kl for a chunk, ADDED to dstudent (which the
   // cross-entropy backward has just set), through the student's soft-cap:
   //   dstudent_j += weight·T·(q_j − p_j)·(1 − (s_j/cap)²)   on counted rows (cap 0: no cap),
-  // since d(T²·kl)/ds_j = T·(q_j − p_j). Returns Σ kl and sets count, as distill_kl_sum.
-  virtual double distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                     double temperature, int64_t top_k, double weight, double cap,
-                                     Tensor& dstudent, int64_t& count) = 0;
+  // since d(T²·kl)/ds_j = T·(q_j − p_j). Adds the chunk's Σ kl to sums[0] (F64 on this
+  // backend; labels checked by the caller, as for the cross-entropy): nothing is read back.
+  virtual void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                   double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                   Tensor& sums) = 0;
 };
 
 // Holds x as an unchanged matmul input for the guard's lifetime (Ops::hold_matmul_input).

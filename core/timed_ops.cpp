@@ -35,6 +35,7 @@ enum OpIndex {
   k_add,
   k_mul,
   k_scale,
+  k_fill,
   k_scale_rows,
   k_softcap_forward,
   k_softcap_backward,
@@ -42,6 +43,8 @@ enum OpIndex {
   k_dropout_mask,
   k_moe_route_forward,
   k_moe_route_backward,
+  k_moe_experts_forward,
+  k_moe_experts_backward,
   k_gather_rows,
   k_scatter_add_rows,
   k_scatter_rows,
@@ -52,6 +55,7 @@ enum OpIndex {
   k_distill_kl_sum,
   k_distill_kl_backward,
   k_norm2,
+  k_add_sum_squares,
   k_adamw_update,
   kOpCount
 };
@@ -85,6 +89,7 @@ constexpr OpInfo kOps[kOpCount] = {
     {"add", "elementwise"},
     {"mul", "elementwise"},
     {"scale", "elementwise"},
+    {"fill", "elementwise"},
     {"scale_rows", "elementwise"},
     {"softcap_forward", "elementwise"},
     {"softcap_backward", "elementwise"},
@@ -92,6 +97,8 @@ constexpr OpInfo kOps[kOpCount] = {
     {"dropout_mask", "elementwise"},
     {"moe_route_forward", "moe"},
     {"moe_route_backward", "moe"},
+    {"moe_experts_forward", "moe"},
+    {"moe_experts_backward", "moe"},
     {"gather_rows", "moe"},
     {"scatter_add_rows", "moe"},
     {"scatter_rows", "moe"},
@@ -102,6 +109,7 @@ constexpr OpInfo kOps[kOpCount] = {
     {"distill_kl_sum", "loss"},
     {"distill_kl_backward", "loss"},
     {"norm2", "optimizer"},
+    {"add_sum_squares", "optimizer"},
     {"adamw_update", "optimizer"},
 };
 
@@ -245,6 +253,9 @@ void TimedOps::mul(const Tensor& a, const Tensor& b, Tensor& out) {
 void TimedOps::scale(Tensor& x, double s) {
   return timed(k_scale, [&] { return inner_.scale(x, s); });
 }
+void TimedOps::fill(Tensor& x, double value) {
+  return timed(k_fill, [&] { return inner_.fill(x, value); });
+}
 void TimedOps::scale_rows(Tensor& x, const Tensor& s) {
   return timed(k_scale_rows, [&] { return inner_.scale_rows(x, s); });
 }
@@ -256,6 +267,16 @@ void TimedOps::copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int
 }
 void TimedOps::moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k, Tensor& weights, Tensor& idx) {
   return timed(k_moe_route_forward, [&] { return inner_.moe_route_forward(logits, per_expert_scale, k, weights, idx); });
+}
+void TimedOps::moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                   const MoeExperts& experts, Tensor& out, MoeTape& tape) {
+  return timed(k_moe_experts_forward, [&] { return inner_.moe_experts_forward(y, idx, weights, experts, out, tape); });
+}
+void TimedOps::moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                    Tensor& dweights) {
+  return timed(k_moe_experts_backward,
+               [&] { return inner_.moe_experts_backward(y, idx, weights, experts, tape, dout, dy, dweights); });
 }
 void TimedOps::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
   return timed(k_gather_rows, [&] { return inner_.gather_rows(src, rows, out); });
@@ -281,8 +302,13 @@ int64_t TimedOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) 
 double TimedOps::norm2(const Tensor& x) {
   return timed(k_norm2, [&] { return inner_.norm2(x); });
 }
-void TimedOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2, double eps, double wd, double bc1, double bc2) {
-  return timed(k_adamw_update, [&] { return inner_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2); });
+void TimedOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                            double eps, double wd, double bc1, double bc2, double grad_scale) {
+  return timed(k_adamw_update,
+               [&] { return inner_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale); });
+}
+void TimedOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
+  return timed(k_add_sum_squares, [&] { return inner_.add_sum_squares(x, acc, index); });
 }
 void TimedOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) {
   return timed(k_linear_backward, [&] { return inner_.linear_backward(x, w, dy, dx, dw); });
@@ -314,18 +340,20 @@ void TimedOps::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) 
 void TimedOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) {
   return timed(k_rowwise_dot, [&] { return inner_.rowwise_dot(a, rows, b, out); });
 }
-double TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap, Tensor& dlogits, int64_t& count) {
-  return timed(k_cross_entropy_backward, [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count); });
+void TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) {
+  return timed(k_cross_entropy_backward,
+               [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums); });
 }
 Ops::DistillSums TimedOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
                                           double temperature, int64_t top_k) {
   return timed(k_distill_kl_sum, [&] { return inner_.distill_kl_sum(student, teacher, labels, temperature, top_k); });
 }
-double TimedOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                     double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
-                                     int64_t& count) {
-  return timed(k_distill_kl_backward, [&] {
-    return inner_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, count);
+void TimedOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                   double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                   Tensor& sums) {
+  timed(k_distill_kl_backward, [&] {
+    inner_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, sums);
   });
 }
 

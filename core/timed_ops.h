@@ -64,11 +64,16 @@ class TimedOps final : public Ops {
   void add(const Tensor& a, const Tensor& b, Tensor& out) override;
   void mul(const Tensor& a, const Tensor& b, Tensor& out) override;
   void scale(Tensor& x, double s) override;
+  void fill(Tensor& x, double value) override;
   void scale_rows(Tensor& x, const Tensor& s) override;
   void softcap_forward(Tensor& x, double cap) override;
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k, Tensor& weights,
                          Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
@@ -77,10 +82,12 @@ class TimedOps final : public Ops {
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   std::unique_ptr<OpClock> make_clock() override { return inner_.make_clock(); }
+  double memory_available() override { return inner_.memory_available(); }
   void synchronize() override { inner_.synchronize(); }
   double norm2(const Tensor& x) override;
+  void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
-                    double eps, double wd, double bc1, double bc2) override;
+                    double eps, double wd, double bc1, double bc2, double grad_scale) override;
   void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
                           Tensor& dtable) override;
@@ -96,12 +103,12 @@ class TimedOps final : public Ops {
                           const Tensor& dweights, Tensor& dlogits, Tensor& dscale) override;
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
-  double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                Tensor& dlogits, int64_t& count) override;
+  void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) override;
   DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
                              int64_t top_k) override;
-  double distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
-                             int64_t top_k, double weight, double cap, Tensor& dstudent, int64_t& count) override;
+  void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor& dstudent, Tensor& sums) override;
 
  private:
   struct Span {

@@ -65,6 +65,15 @@ using Pieces = std::vector<std::pair<int32_t, uint32_t>>;  // (id, normalized by
 
 }  // namespace
 
+std::optional<size_t> invalid_utf8_at(std::string_view text) {
+  for (size_t i = 0; i < text.size();) {
+    const size_t n = utf8_len(text, i);
+    if (n == 0) return i;
+    i += n;
+  }
+  return std::nullopt;
+}
+
 struct Tokenizer::Impl {
   std::string label;
   StrMap<int32_t> vocab;                 // the BPE model's vocab

@@ -14,6 +14,11 @@
 
 namespace tl {
 
+// The byte offset of the first byte of `text` that does not start a valid UTF-8 character (a
+// stray or truncated byte, an overlong form, a surrogate), or nullopt when all of it is valid.
+// JSON parsers report such a line as a syntax error somewhere in it; tools say this instead.
+std::optional<size_t> invalid_utf8_at(std::string_view text);
+
 class Tokenizer {
  public:
   // Reads a tokenizer.json. `label` names it in errors (defaults to the path).

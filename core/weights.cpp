@@ -1,5 +1,7 @@
 #include "core/weights.h"
 
+#include "core/nf4.h"
+
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -140,6 +142,9 @@ int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt, bool a
         throw Error(fmt::format("{}: pre-quantized tensor '{}' has shape {} but the config implies {}{}",
                                 ckpt.dir().string(), full, shape_str(shape), shape_str(s.shape),
                                 s.is_linear ? "" : " (not a projection)"));
+      // Its quantization state as the loader reads it: a damaged absmax (NaN, inf) passed here
+      // and gave a NaN loss later.
+      check_nf4_state(full.substr(0, full.size() - 6), ckpt);
       ++n;
       continue;
     }

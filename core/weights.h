@@ -30,8 +30,9 @@ class Checkpoint;
 // Checks that `ckpt` holds every text-decoder tensor of `c` with the right shape and a float
 // dtype, under either HF prefix, reading headers only; returns how many it checked and
 // throws tl::Error naming the first tensor at fault. With `allow_bnb_4bit`, a projection
-// bitsandbytes stored pre-quantized passes when its quant_state's shape is the config's;
-// without, it is an error saying that a full-precision checkpoint is needed.
+// bitsandbytes stored pre-quantized passes when its quant_state's shape is the config's and
+// its quantization state (absmax, nested maps; small tensors, read) is what the loader accepts
+// (core/nf4.h); without, it is an error saying that a full-precision checkpoint is needed.
 int64_t check_text_decoder(const Gemma4Config& c, const Checkpoint& ckpt, bool allow_bnb_4bit = false);
 // Whether the tensor `full` (e.g. "model.layers.0.self_attn.q_proj.weight") is a Linear4bit
 // weight that bitsandbytes stored pre-quantized: U8, with "<full>.quant_state.bitsandbytes__nf4"

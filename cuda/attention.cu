@@ -1,22 +1,25 @@
-// Chunked GEMM attention: the CPU backend's algorithm (core/cpu/cpu_attention.cpp), one
-// block of queries at a time so memory is O(block × S), never O(S²):
-//   per (b, h) and query block [t0, t1), with keys [s0, t1), s0 = max(0, t0 − window + 1)
-//   (0 without a window; keys after t1 are all masked by causality):
-//     Sc = Q_blk·K_gᵀ                      (cuBLASLt, activation dtype, scale 1.0, g = h/group)
-//     P  = masked softmax of each row       (kernel; max, exp, Σ and the division in T)
-//     O_blk = P·V_g                          (cuBLASLt)
-//   backward, P recomputed the same way:
-//     dP = dO_blk·V_gᵀ;  dS = P∘(dP − rowsum(P∘dP));
-//     dQ_blk += dS·K_g;  dK_g += dSᵀ·Q_blk;  dV_g += Pᵀ·dO_blk.
+// Blocked GEMM attention, the CPU backend's algorithm (core/cpu/cpu_attention.cpp): per
+// (batch, KV head, block of kBlockRows queries), the group's query heads packed into one
+// operand [G·rows, d] (GQA: they share K and V), over the keys [lo, t1) the masks leave
+// (lo: the window, and the first position of the block's documents when their ids are known
+// on the host; keys after the block's last query are masked by causality):
+//     Sc = Q_g·K[lo..]ᵀ                    (cuBLASLt, scale 1.0)
+//     P  = masked softmax of each row; its log-sum-exp kept (AttentionMask::lse)
+//     O_g = P·V[lo..], unpacked into out
+//   backward, P = exp(Sc − lse) from the saved log-sum-exp (else recomputed as above):
+//     dP = dO_g·Vᵀ;  dS = P∘(dP − rowsum(P∘dP));
+//     dQ_g = dS·K (added into dq);  dK += dSᵀ·Q_g;  dV += Pᵀ·dO_g.
 // allowed(t, s) = s ≤ t, s > t − window (with a window), doc[b,s] = doc[b,t] (packed docs).
-// K = V (the 31B's attention_k_eq_v) is the caller passing the same tensor twice. The
-// row's log-sum-exp is not kept between the passes: the backward must recompute the scores
-// block anyway, and its max and sum cost one more pass over that block.
+// K = V (the 31B's attention_k_eq_v) is the caller passing the same tensor twice.
 // BF16 activations: Sc and dP are fp32 GEMM outputs of bf16 operands; the softmax and dS run
 // in fp32 on them; P and dS are then rounded to bf16 copies (flash attention's numerics) for
-// the products with V, K and Q. O and dQ are bf16 outputs rounded once; dK and dV, which
-// gather the blocks and the GQA group's heads, are summed in fp32 copies and rounded once.
+// the products with V, K and Q. O is a bf16 output rounded once; dQ_g is an fp32 product
+// added into dq and rounded once; dK and dV, which gather the blocks and the GQA group's
+// heads, are summed in fp32 copies and rounded once.
+#include <algorithm>
 #include <cmath>
+#include <unordered_map>
+#include <vector>
 
 #include "cuda/cuda_util.cuh"
 #include "cuda/gemm_lt.h"
@@ -26,8 +29,8 @@ namespace tl {
 namespace {
 
 constexpr int kRowThreads = 256;
-// Score elements per block (2^24 fp32 = 64 MiB, twice that in the backward with dP).
-constexpr int64_t kBlockElems = int64_t(1) << 24;
+// Queries per block: the causal triangle then costs 0.53·S² scores at S = 2048.
+constexpr int64_t kBlockRows = 128;
 
 struct Geometry {
   int64_t B, S, nh, d, nkv, group;
@@ -47,22 +50,59 @@ Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
   return g;
 }
 
-// Queries per block: as many as fit kBlockElems scores of S keys (at least 1).
-int64_t block_rows(const Geometry& g) { return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(1, g.S), 1, g.S); }
+// Per batch row and query t: the first key t may see that the host can tell, max(window
+// start, first position of t's document) — the documents only when their ids are on the
+// host (mask.doc_ids_host, or doc_ids themselves there). The kernels apply the whole mask.
+std::vector<std::vector<int64_t>> first_visible(const Geometry& g, const AttentionMask& mask) {
+  const Tensor* docs = mask.doc_ids_host ? mask.doc_ids_host
+                       : (mask.doc_ids && mask.doc_ids->device() == Device::CPU) ? mask.doc_ids
+                                                                                  : nullptr;
+  std::vector<std::vector<int64_t>> first(static_cast<size_t>(g.B), std::vector<int64_t>(static_cast<size_t>(g.S)));
+  for (int64_t b = 0; b < g.B; ++b) {
+    std::unordered_map<int32_t, int64_t> first_of_doc;
+    for (int64_t t = 0; t < g.S; ++t) {
+      int64_t f = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
+      if (docs) f = std::max(f, first_of_doc.try_emplace(docs->data<int32_t>()[b * g.S + t], t).first->second);
+      first[size_t(b)][size_t(t)] = f;
+    }
+  }
+  return first;
+}
 
-// Row r of a [rows, L] block is query t = t0 + r over keys s = s0 + j. Masked entries get
-// probability 0; a row always sees itself, so Z ≥ 1 after subtracting the max.
 template <class T>
 __device__ bool allowed(int64_t t, int64_t s, int64_t window, const int32_t* doc) {
   return s <= t && (window <= 0 || s > t - window) && (!doc || doc[s] == doc[t]);
 }
 
-// P16 (bf16 activations only) receives P rounded to bf16.
+// The group's rows of a [B, S, nh, d] tensor for queries [t0, t0 + rows) of batch b, packed
+// head-major into [G·rows, d] (pack), or added/copied back (unpack; src fp32 or T).
 template <class T>
-__global__ void masked_softmax_kernel(T* P, cuda::bf16* P16, int64_t L, int64_t t0, int64_t s0, int64_t window,
-                                      const int32_t* doc) {
-  const int64_t r = blockIdx.x, t = t0 + r;
-  T* row = P + r * L;
+__global__ void pack_kernel(const T* src, T* dst, int64_t S, int64_t nh, int64_t d, int64_t b, int64_t head0,
+                            int64_t t0, int64_t rows, int64_t G) {
+  TL_GRID_STRIDE(i, G * rows * d) {
+    const int64_t c = i % d, r = (i / d) % rows, j = i / (d * rows);
+    dst[i] = src[((b * S + t0 + r) * nh + head0 + j) * d + c];
+  }
+}
+template <class T, class S>
+__global__ void unpack_kernel(const S* src, T* dst, int64_t Sq, int64_t nh, int64_t d, int64_t b, int64_t head0,
+                              int64_t t0, int64_t rows, int64_t G, bool add) {
+  TL_GRID_STRIDE(i, G * rows * d) {
+    const int64_t c = i % d, r = (i / d) % rows, j = i / (d * rows);
+    T& o = dst[((b * Sq + t0 + r) * nh + head0 + j) * d + c];
+    const auto v = cuda::widen(src[i]);
+    o = cuda::narrow<T>(add ? cuda::widen(o) + v : v);
+  }
+}
+
+// Row i of a [G·rows, L] block is head head0 + i / rows at query t = t0 + i % rows over keys
+// s = s0 + j. Masked entries get probability 0; a row always sees itself, so Z ≥ 1 after
+// subtracting the max. lse[(b·nh + head)·S + t] = max + log Z when given.
+template <class T>
+__global__ void masked_softmax_kernel(T* P, cuda::bf16* P16, int64_t L, int64_t rows, int64_t t0, int64_t s0,
+                                      int64_t window, const int32_t* doc, T* lse, int64_t lse_base, int64_t S) {
+  const int64_t i = blockIdx.x, t = t0 + i % rows;
+  T* row = P + i * L;
   T mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x)
     if (allowed<T>(t, s0 + j, window, doc)) mx = max(mx, row[j]);
@@ -76,7 +116,21 @@ __global__ void masked_softmax_kernel(T* P, cuda::bf16* P16, int64_t L, int64_t 
   z = cuda::block_reduce(z, cuda::Sum{});
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     row[j] /= z;
-    if (P16) P16[r * L + j] = cuda::narrow<cuda::bf16>(row[j]);
+    if (P16) P16[i * L + j] = cuda::narrow<cuda::bf16>(row[j]);
+  }
+  if (lse && threadIdx.x == 0) lse[lse_base + (i / rows) * S + t] = mx + log(z);
+}
+
+// P = exp(Sc − lse) on the allowed keys, 0 elsewhere (the forward's probabilities again).
+template <class T>
+__global__ void probabilities_kernel(T* P, cuda::bf16* P16, int64_t L, int64_t rows, int64_t t0, int64_t s0,
+                                     int64_t window, const int32_t* doc, const T* lse, int64_t lse_base, int64_t S) {
+  const int64_t i = blockIdx.x, t = t0 + i % rows;
+  const T l = lse[lse_base + (i / rows) * S + t];
+  T* row = P + i * L;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+    row[j] = allowed<T>(t, s0 + j, window, doc) ? exp(row[j] - l) : T(0);
+    if (P16) P16[i * L + j] = cuda::narrow<cuda::bf16>(row[j]);
   }
 }
 
@@ -96,11 +150,11 @@ __global__ void softmax_backward_kernel(const T* P, T* dP, cuda::bf16* dS16, int
   }
 }
 
-// The GEMM types of one attention: scores (Sc, dP) and outputs (O, dQ, dK, dV). F32 / F64:
+// The GEMM types of one attention: scores (Sc, dP) and outputs (O, dK, dV). F32 / F64:
 // everything in that type; BF16: bf16 operands, fp32 scores, bf16 outputs.
 struct AttentionTypes {
   cuda::LtType scores, outputs;
-  DType score_dtype;  // of the Sc / dP blocks and the softmax kernels
+  DType score_dtype;  // of the Sc / dP blocks, the softmax kernels and the log-sum-exp
 };
 // Runs f.template operator()<T>() for the score dtype (float or double; never bf16).
 template <class F>
@@ -121,53 +175,76 @@ void require_like(const Tensor& grad, const Tensor& x, const char* what) {
   cuda::require_device(grad, what);
 }
 
+void* lse_of(const AttentionMask& mask, const Geometry& g, DType score) {
+  if (!mask.lse || !mask.lse->defined()) return nullptr;
+  cuda::require(mask.lse->numel() == g.B * g.nh * g.S && mask.lse->dtype() == score,
+                "attention lse must be [B, nh, S], F32 (F64 with F64 activations)");
+  cuda::require_device(*mask.lse, "attention lse");
+  return mask.lse->raw();
+}
+
+cuda::DeviceInts device_docs(const AttentionMask& mask, const Geometry& g) {
+  if (!mask.doc_ids) return {};
+  cuda::require(mask.doc_ids->numel() == g.B * g.S, "attention doc_ids must be [B, S]");
+  return cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
+}
+
+int64_t blocks_of(int64_t S) { return (S + kBlockRows - 1) / kBlockRows; }
+
 }  // namespace
 
-// Each (b, h, block) is a handful of GEMMs on strided views: row-major [rows, d] head slices
-// with leading dimension nh·d (Q, O) or nkv·d (K, V) read column-major are their transposes
-// (see linear.cu), so Scᵀ[L, rows] = op_T(K_buf)·Q_buf and so on.
+// Every product is column-major on row-major buffers (see linear.cu): a row-major [rows, n]
+// operand with leading dimension ld read column-major is its transpose.
 void CudaOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                 Tensor& out) {
   const Geometry g = check(q, k, v);
   cuda::require(out.numel() == q.numel() && out.dtype() == q.dtype(), "attention out");
   cuda::require_device(out, "attention out");
   if (q.numel() == 0) return;
-  cuda::DeviceInts doc;
-  if (mask.doc_ids) {
-    cuda::require(mask.doc_ids->numel() == g.B * g.S, "attention doc_ids must be [B, S]");
-    doc = cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
-  }
-  const int64_t rows_max = block_rows(g), es = int64_t(dtype_size(q.dtype()));
-  const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
   const AttentionTypes ty = attention_types(q.dtype());
+  void* lse = lse_of(mask, g, ty.score_dtype);
+  const cuda::DeviceInts doc = device_docs(mask, g);
+  const auto first = first_visible(g, mask);
+  const int64_t GRmax = g.group * std::min(kBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
+  const int64_t ldk = g.nkv * g.d;
   const bool bf16 = q.dtype() == DType::BF16;
-  void* P = scratch(4, size_t(rows_max * g.S) * dtype_size(ty.score_dtype));
-  cuda::bf16* P16 = bf16 ? static_cast<cuda::bf16*>(scratch(6, size_t(rows_max * g.S) * 2)) : nullptr;
+  void* P = scratch(4, size_t(GRmax * g.S) * dtype_size(ty.score_dtype));
+  cuda::bf16* P16 = bf16 ? static_cast<cuda::bf16*>(scratch(6, size_t(GRmax * g.S) * 2)) : nullptr;
   const void* Pv = bf16 ? static_cast<const void*>(P16) : P;  // the probabilities that multiply V
-  const char* qb = static_cast<const char*>(q.raw());
+  void* Qg = scratch(11, size_t(GRmax * g.d) * size_t(es));
+  void* Og = scratch(12, size_t(GRmax * g.d) * size_t(es));
   const char* kb = static_cast<const char*>(k.raw());
   const char* vb = static_cast<const char*>(v.raw());
-  char* ob = static_cast<char*>(out.raw());
   for (int64_t b = 0; b < g.B; ++b)
-    for (int64_t h = 0; h < g.nh; ++h) {
-      const int64_t kv = h / g.group;
-      const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
-      for (int64_t t0 = 0; t0 < g.S; t0 += rows_max) {
-        const int64_t rows = std::min(rows_max, g.S - t0), t1 = t0 + rows;
-        const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t0 - mask.window + 1) : 0, L = t1 - s0;
-        const char* qh = qb + ((b * g.S + t0) * g.nh + h) * g.d * es;
+    for (int64_t kv = 0; kv < g.nkv; ++kv)
+      for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
+        const int64_t t0 = blk * kBlockRows, rows = std::min(kBlockRows, g.S - t0), t1 = t0 + rows;
+        const int64_t GR = g.group * rows, head0 = kv * g.group;
+        const int64_t s0 = *std::min_element(first[size_t(b)].begin() + t0, first[size_t(b)].begin() + t1),
+                      L = t1 - s0;
+        attention_scores_ += GR * L;
+        const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
         const char* kg = kb + ((b * g.S + s0) * g.nkv + kv) * g.d * es;
         const char* vg = vb + ((b * g.S + s0) * g.nkv + kv) * g.d * es;
-        char* oh = ob + ((b * g.S + t0) * g.nh + h) * g.d * es;
-        lt().run(ty.scores, true, false, L, rows, g.d, kg, ldk, qh, ldq, 0.0, P, L, nullptr);  // Scᵀ = K·Qᵀ
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          pack_kernel<T><<<cuda::blocks_for(GR * g.d), cuda::kThreads>>>(q.data<T>(), static_cast<T*>(Qg), g.S, g.nh,
+                                                                         g.d, b, head0, t0, rows, g.group);
+          TL_CUDA_LAUNCHED("pack_kernel");
+        });
+        lt().run(ty.scores, true, false, L, GR, g.d, kg, ldk, Qg, g.d, 0.0, P, L, nullptr);  // Scᵀ = K·Q_gᵀ
         dispatch_scores(ty.score_dtype, [&]<class T>() {
-          masked_softmax_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<T*>(P), P16, L, t0, s0,
-                                                                    mask.window, docb);
+          masked_softmax_kernel<T><<<unsigned(GR), kRowThreads>>>(static_cast<T*>(P), P16, L, rows, t0, s0,
+                                                                  mask.window, docb, static_cast<T*>(lse),
+                                                                  (b * g.nh + head0) * g.S, g.S);
           TL_CUDA_LAUNCHED("masked_softmax_kernel");
         });
-        lt().run(ty.outputs, false, false, g.d, rows, L, vg, ldk, Pv, L, 0.0, oh, ldq, nullptr);  // Oᵀ = Vᵀ·Pᵀ
+        lt().run(ty.outputs, false, false, g.d, GR, L, vg, ldk, Pv, L, 0.0, Og, g.d, nullptr);  // O_gᵀ = Vᵀ·Pᵀ
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          unpack_kernel<T, T><<<cuda::blocks_for(GR * g.d), cuda::kThreads>>>(
+              static_cast<const T*>(Og), out.data<T>(), g.S, g.nh, g.d, b, head0, t0, rows, g.group, false);
+          TL_CUDA_LAUNCHED("unpack_kernel");
+        });
       }
-    }
 }
 
 void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
@@ -179,20 +256,21 @@ void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   require_like(dk, k, "attention_backward dk");
   require_like(dv, v, "attention_backward dv");
   if (q.numel() == 0 || (!dq.defined() && !dk.defined() && !dv.defined())) return;
-  cuda::DeviceInts doc;
-  if (mask.doc_ids) {
-    cuda::require(mask.doc_ids->numel() == g.B * g.S, "attention doc_ids must be [B, S]");
-    doc = cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
-  }
-  const int64_t rows_max = block_rows(g), es = int64_t(dtype_size(q.dtype()));
-  const int64_t ldq = g.nh * g.d, ldk = g.nkv * g.d;
   const AttentionTypes ty = attention_types(q.dtype());
+  const void* lse = lse_of(mask, g, ty.score_dtype);
+  const cuda::DeviceInts doc = device_docs(mask, g);
+  const auto first = first_visible(g, mask);
+  const int64_t GRmax = g.group * std::min(kBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
+  const int64_t ldk = g.nkv * g.d;
   const bool bf16 = q.dtype() == DType::BF16;
-  const size_t block = size_t(rows_max * g.S);
-  void* P = scratch(4, block * dtype_size(ty.score_dtype));
-  void* dP = scratch(5, block * dtype_size(ty.score_dtype));
+  const size_t block = size_t(GRmax * g.S), ss = dtype_size(ty.score_dtype);
+  void* P = scratch(4, block * ss);
+  void* dP = scratch(5, block * ss);
   cuda::bf16* P16 = bf16 ? static_cast<cuda::bf16*>(scratch(6, block * 2)) : nullptr;
   cuda::bf16* dS16 = bf16 ? static_cast<cuda::bf16*>(scratch(7, block * 2)) : nullptr;
+  void* Qg = scratch(11, size_t(GRmax * g.d) * size_t(es));
+  void* dOg = scratch(12, size_t(GRmax * g.d) * size_t(es));
+  void* dQg = scratch(13, size_t(GRmax * g.d) * ss);  // fp32 (fp64) before its one rounding into dq
   // The operands of the output products: P (for dV) and dS (for dQ, dK).
   const void* Pv = bf16 ? static_cast<const void*>(P16) : P;
   const void* dS = bf16 ? static_cast<const void*>(dS16) : dP;
@@ -206,47 +284,66 @@ void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   widen_copy(dk, dk32);
   widen_copy(dv, dv32);
   const cuda::LtType kv_out = bf16 ? cuda::LtType::Bf16F32 : ty.outputs;
-  auto at = [&](const Tensor& t, int64_t b, int64_t s, int64_t heads, int64_t h) {
-    return static_cast<char*>(t.raw()) + ((b * g.S + s) * heads + h) * g.d * es;
+  auto kv_at = [&](const Tensor& t, int64_t b, int64_t s, int64_t kv) {
+    return static_cast<const char*>(t.raw()) + ((b * g.S + s) * g.nkv + kv) * g.d * es;
   };
   auto kv_grad = [&](const Tensor& t, const std::shared_ptr<void>& copy, int64_t b, int64_t s, int64_t kv) -> void* {
-    if (!copy) return at(t, b, s, g.nkv, kv);
+    if (!copy) return static_cast<char*>(t.raw()) + ((b * g.S + s) * g.nkv + kv) * g.d * es;
     return static_cast<char*>(copy.get()) + ((b * g.S + s) * g.nkv + kv) * g.d * 4;
   };
   for (int64_t b = 0; b < g.B; ++b)
-    for (int64_t h = 0; h < g.nh; ++h) {
-      const int64_t kv = h / g.group;
-      const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
-      for (int64_t t0 = 0; t0 < g.S; t0 += rows_max) {
-        const int64_t rows = std::min(rows_max, g.S - t0), t1 = t0 + rows;
-        const int64_t s0 = mask.window > 0 ? std::max<int64_t>(0, t0 - mask.window + 1) : 0, L = t1 - s0;
-        const char* qh = at(q, b, t0, g.nh, h);
-        const char* doh = at(dout, b, t0, g.nh, h);
-        const char* kg = at(k, b, s0, g.nkv, kv);
-        const char* vg = at(v, b, s0, g.nkv, kv);
-        lt().run(ty.scores, true, false, L, rows, g.d, kg, ldk, qh, ldq, 0.0, P, L, nullptr);  // Scᵀ = K·Qᵀ
-        dispatch_scores(ty.score_dtype, [&]<class T>() {
-          masked_softmax_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<T*>(P), P16, L, t0, s0,
-                                                                    mask.window, docb);
-          TL_CUDA_LAUNCHED("masked_softmax_kernel");
+    for (int64_t kv = 0; kv < g.nkv; ++kv)
+      for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
+        const int64_t t0 = blk * kBlockRows, rows = std::min(kBlockRows, g.S - t0), t1 = t0 + rows;
+        const int64_t GR = g.group * rows, head0 = kv * g.group;
+        const int64_t s0 = *std::min_element(first[size_t(b)].begin() + t0, first[size_t(b)].begin() + t1),
+                      L = t1 - s0;
+        attention_scores_ += GR * L;
+        const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
+        const int64_t lse_base = (b * g.nh + head0) * g.S;
+        const char* kg = kv_at(k, b, s0, kv);
+        const char* vg = kv_at(v, b, s0, kv);
+        cuda::dispatch(q.dtype(), [&]<class T>() {
+          pack_kernel<T><<<cuda::blocks_for(GR * g.d), cuda::kThreads>>>(q.data<T>(), static_cast<T*>(Qg), g.S, g.nh,
+                                                                         g.d, b, head0, t0, rows, g.group);
+          TL_CUDA_LAUNCHED("pack_kernel");
+          pack_kernel<T><<<cuda::blocks_for(GR * g.d), cuda::kThreads>>>(
+              dout.data<T>(), static_cast<T*>(dOg), g.S, g.nh, g.d, b, head0, t0, rows, g.group);
+          TL_CUDA_LAUNCHED("pack_kernel");
         });
-        if (dv.defined())
-          lt().run(kv_out, false, true, g.d, L, rows, doh, ldq, Pv, L, 1.0, kv_grad(dv, dv32, b, s0, kv), ldk,
-                   nullptr);
-        if (!dq.defined() && !dk.defined()) continue;
-        lt().run(ty.scores, true, false, L, rows, g.d, vg, ldk, doh, ldq, 0.0, dP, L, nullptr);  // dPᵀ = V·dOᵀ
+        lt().run(ty.scores, true, false, L, GR, g.d, kg, ldk, Qg, g.d, 0.0, P, L, nullptr);  // Scᵀ = K·Q_gᵀ
         dispatch_scores(ty.score_dtype, [&]<class T>() {
-          softmax_backward_kernel<T><<<unsigned(rows), kRowThreads>>>(static_cast<const T*>(P), static_cast<T*>(dP),
-                                                                      dS16, L);
+          if (lse)
+            probabilities_kernel<T><<<unsigned(GR), kRowThreads>>>(static_cast<T*>(P), P16, L, rows, t0, s0,
+                                                                   mask.window, docb, static_cast<const T*>(lse),
+                                                                   lse_base, g.S);
+          else
+            masked_softmax_kernel<T><<<unsigned(GR), kRowThreads>>>(static_cast<T*>(P), P16, L, rows, t0, s0,
+                                                                    mask.window, docb, nullptr, 0, g.S);
+          TL_CUDA_LAUNCHED("attention probabilities");
+        });
+        if (dv.defined())  // dV_gᵀ[d, L] += dO_gᵀ·P
+          lt().run(kv_out, false, true, g.d, L, GR, dOg, g.d, Pv, L, 1.0, kv_grad(dv, dv32, b, s0, kv), ldk, nullptr);
+        if (!dq.defined() && !dk.defined()) continue;
+        lt().run(ty.scores, true, false, L, GR, g.d, vg, ldk, dOg, g.d, 0.0, dP, L, nullptr);  // dPᵀ = V·dO_gᵀ
+        dispatch_scores(ty.score_dtype, [&]<class T>() {
+          softmax_backward_kernel<T><<<unsigned(GR), kRowThreads>>>(static_cast<const T*>(P), static_cast<T*>(dP),
+                                                                    dS16, L);
           TL_CUDA_LAUNCHED("softmax_backward_kernel");
         });
-        if (dq.defined())
-          lt().run(ty.outputs, false, false, g.d, rows, L, kg, ldk, dS, L, 1.0, at(dq, b, t0, g.nh, h), ldq, nullptr);
-        if (dk.defined())
-          lt().run(kv_out, false, true, g.d, L, rows, qh, ldq, dS, L, 1.0, kv_grad(dk, dk32, b, s0, kv), ldk,
-                   nullptr);
+        if (dq.defined()) {  // dQ_gᵀ[d, GR] = Kᵀ·dSᵀ, in the score dtype, then added into dq once
+          lt().run(ty.scores, false, false, g.d, GR, L, kg, ldk, dS, L, 0.0, dQg, g.d, nullptr);
+          cuda::dispatch(q.dtype(), [&]<class T>() {
+            dispatch_scores(ty.score_dtype, [&]<class Sc>() {
+              unpack_kernel<T, Sc><<<cuda::blocks_for(GR * g.d), cuda::kThreads>>>(
+                  static_cast<const Sc*>(dQg), dq.data<T>(), g.S, g.nh, g.d, b, head0, t0, rows, g.group, true);
+              TL_CUDA_LAUNCHED("unpack_kernel");
+            });
+          });
+        }
+        if (dk.defined())  // dK_gᵀ[d, L] += Q_gᵀ·dS
+          lt().run(kv_out, false, true, g.d, L, GR, Qg, g.d, dS, L, 1.0, kv_grad(dk, dk32, b, s0, kv), ldk, nullptr);
       }
-    }
   if (dk32) cuda::to_bf16(static_cast<const float*>(dk32.get()), dk.data<uint16_t>(), dk.numel());
   if (dv32) cuda::to_bf16(static_cast<const float*>(dv32.get()), dv.data<uint16_t>(), dv.numel());
 }

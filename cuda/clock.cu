@@ -1,6 +1,7 @@
-// CudaOps' clock and synchronisation (Ops::make_clock, Ops::synchronize): CUDA events
-// recorded on the stream the ops run on (the legacy default stream), so timing an op does not
-// make the GPU wait; the times are read once, after the measured work.
+// CudaOps' clock, synchronisation and free memory (Ops::make_clock, Ops::synchronize,
+// Ops::memory_available). The clock is CUDA events recorded on the stream the ops run on (the
+// legacy default stream), so timing an op does not make the GPU wait; the times are read
+// once, after the measured work.
 #include <vector>
 
 #include "cuda/cuda_util.cuh"
@@ -41,6 +42,12 @@ class EventClock final : public OpClock {
 }  // namespace
 
 std::unique_ptr<OpClock> CudaOps::make_clock() { return std::make_unique<EventClock>(); }
+
+double CudaOps::memory_available() {
+  size_t free = 0, total = 0;
+  TL_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return double(free);
+}
 
 void CudaOps::synchronize() {
   const cudaError_t e = cudaDeviceSynchronize();

@@ -64,6 +64,8 @@ class CudaOps final : public Ops {
   static void reset_peak_memory();
 
   CudaMatmul matmul() const { return matmul_; }
+  // Attention score elements computed so far, forward and backward (as CpuOps counts them).
+  int64_t attention_scores() const { return attention_scores_; }
 
   Device device() const override { return Device::CUDA; }
   DType act_dtype() const override { return act_; }
@@ -77,6 +79,7 @@ class CudaOps final : public Ops {
   // CUDA events on the ops' stream; a device-wide wait that throws on a failed kernel
   // (cuda/clock.cu).
   std::unique_ptr<OpClock> make_clock() override;
+  double memory_available() override;
   void synchronize() override;
 
   void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, bool accumulate) override;
@@ -91,11 +94,16 @@ class CudaOps final : public Ops {
   void add(const Tensor& a, const Tensor& b, Tensor& out) override;
   void mul(const Tensor& a, const Tensor& b, Tensor& out) override;
   void scale(Tensor& x, double s) override;
+  void fill(Tensor& x, double value) override;
   void scale_rows(Tensor& x, const Tensor& s) override;
   void softcap_forward(Tensor& x, double cap) override;
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                          Tensor& weights, Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
@@ -114,8 +122,9 @@ class CudaOps final : public Ops {
   static Nf4Tensor quantize_nf4(const Tensor& w, bool double_quant);
 
   double norm2(const Tensor& x) override;
+  void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
-                    double eps, double wd, double bc1, double bc2) override;
+                    double eps, double wd, double bc1, double bc2, double grad_scale) override;
 
   void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
@@ -132,13 +141,13 @@ class CudaOps final : public Ops {
                           const Tensor& dweights, Tensor& dlogits, Tensor& dscale) override;
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
-  double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                Tensor& dlogits, int64_t& count) override;
+  void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) override;
   // cuda/distill.cu
   DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
                              int64_t top_k) override;
-  double distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
-                             int64_t top_k, double weight, double cap, Tensor& dstudent, int64_t& count) override;
+  void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor& dstudent, Tensor& sums) override;
 
  private:
   // The cuBLAS handle, created on first use so constructing CudaOps needs no device.
@@ -151,7 +160,9 @@ class CudaOps final : public Ops {
   // Reused device buffer `slot` of at least `bytes` (grown, never shrunk; stream order makes
   // reuse by the next op safe). Slots: 0, 1 bf16 GEMM operands (0 also an F32 master W
   // rounded for bf16 activations), 3 the NF4 dequant scratch, 4, 5 attention's score /
-  // probability blocks, 6, 7 their bf16 copies (bf16 activations).
+  // probability blocks, 6, 7 their bf16 copies (bf16 activations), 8, 9 a MoE layer's NF4
+  // experts dequantized (gate_up, down), 10 the MoE products' per-tile pointers, 11, 12 the
+  // attention block's packed Q and O (dO), 13 its fp32 dQ.
   void* scratch(int slot, size_t bytes);
   // C(fp32, column-major) = op(A)·op(B) + beta·C with A and B rounded to bf16 (cuBLASLt).
   void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
@@ -160,6 +171,13 @@ class CudaOps final : public Ops {
   const void* bf16_weight(const Tensor& w);
   // The dequantized weight [out, in] in the scratch: bf16 (`bf16`), else the activation dtype.
   const void* nf4_dequantized(const Nf4Tensor& w, bool bf16);
+  // The same into `out` (w.numel() values), in the activation dtype (bf16 with BF16 activations).
+  void nf4_dequantize_into(const Nf4Tensor& w, void* out);
+  // The MoE experts' matrices of one kind, [E, out, in] in the activation dtype (moe_experts.cu).
+  const void* expert_weights(const MoeExperts& x, bool gate_up, int slot);
+  // One batched GEMM over a MoE layer's row tiles, each by its expert's matrix (moe_experts.cu).
+  void tile_products(const void* w, bool w_t, int64_t n_out, int64_t k_in, const void* in, void* out,
+                     const int32_t* tile_expert, int64_t tiles);
 
   DType act_;
   CudaMatmul matmul_;
@@ -167,6 +185,7 @@ class CudaOps final : public Ops {
   std::unique_ptr<cuda::LtGemm> lt_;
   std::vector<std::shared_ptr<void>> scratch_;
   std::vector<size_t> scratch_bytes_;
+  int64_t attention_scores_ = 0;
 };
 
 }  // namespace tl

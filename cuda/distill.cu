@@ -175,30 +175,23 @@ __global__ void distill_kernel(const T* student, const T* teacher, const int32_t
   }
 }
 
-struct RowSums {
-  double kl = 0;
-  int64_t count = 0, agree = 0;
-};
-
-RowSums run(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature, int64_t top_k,
-            double weight, double cap, Tensor* dstudent) {
+// Launches the kernel over every row; returns the device rows kl[n] then agree[n] (0 on
+// ignored rows). Labels stay on the device: the caller checked them before their upload.
+std::shared_ptr<void> launch(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor* dstudent) {
   const int64_t n = labels.numel(), v = student.dim(-1);
   cuda::require(student.rank() >= 1 && student.numel() == n * v && teacher.numel() == n * v &&
                     student.dtype() == teacher.dtype(),
                 "distill_kl shapes");
   cuda::require(temperature > 0 && std::isfinite(temperature), "distillation temperature must be positive");
   cuda::require(top_k >= 0, "distillation top_k must be at least 0");
-  cuda::require(n <= INT32_MAX, "distill_kl: too many rows");
+  cuda::require(n > 0 && n <= INT32_MAX, "distill_kl: rows out of range");
   cuda::require_device(student, "distill_kl student logits");
   cuda::require_device(teacher, "distill_kl teacher logits");
   if (dstudent) {
     cuda::require(dstudent->numel() == n * v && dstudent->dtype() == student.dtype(), "distill_kl_backward dstudent");
     cuda::require_device(*dstudent, "distill_kl_backward dstudent");
   }
-  RowSums r;
-  const std::vector<int32_t> y = cuda::host_ints(labels, "distill_kl labels must be I32");
-  for (int32_t l : y) r.count += l != -100;
-  if (r.count == 0) return r;
   cuda::DeviceInts dl = cuda::device_ints(labels, "distill_kl labels must be I32");
   std::shared_ptr<void> rows = cuda::device_alloc(2 * size_t(n) * sizeof(double));
   double* kl_rows = static_cast<double*>(rows.get());
@@ -208,6 +201,28 @@ RowSums run(const Tensor& student, const Tensor& teacher, const Tensor& labels, 
                                                        dstudent ? dstudent->data<T>() : nullptr);
     TL_CUDA_LAUNCHED("distill_kernel");
   });
+  return rows;
+}
+
+// sums[0] += Σ kl rows, in row order on one thread: deterministic.
+__global__ void add_kl_rows_kernel(const double* kl_rows, int64_t n, double* sums) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double s = 0;
+  for (int64_t r = 0; r < n; ++r) s += kl_rows[r];
+  sums[0] += s;
+}
+
+}  // namespace
+
+// Evaluation reads its sums back (one copy per chunk).
+Ops::DistillSums CudaOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                         double temperature, int64_t top_k) {
+  DistillSums r;
+  const std::vector<int32_t> y = cuda::host_ints(labels, "distill_kl labels must be I32");
+  for (int32_t l : y) r.count += l != -100;
+  if (r.count == 0) return r;
+  const int64_t n = labels.numel();
+  std::shared_ptr<void> rows = launch(student, teacher, labels, temperature, top_k, 0.0, 0.0, nullptr);
   std::vector<double> host(2 * size_t(n));
   TL_CUDA_CHECK(cudaMemcpy(host.data(), rows.get(), host.size() * sizeof(double), cudaMemcpyDeviceToHost));
   for (int64_t i = 0; i < n; ++i) {  // in row order: deterministic
@@ -218,20 +233,17 @@ RowSums run(const Tensor& student, const Tensor& teacher, const Tensor& labels, 
   return r;
 }
 
-}  // namespace
-
-Ops::DistillSums CudaOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                         double temperature, int64_t top_k) {
-  const RowSums r = run(student, teacher, labels, temperature, top_k, 0.0, 0.0, nullptr);
-  return {r.kl, r.count, r.agree};
-}
-
-double CudaOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                    double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
-                                    int64_t& count) {
-  const RowSums r = run(student, teacher, labels, temperature, top_k, weight, cap, &dstudent);
-  count = r.count;
-  return r.kl;
+// Training leaves its sum on the device, in sums[0].
+void CudaOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                  double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                  Tensor& sums) {
+  cuda::require(sums.dtype() == DType::F64 && sums.numel() >= 1, "distill_kl_backward sums must be F64 [1]");
+  cuda::require_device(sums, "distill_kl_backward sums");
+  const int64_t n = labels.numel();
+  if (n == 0) return;
+  std::shared_ptr<void> rows = launch(student, teacher, labels, temperature, top_k, weight, cap, &dstudent);
+  add_kl_rows_kernel<<<1, 1>>>(static_cast<const double*>(rows.get()), n, sums.data<double>());
+  TL_CUDA_LAUNCHED("add_kl_rows_kernel");
 }
 
 }  // namespace tl

@@ -29,6 +29,11 @@ __global__ void scale_kernel(T* x, acc_t<T> s, int64_t n) {
   TL_GRID_STRIDE(i, n) x[i] = narrow<T>(widen(x[i]) * s);
 }
 
+template <class T>
+__global__ void fill_kernel(T* x, acc_t<T> v, int64_t n) {
+  TL_GRID_STRIDE(i, n) x[i] = narrow<T>(v);
+}
+
 // x[m, :] *= s[m]; x viewed [M, d].
 template <class T>
 __global__ void scale_rows_kernel(T* x, const T* s, int64_t n, int64_t d) {
@@ -130,6 +135,16 @@ void CudaOps::scale(Tensor& x, double s) {
   cuda::dispatch(x.dtype(), [&]<class T>() {
     scale_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), acc_t<T>(s), n);
     TL_CUDA_LAUNCHED("scale_kernel");
+  });
+}
+
+void CudaOps::fill(Tensor& x, double value) {
+  cuda::require_device(x, "fill x");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  cuda::dispatch(x.dtype(), [&]<class T>() {
+    fill_kernel<T><<<cuda::blocks_for(n), cuda::kThreads>>>(x.data<T>(), acc_t<T>(value), n);
+    TL_CUDA_LAUNCHED("fill_kernel");
   });
 }
 

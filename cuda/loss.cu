@@ -1,5 +1,6 @@
 // Cross-entropy over the labelled rows (label −100 = ignored): the loss sum, and the fused
-// soft-capped gradient.
+// soft-capped gradient whose loss sum and argmax hits stay on the device (added into the
+// step's F64 accumulator, read by the trainer once per optimizer step).
 #include <cmath>
 #include <string>
 
@@ -23,27 +24,41 @@ __device__ void row_softmax_stats(const T* l, int64_t v, double& mx, double& z) 
   z = cuda::block_reduce(z, cuda::Sum{});
 }
 
-// One block per row: loss[n] = mx + log z − l_y (0 for ignored rows). When dlogits is given
-// it is set (not added) to
+struct MinIndex {
+  __device__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+
+// One block per row: loss[n] = mx + log z − l_y and hit[n] = [argmax = y] (the first
+// maximum, as Ops::count_argmax_hits), both 0 for ignored rows. When dlogits is given it is
+// set (not added) to
 //   (softmax(l) − onehot(y))·grad_scale·c,  c = 1 − (l/cap)² if cap > 0 else 1
 // (the cap factor is d/dx of cap·tanh(x/cap) expressed through the capped logit l),
-// and to 0 on ignored rows; computed in double and rounded to T once. The host adds the
-// rows' losses in order: deterministic.
+// and to 0 on ignored rows; computed in double and rounded to T once.
 template <class T>
-__global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, T* dlogits,
+__global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, double* loss, double* hit, T* dlogits,
                                      double grad_scale, double cap, int64_t v) {
   const int64_t n = blockIdx.x;
   const int32_t y = labels[n];
   const T* l = logits + n * v;
   T* g = dlogits ? dlogits + n * v : nullptr;
   if (y == -100) {  // block-uniform, so no thread is left waiting at a barrier
-    if (threadIdx.x == 0) loss[n] = 0;
+    if (threadIdx.x == 0) {
+      loss[n] = 0;
+      if (hit) hit[n] = 0;
+    }
     if (g)
       for (int64_t j = threadIdx.x; j < v; j += blockDim.x) g[j] = cuda::narrow<T>(0.0);
     return;
   }
   double mx, z;
   row_softmax_stats(l, v, mx, z);
+  if (hit) {
+    int64_t first = v;
+    for (int64_t j = threadIdx.x; j < v; j += blockDim.x)
+      if (double(widen(l[j])) == mx && j < first) first = j;
+    first = cuda::block_reduce(first, MinIndex{});
+    if (threadIdx.x == 0) hit[n] = first == y ? 1.0 : 0.0;
+  }
   if (threadIdx.x == 0) loss[n] = mx + log(z) - double(widen(l[y]));
   if (!g) return;
   for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
@@ -52,6 +67,15 @@ __global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, dou
     const double c = cap > 0 ? 1.0 - (lj / cap) * (lj / cap) : 1.0;
     g[j] = cuda::narrow<T>(p * grad_scale * c);
   }
+}
+
+// sums[0] += Σ loss rows, sums[1] += Σ hit rows, in row order on one thread: deterministic.
+__global__ void add_rows_kernel(const double* loss, const double* hit, int64_t n, double* sums) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double l = 0, h = 0;
+  for (int64_t r = 0; r < n; ++r) l += loss[r], h += hit[r];
+  sums[0] += l;
+  sums[1] += h;
 }
 
 // Checks the labels on the host (an out-of-range label would read out of bounds on the
@@ -73,7 +97,7 @@ double run(const Tensor& logits, const Tensor& labels, Tensor* dlogits, double g
   std::shared_ptr<void> rows = cuda::device_alloc(size_t(n) * sizeof(double));
   cuda::dispatch(logits.dtype(), [&]<class T>() {
     cross_entropy_kernel<T><<<unsigned(n), cuda::kThreads>>>(logits.data<T>(), dl.ptr,
-                                                             static_cast<double*>(rows.get()),
+                                                             static_cast<double*>(rows.get()), nullptr,
                                                              dlogits ? dlogits->data<T>() : nullptr, grad_scale,
                                                              cap, v);
     TL_CUDA_LAUNCHED("cross_entropy_kernel");
@@ -102,15 +126,29 @@ double CudaOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, in
   return run(logits, labels, nullptr, 0.0, 0.0);
 }
 
-double CudaOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                       Tensor& dlogits, int64_t& count) {
+void CudaOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                     Tensor& dlogits, Tensor& sums) {
   check_shapes(logits, labels);
   cuda::require(dlogits.numel() == logits.numel() && dlogits.dtype() == logits.dtype(),
                 "cross_entropy_backward dlogits");
   cuda::require_device(dlogits, "cross_entropy_backward dlogits");
-  count = count_labels(labels, logits.dim(-1));
-  if (labels.numel() == 0) return 0.0;
-  return run(logits, labels, &dlogits, grad_scale, cap);
+  cuda::require(sums.dtype() == DType::F64 && sums.numel() >= 2, "cross_entropy_backward sums must be F64 [2]");
+  cuda::require_device(sums, "cross_entropy_backward sums");
+  // Labels on the device were checked by the caller before their upload (reading them back
+  // here would wait for the stream); host labels are checked here.
+  if (labels.device() == Device::CPU) count_labels(labels, logits.dim(-1));
+  const int64_t n = labels.numel(), v = logits.dim(-1);
+  if (n == 0) return;
+  cuda::DeviceInts dl = cuda::device_ints(labels, "cross_entropy labels must be I32");
+  std::shared_ptr<void> rows = cuda::device_alloc(size_t(2 * n) * sizeof(double));
+  double* loss = static_cast<double*>(rows.get());
+  cuda::dispatch(logits.dtype(), [&]<class T>() {
+    cross_entropy_kernel<T><<<unsigned(n), cuda::kThreads>>>(logits.data<T>(), dl.ptr, loss, loss + n,
+                                                             dlogits.data<T>(), grad_scale, cap, v);
+    TL_CUDA_LAUNCHED("cross_entropy_kernel");
+  });
+  add_rows_kernel<<<1, 1>>>(loss, loss + n, n, sums.data<double>());
+  TL_CUDA_LAUNCHED("add_rows_kernel");
 }
 
 }  // namespace tl

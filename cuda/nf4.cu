@@ -142,6 +142,20 @@ void CudaOps::nf4_to_device(const Nf4Tensor& w) {
   w.backend_copy = std::move(d);
 }
 
+void CudaOps::nf4_dequantize_into(const Nf4Tensor& w, void* out) {
+  const Nf4Device& d = device_copy(w);
+  const int64_t n = w.numel();
+  const int orig = orig_code(w.orig_dtype);
+  auto launch = [&]<class Out>(Out* o) {
+    nf4_dequant_kernel<Out><<<blocks_for(n), kThreads>>>(d.packed, d.absmax, d.absmax_q, d.nested_absmax,
+                                                         d.nested_map, d.offset, orig, o, n);
+    TL_CUDA_LAUNCHED("nf4_dequant_kernel");
+  };
+  if (act_ == DType::BF16) launch(static_cast<uint16_t*>(out));
+  else if (act_ == DType::F32) launch(static_cast<float*>(out));
+  else launch(static_cast<double*>(out));
+}
+
 const void* CudaOps::nf4_dequantized(const Nf4Tensor& w, bool bf16) {
   const Nf4Device& d = device_copy(w);
   const int64_t n = w.numel();

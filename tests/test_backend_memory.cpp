@@ -2,6 +2,8 @@
 // `torchless-train --dry-run` (train/step/memory_plan.h) on the released configs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cstdlib>
 
 #include "core/plan.h"
@@ -110,6 +112,47 @@ TEST(MemoryPlan, Gemma26BExpertsAreCountedInNf4) {
   EXPECT_LT(p.weights, 0.6 * experts + 2.0 * double(mp.total_params - int64_t(experts)));
   in.load_in_4bit = false;
   EXPECT_DOUBLE_EQ(plan_training_memory(c, in).weights, mp.bytes_bf16);
+}
+
+// `gradient_checkpointing: auto` on the 31B (seq 2048, r16 everywhere, bf16 activations): on an
+// 80 GiB card every layer keeps its tape (60 × ~138k values a token: 32 GiB) and the plan stays
+// under 78 GiB; at 22 GiB every layer is recomputed and the plan fits; in between the fewest
+// layers are recomputed (one fewer would not fit).
+TEST(MemoryPlan, AutoCheckpointingRecomputesTheFewestLayersThatFit) {
+  const Gemma4Config c = released("gemma-4-31B-it");
+  LoraSpec spec;
+  spec.r = 16;
+  spec.alpha = 16;
+  MemoryPlanInput in;
+  in.sequence_len = 2048;
+  in.micro_batch = 1;
+  in.lora_params = lora_param_count(c, spec, "model.language_model.");
+  in.act_bytes = 2;
+  const double GiB = double(1ull << 30);
+  auto count = [](const std::vector<bool>& v) { return std::count(v.begin(), v.end(), true); };
+  const std::vector<bool> all_kept = checkpointed_layers(c, in, 80 * GiB);
+  EXPECT_EQ(count(all_kept), 0);
+  in.checkpointed = all_kept;
+  EXPECT_LT(plan_training_memory(c, in).total(), 78 * GiB);
+  EXPECT_GT(plan_training_memory(c, in).checkpoints, 60.0 * 2048 * 130000 * 2);  // every tape, ~138k a token
+  const std::vector<bool> tight = checkpointed_layers(c, in, 22 * GiB);
+  in.checkpointed = tight;
+  EXPECT_LE(plan_training_memory(c, in).total(), 22 * GiB);
+  for (double budget : {30.0, 40.0, 50.0}) {
+    const std::vector<bool> some = checkpointed_layers(c, in, budget * GiB);
+    in.checkpointed = some;
+    EXPECT_LE(plan_training_memory(c, in).total(), budget * GiB) << budget;
+    EXPECT_GT(count(some), 0) << budget;
+    EXPECT_LT(count(some), 60) << budget;
+    // Fewest: keeping any one recomputed layer's tape would exceed the budget.
+    for (size_t i = 0; i < some.size(); ++i) {
+      if (!some[i]) continue;
+      std::vector<bool> fewer = some;
+      fewer[i] = false;
+      in.checkpointed = fewer;
+      EXPECT_GT(plan_training_memory(c, in).total(), budget * GiB) << budget << " layer " << i;
+    }
+  }
 }
 
 }  // namespace

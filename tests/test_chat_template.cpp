@@ -122,6 +122,10 @@ TEST(ChatTemplate, RefusesWhatItDoesNotRender) {
   expect_error(json::parse(R"([{"role": "tool", "content": "x"}])"), "role 'tool'");
   expect_error(json::parse(R"([{"role": "user", "content": [{"type": "text", "text": "x"}]}])"), "content");
   expect_error(json::parse(R"([{"role": "assistant", "tool_calls": [{"function": {}}]}])"), "tool_calls");
+  // Issue 27: a message without text is refused, not rendered as an empty turn.
+  expect_error(json::parse(R"([{"role": "user", "content": "hi"}, {"role": "assistant"}])"),
+               "message 1: has no \"content\"");
+  expect_error(json::parse(R"([{"role": "user", "content": null}])"), "message 0: has no \"content\"");
   EXPECT_THROW(render_chat({{"function", "x", ""}}), Error);
   auto msgs = chat_from_json(json::parse(R"([{"role": "assistant", "content": null,
                                              "reasoning_content": "r"}])"), "x");

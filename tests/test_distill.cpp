@@ -94,13 +94,18 @@ TEST_P(DistillGolden, LossAndLoraGradientsMatchPytorch) {
   Gemma4Grads none = student.no_grads();
   const auto l = student.forward_backward({rec.get("input_ids"), {}, {}}, labels, 1.0 / double(N), none);
   // fp64: the loss and every gradient tensor to 1e-10 of its largest entry. fp32: the loss to
-  // 1e-5 relative (measured 2e-8 to 3e-8); the gradient to 2e-5 of its largest entry (measured
-  // 5.6e-6 full, 8.3e-6 top-k, 1.6e-5 pure distillation), each tensor within 1e-4 of its own
-  // largest entry. The fp32 gradient bound is not 1e-5 because this 16-layer student's fp32
-  // backward with cross-entropy alone (no teacher) is already 1.8e-5 from its fp64 one by the
-  // per-tensor measure: the noise is the model's fp32 arithmetic, not the KL term's.
-  const double tol = gc.dtype == DType::F64 ? 1e-10 : 1e-5, grad_tol = gc.dtype == DType::F64 ? 1e-10 : 2e-5,
-               tensor_tol = gc.dtype == DType::F64 ? 1e-10 : 1e-4;
+  // 1e-5 relative (measured 2e-8 to 3e-8); all LoRA gradients together to 1.5e-5 by the norm
+  // of the error over the norm of the reference (measured 5.6e-6 to 6e-6 full, 7.6e-6 to
+  // 8.1e-6 top-k, 9.8e-6 to 1.08e-5 pure distillation, the spread being the thread count's
+  // summation order) and to 2e-5 of their largest entry (measured up to 1.7e-5), each tensor
+  // within 1e-4 of its own largest entry. The gradient bounds are not 1e-5 because this
+  // 16-layer student's fp32 backward with cross-entropy alone (no teacher) is already 1.8e-5
+  // from its fp64 one by the per-tensor measure, and computing the KL rows in double instead
+  // changes none of the figures above: the noise is the model's fp32 arithmetic, not the KL
+  // term's.
+  const bool f64 = gc.dtype == DType::F64;
+  const double tol = f64 ? 1e-10 : 1e-5, grad_tol = f64 ? 1e-10 : 2e-5, tensor_tol = f64 ? 1e-10 : 1e-4,
+               norm_tol = f64 ? 1e-10 : 1.5e-5;
   const double loss = ((1 - alpha) * l.sum + alpha * T * T * l.kl_sum) / double(N);
   EXPECT_NEAR(loss, ref.get("loss").get(0), tol * std::abs(ref.get("loss").get(0)));
   EXPECT_NEAR(l.sum, ref.get("ce_sum").get(0), tol * std::abs(ref.get("ce_sum").get(0)));
@@ -108,8 +113,15 @@ TEST_P(DistillGolden, LossAndLoraGradientsMatchPytorch) {
   EXPECT_EQ(l.count, N);
   int checked = 0;
   test::Diff all;
+  double sq_diff = 0, sq_ref = 0;  // the Frobenius norms of the error and of the reference
   for (ParamSlot& p : lora_param_slots(student, prefix)) {
-    const auto d = test::compare(*p.grad, ref.get(p.name));
+    const Tensor want = ref.get(p.name);
+    for (int64_t i = 0; i < want.numel() && i < p.grad->numel(); ++i) {
+      const double r = want.get(i), e = p.grad->get(i) - r;
+      sq_diff += e * e;
+      sq_ref += r * r;
+    }
+    const auto d = test::compare(*p.grad, want);
     EXPECT_LE(d.rel(), tensor_tol) << p.name;
     all.max_abs = std::max(all.max_abs, d.max_abs);
     all.max_ref = std::max(all.max_ref, d.max_ref);
@@ -117,6 +129,7 @@ TEST_P(DistillGolden, LossAndLoraGradientsMatchPytorch) {
   }
   EXPECT_EQ(size_t(checked), ref.entries().size() - 4);  // less loss, ce_sum, kl_sum, count
   EXPECT_LE(all.rel(), grad_tol);
+  EXPECT_LE(std::sqrt(sq_diff / sq_ref), norm_tol) << "‖g − g_ref‖ / ‖g_ref‖ over every LoRA gradient";
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -286,10 +299,10 @@ TEST(DistillKl, GradientIsTheDerivativeOfTheSum) {
     SCOPED_TRACE("top_k " + std::to_string(top_k));
     const Tensor s = capped(z);
     Tensor g = Tensor::zeros({n, v}, DType::F64);
-    int64_t count = 0;
-    const double kl = ops.distill_kl_backward(s, t, labels, T, top_k, weight, cap, g, count);
-    EXPECT_EQ(count, 2);
-    EXPECT_NEAR(kl, ops.distill_kl_sum(s, t, labels, T, top_k).kl, 1e-13);
+    Tensor sums = Tensor::zeros({1}, DType::F64);
+    ops.distill_kl_backward(s, t, labels, T, top_k, weight, cap, g, sums);
+    EXPECT_EQ(ops.distill_kl_sum(s, t, labels, T, top_k).count, 2);
+    EXPECT_NEAR(sums.data<double>()[0], ops.distill_kl_sum(s, t, labels, T, top_k).kl, 1e-13);
     const double h = 1e-6;
     double worst = 0;
     for (int64_t i = 0; i < n * v; ++i) {
@@ -319,8 +332,8 @@ TEST(DistillKl, IsZeroForIdenticalDistributions) {
   EXPECT_NEAR(same.kl, 0.0, 1e-6);
   EXPECT_EQ(same.agree, 4);
   Tensor g = Tensor::zeros({4, 300}, DType::F32);
-  int64_t count = 0;
-  ops.distill_kl_backward(s, s, labels, 2.0, 0, 1.0, 0.0, g, count);
+  Tensor sums = Tensor::zeros({1}, DType::F64);
+  ops.distill_kl_backward(s, s, labels, 2.0, 0, 1.0, 0.0, g, sums);
   for (int64_t i = 0; i < g.numel(); ++i) ASSERT_NEAR(g.data<float>()[i], 0.0f, 1e-8f);
   Tensor t = s.clone();
   for (int64_t i = 0; i < t.numel(); i += 7) t.data<float>()[i] += 1.0f;

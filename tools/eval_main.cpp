@@ -13,11 +13,13 @@
 
 #include "core/chat_template.h"
 #include "core/cpu/cpu_ops.h"
+#include "core/output_dir.h"
 #include "train/eval/evaluate.h"
 #include "train/eval/generate.h"
 #include "train/eval/plot.h"
 #include "train/eval/report.h"
 #include "train/surgery/surgery.h"
+#include "train/model/preflight.h"
 #include "train/train_config.h"
 #include "core/cpu/thread_policy.h"
 
@@ -76,7 +78,8 @@ int main(int argc, char** argv) {
   app.add_option("--type", type, "--data's type: chat, completion, alpaca, sharegpt");
   app.add_option("--prompts", prompts, "jsonl of {\"prompt\": …} user turns to generate from (default: held-out prompts)");
   app.add_option("--table-size", table, "held-out prompts to generate from (default 8)");
-  app.add_option("--max-new-tokens,-n", in.max_new_tokens, "greedy tokens per prompt")->check(CLI::PositiveNumber);
+  double max_new_arg = 64;  // checked_max_new_tokens makes it a count
+  app.add_option("--max-new-tokens,-n", max_new_arg, "greedy tokens per prompt (1 to the model's context)");
   app.add_option("--reference", reference, "a model to score the generations' cross-perplexity under (e.g. before surgery)");
   app.add_option("--parent", parent,
                  "the model before surgery, measured beside (default: --config's distill_from, upscale_from or "
@@ -84,10 +87,22 @@ int main(int argc, char** argv) {
   app.add_option("--mc", mc, "GPQA-style multiple-choice jsonl");
   app.add_flag("--report", report, "write the heal report (report.md, report.json, PNG plots)");
   app.add_option("--before", before_model, "--report: the model 'before' (default: --model without --adapter)");
-  app.add_option("--out,-o", out, "--report: where to write it (default: the adapter's, else the model's directory)");
+  app.add_option("--out,-o", out, "--report: the folder to write it to (not an input; written whole, then renamed)");
+  bool force = false;
+  app.add_flag("--force", force, "--report: replace an existing report folder that torchless wrote");
   CLI11_PARSE(app, argc, argv);
   try {
     if (!config.empty() && !data.empty()) throw tl::Error("give --config or --data, not both");
+    // Before anything is loaded: the report goes to a folder of its own that is no input, and
+    // --max-new-tokens fits the model's context.
+    std::vector<fs::path> inputs{model, adapter, config, data, prompts, reference, mc, before_model, parent};
+    if (report && out.empty())
+      throw tl::Error("--report needs --out DIR: the report is written to a folder of its own, never into the model "
+                      "or adapter it reads");
+    if (!out.empty() && !report) throw tl::Error("--out is where --report writes; give --report too");
+    if (report) tl::refuse_overlap(out, inputs, "--out");
+    const std::string config_file = (fs::path(model) / "config.json").string();
+    in.max_new_tokens = tl::checked_max_new_tokens(max_new_arg, tl::Gemma4Config::load(model), config_file);
     tl::CpuOps ops(tl::DType::F32);
     tl::EvalModel m = tl::load_eval_model(model, adapter, nf4, ops);
     std::vector<tl::Example> held;
@@ -116,13 +131,21 @@ int main(int argc, char** argv) {
       in.micro_batch = cfg.micro_batch_size;
     }
     if (!prompts.empty()) {
+      if (fs::is_directory(prompts)) throw tl::Error(prompts + ": is a directory, not a prompts file");
       std::ifstream pf(prompts);
       if (!pf) throw tl::Error(prompts + ": cannot open the prompts file");
       std::string line;
       for (int64_t no = 1; std::getline(pf, line); ++no) {
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-        const auto j = nlohmann::json::parse(line, nullptr, false);
-        if (j.is_discarded() || !j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
+        if (const auto bad = tl::invalid_utf8_at(line))
+          throw tl::Error(fmt::format("{}:{}: invalid UTF-8 at byte {} of the line", prompts, no, *bad + 1));
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(line);
+        } catch (const nlohmann::json::exception& e) {
+          throw tl::Error(fmt::format("{}:{}: not valid JSON ({})", prompts, no, e.what()));
+        }
+        if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
           throw tl::Error(fmt::format("{}:{}: not a JSON object with a 'prompt' string", prompts, no));
         in.prompts.push_back(m.tokenizer->encode(
             tl::render_chat({{"user", j["prompt"].get<std::string>(), ""}}, {.add_generation_prompt = true})));
@@ -133,9 +156,47 @@ int main(int argc, char** argv) {
         if (auto p = tl::generation_prompt(e, 512); !p.empty()) in.prompts.push_back(std::move(p));
       }
     }
-    if (!mc.empty()) in.mc = tl::load_mc_jsonl(mc);
+    // Before any pass allocates: every prompt with its generation, and every held-out row, within
+    // the model's context and this machine's memory.
+    const tl::Gemma4Config& mcfg = m.model->config();
+    for (size_t i = 0; i < in.prompts.size(); ++i) {
+      const int64_t n = int64_t(in.prompts[i].size()), total = n + in.max_new_tokens;
+      const std::string what = fmt::format("{} prompt {} ({} tokens + --max-new-tokens {})",
+                                           prompts.empty() ? "held-out" : prompts, i + 1, n, in.max_new_tokens);
+      tl::refuse_over_context(mcfg, config_file, total, what, "lower --max-new-tokens or shorten the prompt");
+      tl::refuse_over_memory(tl::forward_peak_bytes(mcfg, 1, n, 4, false) + tl::kv_cache_bytes(mcfg, total, 4),
+                             fmt::format("the prompt's forward pass and a cache of {} positions", total), what,
+                             "lower --max-new-tokens or shorten the prompt");
+    }
+    int64_t longest = 0;
+    for (const tl::Row& r : in.rows) longest = std::max(longest, int64_t(r.ids.size()));
+    if (longest > 0) {
+      const std::string what = fmt::format("a held-out row of {}", config.empty() ? data : config);
+      tl::refuse_over_context(mcfg, config_file, longest, what, "lower sequence_len");
+      tl::refuse_over_memory(tl::forward_peak_bytes(mcfg, in.micro_batch, longest, 4, true),
+                             fmt::format("logits [{}, {}, {}]", in.micro_batch, longest, mcfg.vocab_size), what,
+                             "lower sequence_len or micro_batch_size");
+    }
+    if (!mc.empty()) {
+      in.mc = tl::load_mc_jsonl(mc);
+      const auto [longest_mc, item] = tl::mc_longest_sequence(*m.tokenizer, in.mc);
+      const std::string what = fmt::format("{} item {} (question and option)", mc, item + 1);
+      tl::refuse_over_context(mcfg, config_file, longest_mc, what, "shorten the question or its options");
+      tl::refuse_over_memory(tl::forward_peak_bytes(mcfg, 1, longest_mc, 4, true),
+                             fmt::format("logits [1, {}, {}]", longest_mc, mcfg.vocab_size), what,
+                             "shorten the question or its options");
+    }
     std::unique_ptr<tl::EvalModel> ref;
-    if (!reference.empty()) ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
+    if (!reference.empty()) {
+      // The generations are scored under the reference, whose context may be shorter.
+      const tl::Gemma4Config rc = tl::Gemma4Config::load(reference);
+      for (size_t i = 0; i < in.prompts.size(); ++i)
+        tl::refuse_over_context(rc, (fs::path(reference) / "config.json").string(),
+                                int64_t(in.prompts[i].size()) + in.max_new_tokens,
+                                fmt::format("--reference: prompt {} with --max-new-tokens {}", i + 1, in.max_new_tokens),
+                                "lower --max-new-tokens or shorten the prompt");
+      ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
+    }
 
     const std::string parent_dir = !parent.empty() ? parent : !config_parent.empty() ? config_parent : reference;
     std::unique_ptr<tl::EvalModel> par;
@@ -166,10 +227,12 @@ int main(int argc, char** argv) {
                            i < gens_before.size() ? m.tokenizer->decode(gens_before[i].tokens) : "",
                            m.tokenizer->decode(gens_after[i].tokens),
                            i < gens_parent.size() ? m.tokenizer->decode(gens_parent[i].tokens) : ""});
-    const fs::path dir = !out.empty() ? fs::path(out) : !adapter.empty() ? fs::path(adapter) : fs::path(model);
-    fs::path metrics = dir / "metrics.jsonl";
-    if (!fs::exists(metrics) && !adapter.empty()) metrics = fs::path(adapter) / "metrics.jsonl";
-    for (const fs::path& p : tl::write_heal_report(dir, r, metrics)) std::cerr << "plot: " << p.string() << "\n";
+    fs::path metrics = fs::path(adapter.empty() ? model : adapter) / "metrics.jsonl";
+    std::vector<fs::path> pngs;
+    const fs::path dir = tl::write_output_dir(out, inputs, force, [&](const fs::path& tmp) {
+      for (const fs::path& p : tl::write_heal_report(tmp, r, metrics)) pngs.push_back(p.filename());
+    }, std::cerr);  // stdout holds the measures' JSON alone
+    for (const fs::path& p : pngs) std::cerr << "plot: " << (dir / p).string() << "\n";
     if (!tl::plots_available()) std::cerr << "plots skipped: this build has no cairo\n";
     std::cerr << "report: " << (dir / "report.md").string() << "\n";
   } catch (const std::exception& e) {

@@ -15,11 +15,13 @@
 #include <optional>
 
 #include "core/chat_template.h"
+#include "core/output_dir.h"
 #include "core/cpu/cpu_ops.h"
 #include "core/tokenizer.h"
 #include "core/safetensors.h"
 #include "tools/backend.h"
 #include "train/model/gemma4_model.h"
+#include "train/model/preflight.h"
 #include "core/cpu/thread_policy.h"
 
 namespace {
@@ -122,23 +124,29 @@ int main(int argc, char** argv) {
     if (input.empty() && text_file.empty() && chat_file.empty())
       throw tl::Error("give one of --input, --text or --chat");
     auto t0 = std::chrono::steady_clock::now();
+    const tl::DType act = dtype == "f64" ? tl::DType::F64 : tl::DType::F32;
+    // The output is checked before any work: it must not be, or lie in, an input (the model's
+    // weights or tokenizer, the input file, a symlink to either).
+    if (!output.empty())
+      output = tl::check_output_file(output, {model_dir, input, text_file, chat_file}, "--output").string();
     // fp32 products (no bf16): this tool checks logits against references to 1e-5.
-    tl::Backend backend = tl::make_backend(tl::parse_backend(backend_name, "--backend"),
-                                           {dtype == "f64" ? tl::DType::F64 : tl::DType::F32, false});
+    tl::Backend backend = tl::make_backend(tl::parse_backend(backend_name, "--backend"), {act, false});
     std::cout << fmt::format("backend {}\n", backend.description);
     tl::Ops& ops = *backend.ops;
     auto cfg = tl::Gemma4Config::load(model_dir);
-    tl::Gemma4Model model(cfg, ops);
-    model.load(tl::Checkpoint::open(model_dir));
+    const std::string config_file = (std::filesystem::path(model_dir) / "config.json").string();
     std::optional<tl::SafetensorsFile> rec;
-    std::string text;
+    std::string text, source;
     tl::Tensor ids;
     if (!input.empty()) {
+      source = "--input " + input;
       rec = tl::SafetensorsFile::open(input);
       check_record(*rec, input, cfg.vocab_size);
       ids = rec->get("input_ids").to(tl::DType::I32);
     } else {
       const std::string& file = text_file.empty() ? chat_file : text_file;
+      source = (text_file.empty() ? "--chat " : "--text ") + file;
+      if (std::filesystem::is_directory(file)) throw tl::Error(file + ": is a directory, not a file");
       std::ifstream in(file, std::ios::binary);
       if (!in) throw tl::Error(file + ": cannot open");
       text.assign(std::istreambuf_iterator<char>(in), {});
@@ -159,11 +167,23 @@ int main(int argc, char** argv) {
       ids = tl::Tensor::zeros({1, int64_t(v.size())}, tl::DType::I64);
       for (size_t k = 0; k < v.size(); ++k) ids.data<int64_t>()[k] = v[k];
     }
+    // Before the model and the pass allocate: the model's context, and the pass's memory (the
+    // logits of every position, a converted copy with --output, the reference's with logits).
+    const int64_t B = ids.dim(0), S = ids.dim(1);
+    tl::refuse_over_context(cfg, config_file, S, source, "shorten the input");
+    const int copies = 1 + int(!output.empty()) + int(rec && rec->contains("logits"));
+    tl::refuse_over_memory(tl::forward_peak_bytes(cfg, B, S, int64_t(tl::dtype_size(act)), true, copies),
+                           fmt::format("{}logits [{}, {}, {}] in {}, attention over {} positions",
+                                       copies > 1 ? fmt::format("{} copies of the ", copies) : "", B, S, cfg.vocab_size,
+                                       dtype, S),
+                           source, "shorten the input");
+    tl::Gemma4Model model(cfg, ops);
+    model.load(tl::Checkpoint::open(model_dir));
     tl::Batch batch{ids, {}, {}};
     tl::Tensor hidden = model.forward_hidden(batch);
     tl::Tensor logits = model.logits(hidden);
     if (!output.empty())
-      write_output(output, batch.ids, logits, dtype == "f64" ? tl::DType::F64 : tl::DType::F32,
+      write_output(output, batch.ids, logits, act,
                    rec ? std::map<std::string, std::string>{{"format", "pt"}}
                        : std::map<std::string, std::string>{{"format", "pt"}, {"text", text}});
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -31,23 +31,24 @@ bool has_weights(const std::filesystem::path& dir) {
   return false;
 }
 // --dry-run on a bare config (e.g. configs/models/*): the plan needs no weights and no data.
-void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act) {
+// `budget`: what `gradient_checkpointing: auto` plans against (≤ 0: unknown).
+void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act, double budget) {
   const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
   const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
                                                   : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
   log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n", cfg.base_model,
                      mc.num_hidden_layers, mc.hidden_size)
       << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable);
-  tl::MemoryPlanInput in = tl::memory_plan_input(cfg, trainable, act);
-  if (!cfg.distill_from.empty() && cfg.distill_alpha > 0) {
+  const bool distill = !cfg.distill_from.empty() && cfg.distill_alpha > 0;
+  if (distill) {
     // Without weights there is no layer map to read: planned as the shared-weight teacher
     // (what an upscale or expand gets); a parent loaded on its own adds its weights.
-    in.distill = true;
     log << fmt::format("distillation     from {}: planned with the teacher over the student's base (shared "
                        "weights; a parent loaded as a second model adds its own)\n",
                        cfg.distill_from);
   }
-  log << tl::format_memory_plan(mc, in);
+  const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, mc, trainable, act, budget, distill);
+  log << tl::describe_checkpointing(cfg, in, budget) << tl::format_memory_plan(mc, in);
 }
 }  // namespace
 
@@ -76,7 +77,7 @@ int main(int argc, char** argv) {
       // CUDA backend's numerics on any machine (training itself then needs the GPU).
       log << "backend          cuda (dry run on a machine without a usable GPU: planned with the CUDA "
              "backend's numerics)\n";
-      plan_bare_config(log, cfg, tl::cuda_activation_dtype(backend_opts));
+      plan_bare_config(log, cfg, tl::cuda_activation_dtype(backend_opts), tl::checkpoint_budget(cfg, 0));
       return 0;
     }
     // The backend comes next: it says which device (this rank's GPU) the plan is for.
@@ -98,7 +99,7 @@ int main(int argc, char** argv) {
 #endif
     // With upscale_from the base is made from it first (the demo): the Trainer plans that.
     if (dry_run && cfg.upscale_from.empty() && !has_weights(cfg.base_model)) {
-      plan_bare_config(log, cfg, backend.ops->act_dtype());
+      plan_bare_config(log, cfg, backend.ops->act_dtype(), tl::checkpoint_budget(cfg, backend.ops->memory_available()));
       return 0;
     }
     tl::Trainer trainer(cfg, *backend.ops, log, *step_comm);
@@ -106,6 +107,12 @@ int main(int argc, char** argv) {
     if (dry_run) return 0;
     // Fault injection for the crash tests (tests/cli/train_runs.sh): SIGKILL this process in
     // the middle of saving checkpoint N, or in the middle of pruning after step N's save.
+    // TORCHLESS_TEST_SIGINT=N: SIGINT to this process once step N is done (the signal test,
+    // which must not race a run that finishes first).
+    if (const char* f = std::getenv("TORCHLESS_TEST_SIGINT")) {
+      const int64_t at = std::atoll(f);
+      trainer.around_step = [at](int64_t step, bool after) { if (after && step == at) std::raise(SIGINT); };
+    }
     if (const char* f = std::getenv("TORCHLESS_TEST_KILL")) {
       const std::string spec = f;
       const auto colon = spec.find(':');
@@ -125,9 +132,14 @@ int main(int argc, char** argv) {
                          backend.peak_device_bytes() / double(1ull << 30), backend.device,
                          trainer.planned_peak_bytes() / double(1ull << 30));
     if (trainer.interrupted_by) {
-      std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
-                               trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,
-                               cfg.output_dir);
+      // Every rank agreed on the signal (train/trainer_checkpoint.cpp); rank 0 says so once, and
+      // no rank exits before it has (mpirun ends the job when the first rank exits non-zero).
+      if (comm->rank() == 0)
+        std::cerr << fmt::format("torchless-train: interrupted by {} after step {}; checkpoint saved in {}\n",
+                                 trainer.interrupted_by == SIGINT ? "SIGINT" : "SIGTERM", trainer.state().step,
+                                 cfg.output_dir)
+                  << std::flush;
+      if (comm->world() > 1) comm->barrier("exit after a signal", cfg.ddp_io_timeout);
       return 128 + trainer.interrupted_by;
     }
   } catch (const tl::OutOfMemory& e) {

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <random>
+#include <set>
 
 #include "core/output_dir.h"
 #include "core/safetensors.h"
@@ -75,7 +76,7 @@ void remove_dir_atomically(const fs::path& dir, const std::function<void(const f
 
 }  // namespace
 
-std::string run_identity(const TrainConfig& c) {
+json run_identity_keys(const TrainConfig& c) {
   json lora = {{"r", c.lora.r}, {"alpha", c.lora.alpha}, {"dropout", c.lora.dropout},
                {"use_rslora", c.lora.use_rslora}, {"target_modules", c.lora.target_modules},
                {"target_regex", c.lora.target_regex ? json(*c.lora.target_regex) : json(nullptr)},
@@ -104,10 +105,50 @@ std::string run_identity(const TrainConfig& c) {
   if (!c.distill_from.empty())
     j["distill"] = {{"from", c.distill_from == "auto" ? c.distill_from : normalise_path(c.distill_from).string()},
                     {"alpha", c.distill_alpha}, {"temperature", c.distill_temperature}, {"top_k", c.distill_top_k}};
-  const std::string text = j.dump();
+  return j;
+}
+
+std::string run_identity(const json& keys) {
+  const std::string text = keys.dump();
   Fnv f;
   f.add(text.data(), text.size());
   return fmt::format("{:016x}", f.h);
+}
+
+std::string run_identity(const TrainConfig& c) { return run_identity(run_identity_keys(c)); }
+
+namespace {
+void key_differences(const json& a, const json& b, const std::string& path, std::vector<std::string>& out) {
+  if (a == b) return;
+  if (a.is_object() && b.is_object()) {
+    std::set<std::string> keys;
+    for (const auto& [k, v] : a.items()) keys.insert(k);
+    for (const auto& [k, v] : b.items()) keys.insert(k);
+    for (const std::string& k : keys)
+      key_differences(a.contains(k) ? a[k] : json(), b.contains(k) ? b[k] : json(), path.empty() ? k : path + "." + k,
+                      out);
+    return;
+  }
+  if (a.is_array() && b.is_array() && a.size() == b.size()) {
+    for (size_t i = 0; i < a.size(); ++i) key_differences(a[i], b[i], fmt::format("{}[{}]", path, i), out);
+    return;
+  }
+  auto shown = [](const json& v) {
+    std::string t = v.is_null() ? "unset" : v.dump();
+    return t.size() > 60 ? t.substr(0, 57) + "..." : t;
+  };
+  if (path.ends_with("bytes") || path == "base_config")
+    out.push_back(fmt::format("{} (the file's contents changed)", path));
+  else
+    out.push_back(fmt::format("{} {} → {}", path, shown(a), shown(b)));
+}
+}  // namespace
+
+std::string run_key_differences(const json& recorded, const json& now) {
+  if (!recorded.is_object()) return "";
+  std::vector<std::string> diffs;
+  key_differences(recorded, now, "", diffs);
+  return fmt::format("{}", fmt::join(diffs, ", "));
 }
 
 std::vector<std::pair<int64_t, fs::path>> run_checkpoints(const fs::path& out, const std::string& id) {
@@ -129,7 +170,8 @@ void prune_run_checkpoints(const fs::path& out, const std::string& id, int64_t l
   for (size_t i = 0; i + size_t(limit) < all.size(); ++i) remove_dir_atomically(all[i].second, midway);
 }
 
-fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log) {
+fs::path prepare_run_dir(const TrainConfig& cfg, const json& keys, std::ostream& log, DirLock& lock) {
+  const std::string id = run_identity(keys);
   const fs::path out = normalise_path(cfg.output_dir);
   std::vector<fs::path> inputs{cfg.base_model};
   for (const auto& d : cfg.datasets) inputs.push_back(d.path);
@@ -152,6 +194,9 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ost
   }
   fs::create_directories(out, ec);
   if (ec) throw Error(fmt::format("{}: cannot create output_dir {}: {}", file, out.string(), ec.message()));
+  // Before anything in it is read or changed: a second trainer (or a merge --force) on this
+  // folder would log steps twice, race the run-identity check or delete this run's files.
+  lock = DirLock::acquire(out, fmt::format("{}: output_dir", file));
 
   // Leftovers of killed saves (.checkpoint-N.partial-*) and prunes (.checkpoint-N.deleting-*).
   for (const auto& e : fs::directory_iterator(out, ec)) {
@@ -164,23 +209,42 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ost
   }
 
   // Another run: checkpoints that are not this run's, or a run record with another id.
-  std::string other;
+  std::string other, differs;
   std::vector<fs::path> foreign;
   for (const auto& e : fs::directory_iterator(out, ec)) {
     int64_t step = 0;
-    if (e.is_directory() && checkpoint_name(e.path().filename().string(), step)) {
-      const std::string rid = checkpoint_run_id(e.path());
-      if (rid != id) {
-        foreign.push_back(e.path());
-        if (other.empty())
-          other = fmt::format("{} is of run {}", e.path().filename().string(), rid.empty() ? "unknown" : rid);
+    if (!e.is_directory() || !checkpoint_name(e.path().filename().string(), step)) continue;
+    json st;
+    if (std::ifstream in(e.path() / "trainer_state.json"); in) {
+      try {
+        st = json::parse(in);
+      } catch (const json::exception& x) {
+        // Perhaps this very run's checkpoint, damaged: no advice that would delete it. Asked to
+        // overwrite the folder, it goes with the rest.
+        if (!cfg.overwrite_output_dir)
+          throw Error(fmt::format("{}: {}/trainer_state.json is unreadable (truncated or edited? {}); repair it, or "
+                                  "move {} out of output_dir {}, then run again",
+                                  file, e.path().string(), x.what(), e.path().filename().string(), out.string()));
+        st = json();
+      }
+    }
+    const std::string rid = st.is_object() ? st.value("run_id", std::string()) : std::string();
+    if (rid != id) {
+      foreign.push_back(e.path());
+      if (other.empty()) {
+        other = fmt::format("{} is of run {}", e.path().filename().string(), rid.empty() ? "unknown" : rid);
+        differs = run_key_differences(st.is_object() && st.contains("run_keys") ? st["run_keys"] : json(), keys);
       }
     }
   }
   if (std::ifstream in(out / "torchless_run.json"); in && other.empty()) {
     try {
-      const std::string rid = json::parse(in).value("run_id", std::string());
-      if (rid != id) other = fmt::format("torchless_run.json names run {}", rid.empty() ? "?" : rid);
+      const json rec = json::parse(in);
+      const std::string rid = rec.value("run_id", std::string());
+      if (rid != id) {
+        other = fmt::format("torchless_run.json names run {}", rid.empty() ? "?" : rid);
+        differs = run_key_differences(rec.contains("keys") ? rec["keys"] : json(), keys);
+      }
     } catch (const json::exception&) {
       other = "its torchless_run.json is unreadable";
     }
@@ -188,9 +252,9 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ost
   if (!other.empty() || (fs::exists(out / "metrics.jsonl") && !fs::exists(out / "torchless_run.json"))) {
     if (other.empty()) other = "metrics.jsonl of an unrecorded run";
     if (!cfg.overwrite_output_dir)
-      throw Error(fmt::format("{}: output_dir {} belongs to another run ({}; this run is {}); choose another "
+      throw Error(fmt::format("{}: output_dir {} belongs to another run ({}; this run is {}{}); choose another "
                               "output_dir or set overwrite_output_dir: true",
-                              file, out.string(), other, id));
+                              file, out.string(), other, id, differs.empty() ? "" : "; it differs in " + differs));
     for (const fs::path& d : foreign) remove_dir_atomically(d);
     for (const char* f : {"metrics.jsonl", "generations.jsonl", "adapter_config.json", "adapter_model.safetensors",
                           "trainable.safetensors"})
@@ -198,7 +262,8 @@ fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ost
     if (fs::is_directory(out / "model")) remove_dir_atomically(out / "model");
     log << fmt::format("overwrite_output_dir: removed another run's files from {}\n", out.string());
   }
-  write_file_atomic(out / "torchless_run.json", json{{"run_id", id}, {"config", cfg.source.string()}}.dump(2) + "\n");
+  write_file_atomic(out / "torchless_run.json",
+                    json{{"run_id", id}, {"config", cfg.source.string()}, {"keys", keys}}.dump(2) + "\n");
   return out;
 }
 

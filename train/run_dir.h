@@ -8,27 +8,40 @@
 #pragma once
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/dir_lock.h"
 #include "train/train_config.h"
 
 namespace tl {
 
 namespace fs = std::filesystem;
 
-// 16 hex digits (FNV-1a 64 of the canonical JSON of the result-relevant keys, datasets'
-// bytes and the base model's config.json).
+// The result-relevant keys, canonical JSON (datasets' and the base config's bytes by hash).
+// Recorded beside the identity, so a refusal can say which key differs.
+nlohmann::json run_identity_keys(const TrainConfig& cfg);
+// 16 hex digits (FNV-1a 64 of run_identity_keys' canonical JSON).
+std::string run_identity(const nlohmann::json& keys);
 std::string run_identity(const TrainConfig& cfg);
+// "seed 5 → 6, datasets[0].bytes (the file's contents changed)": the keys whose values differ
+// between a recorded run and this one; "" when `recorded` holds none (an older run).
+std::string run_key_differences(const nlohmann::json& recorded, const nlohmann::json& now);
 
 // Makes output_dir ready for a run with identity `id`, before anything is written:
 // refuses an output_dir that is, contains or lies inside the base model or a dataset; one
-// that exists, is not empty and holds nothing of ours; and one holding another run's
-// checkpoints or run record unless overwrite_output_dir (then those are removed). Removes
-// stale .partial / .deleting directories of killed saves and prunes, and records the
-// identity. Returns the normalised output_dir.
-fs::path prepare_run_dir(const TrainConfig& cfg, const std::string& id, std::ostream& log);
+// that exists, is not empty and holds nothing of ours; locks it into `lock` (the caller keeps
+// it for the run's life), refusing one another process holds (core/dir_lock.h); refuses one
+// holding another run's checkpoints or run record unless overwrite_output_dir (then those are
+// removed). Removes stale .partial / .deleting directories of killed saves and prunes, and
+// records the identity and its keys (run_identity_keys). A refusal names the keys that differ
+// where the other run recorded them; a checkpoint whose trainer_state.json is unreadable is
+// refused naming the file (it may be this run's, damaged: nothing of it is deleted unless
+// overwrite_output_dir). Returns
+// the normalised output_dir.
+fs::path prepare_run_dir(const TrainConfig& cfg, const nlohmann::json& keys, std::ostream& log, DirLock& lock);
 
 // checkpoint-N directories of run `id`, by step (others' and unreadable ones left out).
 std::vector<std::pair<int64_t, fs::path>> run_checkpoints(const fs::path& out, const std::string& id);

@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 
 #include "core/tensor.h"
@@ -97,6 +98,7 @@ void check_ranges(const TrainConfig& c, const std::string& f) {
   require_range(f, "adam_epsilon", c.adam_epsilon, 0, inf, false, true, " (torch.optim.AdamW: 0 <= eps)");
   require_range(f, "weight_decay", c.weight_decay, 0, inf, false, true, " (torch.optim.AdamW: 0 <= weight_decay)");
   require_range(f, "max_grad_norm", c.max_grad_norm, 0, inf, false, true, " (0 turns clipping off)");
+  require_range(f, "max_memory_gib", c.max_memory_gib, 0, inf, false, true, " (0: the device's free memory)");
   require_range(f, "warmup_ratio", c.warmup_ratio, 0, 1, false, false, " (transformers: warmup_ratio in [0, 1])");
   require_range(f, "cosine_min_lr_ratio", c.cosine_min_lr_ratio, 0, 1, false, false, " (a fraction of learning_rate)");
   require_range(f, "num_epochs", c.num_epochs, 0, inf, false, true, "");
@@ -146,7 +148,7 @@ const std::vector<std::string>& train_config_keys() {
       "datasets", "train_on_inputs", "chat_template", "val_set_size", "micro_batch_size",
       "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
       "warmup_ratio", "warmup_steps", "cosine_min_lr_ratio", "optimizer", "weight_decay", "adam_beta1",
-      "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "bf16",
+      "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "max_memory_gib", "bf16",
       "backend",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
       "eval_max_new_tokens", "eval_reference_model", "eval_mc_file", "upscale_from", "upscale_slices",
@@ -292,6 +294,10 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "nan_policy", c.nan_policy);
   require_in<std::string>(file, "nan_policy", c.nan_policy, {"skip", "stop"});
   read(root, "gradient_checkpointing", c.gradient_checkpointing);
+  std::transform(c.gradient_checkpointing.begin(), c.gradient_checkpointing.end(), c.gradient_checkpointing.begin(),
+                 [](unsigned char ch) { return char(std::tolower(ch)); });
+  require_in<std::string>(file, "gradient_checkpointing", c.gradient_checkpointing, {"auto", "true", "false"});
+  read(root, "max_memory_gib", c.max_memory_gib);
   read(root, "bf16", c.bf16);
   read(root, "backend", c.backend);
   require_in<std::string>(file, "backend", c.backend, {"auto", "cpu", "cuda"});

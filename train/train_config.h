@@ -43,7 +43,11 @@ struct TrainConfig {
   double max_grad_norm = 1.0;
   std::string nan_policy = "skip";  // skip | stop: what a non-finite loss or gradient does
 
-  bool gradient_checkpointing = true;
+  // true: every layer's tape is recomputed in the backward from its input; false: none is;
+  // auto: the fewest layers that make the step fit max_memory_gib (or, when that is 0, the
+  // GPU's free memory at start, or the host's available memory on the CPU).
+  std::string gradient_checkpointing = "auto";
+  double max_memory_gib = 0;
   bool bf16 = true;
   // Where the model runs: the GPU when there is one (auto), or the one named
   // (tools/backend.h makes it; `cuda` without a GPU is an error).

@@ -43,6 +43,8 @@ Trainer::Trainer(TrainConfig cfg, Ops& ops, std::ostream& log, Comm& comm)
 }
 
 void Trainer::setup_model() {
+  // Measured before any weight is loaded: the plan counts the weights itself.
+  memory_budget_ = checkpoint_budget(cfg_, ops_.memory_available());
   if (!cfg_.upscale_from.empty()) {
     // The damage the heal must repair: an overlapping-slice upscale (recipes.md §2).
     const Gemma4Config src = Gemma4Config::load(cfg_.upscale_from);
@@ -127,8 +129,10 @@ void Trainer::setup_model() {
   optimizer_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.learning_rate, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_epsilon, cfg_.weight_decay}, slots,
       ops_);
-  model_->set_gradient_checkpointing(cfg_.gradient_checkpointing);
   setup_parent();
+  // After the parent: a teacher changes what fits.
+  checkpointed_ = plan_input().checkpointed;
+  model_->set_checkpointed_layers(checkpointed_);
 }
 
 namespace {
@@ -289,22 +293,43 @@ void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
                                   longest, need / double(1ull << 30), int(threads), have / double(1ull << 30)));
 }
 
-MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable, DType act) {
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable, DType act,
+                                  double budget, bool distill, double teacher_weights) {
   MemoryPlanInput in;
+  in.distill = distill;
+  in.teacher_weights = teacher_weights;
   in.sequence_len = cfg.sequence_len;
   in.micro_batch = cfg.micro_batch_size;
   in.lora_params = trainable;
-  in.gradient_checkpointing = cfg.gradient_checkpointing;
+  in.gradient_checkpointing = cfg.gradient_checkpointing != "false";
   in.load_in_4bit = cfg.load_in_4bit;
   in.act_bytes = int(dtype_size(act));
+  const size_t L = size_t(model.num_hidden_layers);
+  if (cfg.gradient_checkpointing == "auto" && budget > 0) in.checkpointed = checkpointed_layers(model, in, budget);
+  else in.checkpointed.assign(L, in.gradient_checkpointing);
   return in;
 }
 
 MemoryPlanInput Trainer::plan_input() const {
-  MemoryPlanInput in = memory_plan_input(cfg_, trainable_params_, ops_.act_dtype());
-  in.distill = model_->distillation().teacher != nullptr;
-  in.teacher_weights = parent_weight_bytes_;
-  return in;
+  const bool distill = model_->distillation().teacher != nullptr;
+  return memory_plan_input(cfg_, model_->config(), trainable_params_, ops_.act_dtype(), memory_budget_, distill,
+                           parent_weight_bytes_);
+}
+
+double checkpoint_budget(const TrainConfig& cfg, double available) {
+  return cfg.max_memory_gib > 0 ? cfg.max_memory_gib * double(1ull << 30) : available;
+}
+
+std::string describe_checkpointing(const TrainConfig& cfg, const MemoryPlanInput& in, double budget) {
+  const int64_t L = int64_t(in.checkpointed.size()),
+                kept = L - std::count(in.checkpointed.begin(), in.checkpointed.end(), true);
+  std::string why = cfg.gradient_checkpointing != "auto"
+                        ? fmt::format("gradient_checkpointing: {}", cfg.gradient_checkpointing)
+                    : budget <= 0 ? "auto, with no budget known (no device here; set max_memory_gib): every layer recomputed"
+                                  : fmt::format("auto, for a budget of {:.1f} GiB ({})", budget / double(1ull << 30),
+                                                cfg.max_memory_gib > 0 ? "max_memory_gib" : "free at start");
+  return fmt::format("checkpointing    {} of {} layers keep their activations, {} recomputed ({})\n", kept, L,
+                     L - kept, why);
 }
 
 double Trainer::planned_peak_bytes() const { return plan_training_memory(model_->config(), plan_input()).total(); }
@@ -337,7 +362,8 @@ void Trainer::print_plan(std::ostream& out) const {
                                         ? "distillation     off (distill_alpha 0): the parent is measured only\n"
                                         : "distillation     off (no distill_from): the parent is measured only\n"));
   }
-  out << format_memory_plan(mc, plan_input());
+  const MemoryPlanInput in = plan_input();
+  out << describe_checkpointing(cfg_, in, memory_budget_) << format_memory_plan(mc, in);
   out << fmt::format("data             {} examples, {} tokens ({} trained), {} truncated, {} dropped\n",
                      stats_.examples, stats_.tokens, stats_.trained_tokens, stats_.truncated, stats_.dropped);
   out << fmt::format("rows             {} train, {} validation (sequence_len {}, packing {})\n", train_rows_.size(),
@@ -483,11 +509,17 @@ std::string duration(double s) {
 }  // namespace
 
 double Trainer::run() {
-  run_id_ = run_identity(cfg_);
+  // output_dir stays locked while the run writes to it, and no longer: however run() ends.
+  struct Unlock {
+    DirLock& lock;
+    ~Unlock() { lock.release(); }
+  } unlock{run_lock_};
+  run_keys_ = run_identity_keys(cfg_);
+  run_id_ = run_identity(run_keys_);
   // Rank 0 alone inspects and prepares output_dir (records, leftovers); the others would see
   // its fresh run record as another run's. They wait for it, then use the same directory.
   fs::path out = normalise_path(cfg_.output_dir);
-  on_writer("output_dir preparation", [&] { out = prepare_run_dir(cfg_, run_id_, log_); });
+  on_writer("output_dir preparation", [&] { out = prepare_run_dir(cfg_, run_keys_, log_, run_lock_); });
   cfg_.output_dir = out.string();
   fs::path resume_dir;
   if (cfg_.resume_from_checkpoint == "auto") {

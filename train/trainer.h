@@ -13,6 +13,7 @@
 #include <memory>
 #include <ostream>
 
+#include "core/dir_lock.h"
 #include "core/ops.h"
 #include "core/tokenizer.h"
 #include "train/dist/comm.h"
@@ -37,7 +38,14 @@ struct TrainerState {
 
 struct MemoryPlanInput;
 // What the memory plan of a run with `cfg` on a backend storing activations in `act` takes.
-MemoryPlanInput memory_plan_input(const TrainConfig& cfg, int64_t trainable_params, DType act);
+// The memory plan's input for this run. With `gradient_checkpointing: auto` it holds the
+// layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
+                                  DType act, double budget, bool distill = false, double teacher_weights = 0);
+// The budget `auto` plans against: max_memory_gib, else what the backend has free (`available`).
+double checkpoint_budget(const TrainConfig& cfg, double available);
+// One line: how many layers keep their activations, and why.
+std::string describe_checkpointing(const TrainConfig& cfg, const MemoryPlanInput& in, double budget);
 
 class Trainer {
  public:
@@ -49,6 +57,8 @@ class Trainer {
   void print_plan(std::ostream& out) const;
   // The planned peak device memory of one process (the "peak per GPU" line of print_plan).
   double planned_peak_bytes() const;
+  // The layers gradient checkpointing recomputes (all, none, or `auto`'s choice).
+  const std::vector<bool>& checkpointed_layers() const { return checkpointed_; }
   // Runs to the last step; returns the final validation loss (NaN without a split).
   double run();
 
@@ -143,6 +153,8 @@ class Trainer {
   Comm* comm_;
   std::unique_ptr<GradBuckets> buckets_;  // world > 1
   std::unique_ptr<Gemma4Model> model_;
+  double memory_budget_ = 0;        // what `gradient_checkpointing: auto` plans against (bytes)
+  std::vector<bool> checkpointed_;  // per layer: recomputed in the backward
   std::string prefix_;
   std::unique_ptr<Tokenizer> tokenizer_;
   Gemma4Grads grads_;
@@ -167,6 +179,8 @@ class Trainer {
   std::vector<int64_t> order_;
   int64_t total_params_ = 0, trainable_params_ = 0;
   std::string run_id_;  // train/run_dir.h
+  nlohmann::json run_keys_;  // what run_id_ is the hash of
+  DirLock run_lock_;    // output_dir, locked while run() runs (core/dir_lock.h)
 };
 
 // What every rank must agree on before training: (what, fingerprint) pairs for the config

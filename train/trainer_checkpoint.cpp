@@ -76,7 +76,7 @@ void Trainer::save_checkpoint() {
     json st = {{"format", "torchless-trainer-state/1"}, {"step", state_.step}, {"adam_t", optimizer_->t()},
                {"epoch", state_.epoch}, {"cursor", state_.cursor}, {"metrics_bytes", state_.metrics_bytes},
                {"skipped_steps", state_.skipped_steps}, {"seed", cfg_.seed},
-               {"total_steps", schedule_.total_steps}, {"run_id", run_id_}};
+               {"total_steps", schedule_.total_steps}, {"run_id", run_id_}, {"run_keys", run_keys_}};
     write_file_atomic(tmp / "trainer_state.json", st.dump(2) + "\n");
   });
   log_ << fmt::format("saved {}\n", dir.string());
@@ -93,10 +93,15 @@ void Trainer::resume(const fs::path& dir) {
   } catch (const json::exception& e) {
     throw Error(fmt::format("{}/trainer_state.json: invalid JSON ({})", dir.string(), e.what()));
   }
+  if (!st.is_object()) throw Error(fmt::format("{}/trainer_state.json: not a JSON object", dir.string()));
   const std::string rid = st.value("run_id", std::string());
-  if (rid != run_id_)
-    throw Error(fmt::format("{}: checkpoint is of run {}, but this config is run {} (a result-relevant key differs)",
-                            dir.string(), rid.empty() ? "unknown" : rid, run_id_));
+  if (rid != run_id_) {
+    const std::string differs = run_key_differences(st.contains("run_keys") ? st["run_keys"] : json(), run_keys_);
+    throw Error(fmt::format("{}: checkpoint is of run {}, but this config is run {} ({})", dir.string(),
+                            rid.empty() ? "unknown" : rid, run_id_,
+                            differs.empty() ? "a result-relevant key differs; the checkpoint records no keys to compare"
+                                            : "it differs in " + differs));
+  }
   if (st.value("seed", cfg_.seed) != cfg_.seed || st.value("total_steps", schedule_.total_steps) != schedule_.total_steps)
     throw Error(fmt::format("{}: checkpoint was made with another seed or step count than this config", dir.string()));
   state_.step = st.at("step");
@@ -119,19 +124,30 @@ void Trainer::resume(const fs::path& dir) {
     if (!file || !file->contains(key))
       throw Error(fmt::format("{}: checkpoint has no tensor '{}' (trained with another adapter setup?)", dir.string(), key));
     // Each in the dtype the run holds it in (F32 LoRA masters beside BF16 activations).
-    *p.value = ops_.upload(file->get(key), p.value->dtype());
-    p.m = ops_.upload(moments.get(p.name + ".exp_avg"), p.m.dtype());
-    p.v = ops_.upload(moments.get(p.name + ".exp_avg_sq"), p.v.dtype());
+    assign(ops_, *p.value, file->get(key));  // in place: the optimizer's flat buffers hold them
+    assign(ops_, p.m, moments.get(p.name + ".exp_avg"));
+    assign(ops_, p.v, moments.get(p.name + ".exp_avg_sq"));
   }
   log_ << fmt::format("resumed from {} at step {} (run {})\n", dir.string(), state_.step, run_id_);
 }
 
 // A signal asked the run to stop (stop_signal.h): save where it is, unless this step was just
-// saved, and say how to resume.
+// saved, and say how to resume. Under mpirun every rank looks at its own flag at this same
+// step boundary and all agree on the first rank's signal: a signal may reach some ranks only
+// (each rank is its own process group; a scheduler or `kill` picks them), and the ranks must
+// stop together, with rank 0 alone saving (one checkpoint, its metrics length, not one per rank).
 bool Trainer::stop_if_signalled() {
-  const int sig = stop_signal();
+  int sig = stop_signal();
+  if (comm_->world() > 1) {
+    sig = 0;
+    for (uint64_t s : comm_->all_gather_host(uint64_t(stop_signal()), "stop signal agreement"))
+      if (s != 0) {
+        sig = int(s);
+        break;
+      }
+  }
   if (sig == 0) return false;
-  if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint();
+  if (cfg_.save_steps <= 0 || state_.step % cfg_.save_steps != 0) save_checkpoint_ranks();
   interrupted_by = sig;
   log_ << fmt::format("interrupted by {} after step {}: saved checkpoint-{} (resume with resume_from_checkpoint: "
                       "auto)\n",

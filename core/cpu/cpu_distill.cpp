@@ -163,19 +163,16 @@ Ops::DistillSums CpuOps::distill_kl_sum(const Tensor& student, const Tensor& tea
   return out;
 }
 
-double CpuOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                   double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
-                                   int64_t& count) {
+void CpuOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                 double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                 Tensor& sums) {
+  require(sums.dtype() == DType::F64 && sums.numel() >= 1, "distill_kl_backward sums must be F64 [1]");
   const Rows r =
       run(student, teacher, labels, temperature, top_k, weight, cap, &dstudent, "distill_kl_backward shapes");
   double total = 0;
-  count = 0;
-  for (int64_t i = 0; i < labels.numel(); ++i) {
-    if (labels.data<int32_t>()[i] == -100) continue;
-    total += r.kl[size_t(i)];
-    ++count;
-  }
-  return total;
+  for (int64_t i = 0; i < labels.numel(); ++i)
+    if (labels.data<int32_t>()[i] != -100) total += r.kl[size_t(i)];
+  sums.data<double>()[0] += total;
 }
 
 }  // namespace tl

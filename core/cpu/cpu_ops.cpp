@@ -222,6 +222,16 @@ void CpuOps::scale(Tensor& x, double s) {
   });
 }
 
+void CpuOps::fill(Tensor& x, double value) {
+  dispatch(x.dtype(), [&]<class T>() {
+    const int64_t n = x.numel();
+    const T v = T(value);
+    T* px = x.data<T>();
+#pragma omp parallel for simd schedule(static) if(n >= cpu::kParallelMin)
+    for (int64_t i = 0; i < n; ++i) px[i] = v;
+  });
+}
+
 void CpuOps::scale_rows(Tensor& x, const Tensor& s) {
   const int64_t m = s.numel(), d = m ? x.numel() / m : 0;
   require(x.numel() == m * d, "scale_rows sizes");
@@ -367,19 +377,29 @@ double CpuOps::norm2(const Tensor& x) {
   return std::sqrt(sq);
 }
 
+void CpuOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
+  require(acc.dtype() == DType::F64 && index >= 0 && index < acc.numel(), "add_sum_squares acc must be F64 [> index]");
+  double sq = 0;
+  dispatch(x.dtype(), [&]<class T>() {
+    for (int64_t i = 0; i < x.numel(); ++i) sq += double(x.data<T>()[i]) * double(x.data<T>()[i]);
+  });
+  acc.data<double>()[index] += sq;
+}
+
 void CpuOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
-                          double eps, double wd, double bc1, double bc2) {
+                    double eps, double wd, double bc1, double bc2, double grad_scale) {
   require(p.numel() == g.numel() && m.numel() == p.numel() && v.numel() == p.numel(), "adamw sizes");
   dispatch(p.dtype(), [&]<class T>() {
     // Scalars as torch's single-tensor path forms them: step_size = lr/bc1, √bc2 in double.
     const T decay = T(1.0 - lr * wd), b1 = T(beta1), b2 = T(beta2), step_size = T(lr / bc1),
-            sqrt_bc2 = T(std::sqrt(bc2)), e = T(eps);
+            sqrt_bc2 = T(std::sqrt(bc2)), e = T(eps), gs = T(grad_scale);
     T *pp = p.data<T>(), *mp = m.data<T>(), *vp = v.data<T>();
     const T* gp = g.data<T>();
     for (int64_t i = 0; i < p.numel(); ++i) {
+      const T gi = gp[i] * gs;  // grad.mul_(clip_coef), rounded to T
       pp[i] *= decay;
-      mp[i] = mp[i] + (gp[i] - mp[i]) * (T(1) - b1);  // m.lerp_(g, 1−β1)
-      vp[i] = vp[i] * b2 + gp[i] * gp[i] * (T(1) - b2);
+      mp[i] = mp[i] + (gi - mp[i]) * (T(1) - b1);  // m.lerp_(g, 1−β1)
+      vp[i] = vp[i] * b2 + gi * gi * (T(1) - b2);
       const T denom = std::sqrt(vp[i]) / sqrt_bc2 + e;
       pp[i] -= step_size * mp[i] / denom;
     }

@@ -40,11 +40,16 @@ class CpuOps final : public Ops {
   void add(const Tensor& a, const Tensor& b, Tensor& out) override;
   void mul(const Tensor& a, const Tensor& b, Tensor& out) override;
   void scale(Tensor& x, double s) override;
+  void fill(Tensor& x, double value) override;
   void scale_rows(Tensor& x, const Tensor& s) override;
   void softcap_forward(Tensor& x, double cap) override;
   void copy_columns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t w) override;
   void moe_route_forward(const Tensor& logits, const Tensor& per_expert_scale, int64_t k,
                          Tensor& weights, Tensor& idx) override;
+  void moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                           Tensor& out, MoeTape& tape) override;
+  void moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& experts,
+                            const MoeTape& tape, const Tensor& dout, Tensor& dy, Tensor& dweights) override;
   void gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) override;
   void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, Tensor& dst) override;
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
@@ -57,13 +62,17 @@ class CpuOps final : public Ops {
   // Under CpuMatmul::Bf16, products of at least this many multiply-adds run in bf16 (default
   // 2^22, below); tests set 0 so that a tiny model takes the bf16 path in every product.
   void set_bf16_min_multiply_adds(int64_t n) { bf16_min_multiply_adds_ = n; }
+  // Attention score elements computed so far (forward and backward): what the masks let the
+  // blocked attention skip shows here (tests count them).
+  int64_t attention_scores() const { return attention_scores_; }
 
   int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
 
   double norm2(const Tensor& x) override;
+  void add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) override;
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
-                    double eps, double wd, double bc1, double bc2) override;
+                    double eps, double wd, double bc1, double bc2, double grad_scale) override;
 
   void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) override;
   void embedding_backward(const Tensor& ids, const Tensor& dout, double scale, int64_t skip_id,
@@ -80,14 +89,18 @@ class CpuOps final : public Ops {
                           const Tensor& dweights, Tensor& dlogits, Tensor& dscale) override;
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
-  double cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                Tensor& dlogits, int64_t& count) override;
+  void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) override;
   DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
                              int64_t top_k) override;
-  double distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
-                             int64_t top_k, double weight, double cap, Tensor& dstudent, int64_t& count) override;
+  void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor& dstudent, Tensor& sums) override;
 
  private:
+  // Expert e's gate_up (or down) product of the MoE layer and its input gradient (cpu_moe.cpp).
+  void expert_product(const MoeExperts& x, bool gate_up, int64_t e, const Tensor& in, Tensor& out);
+  void expert_product_backward(const MoeExperts& x, bool gate_up, int64_t e, const Tensor& in, const Tensor& dout,
+                               Tensor& din);
   // The bf16 copy of rows × cols at p (leading dimension ld): a held input's, rounded on its
   // first use (hold_matmul_input), or else packed into `scratch`.
   const uint16_t* as_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, std::vector<uint16_t>& scratch) const;
@@ -107,6 +120,7 @@ class CpuOps final : public Ops {
   DType act_;
   CpuMatmul matmul_;
   int64_t nf4_tile_elements_ = int64_t(1) << 24;
+  int64_t attention_scores_ = 0;
   // Whether a product of `multiply_adds` runs in bf16: with CpuMatmul::Bf16, from 2^22 up.
   // Smaller ones (LoRA's rank-r factors) cost more to round and hand to oneDNN than they
   // save (measured on the bench models) and stay exact in fp32.

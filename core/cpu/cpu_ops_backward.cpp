@@ -189,21 +189,23 @@ void CpuOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, T
   });
 }
 
-double CpuOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                      Tensor& dlogits, int64_t& count) {
+void CpuOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                    Tensor& dlogits, Tensor& sums) {
   const int64_t n = labels.numel(), v = logits.dim(-1);
   require(logits.numel() == n * v && dlogits.numel() == n * v, "cross_entropy_backward shapes");
+  require(sums.dtype() == DType::F64 && sums.numel() >= 2, "cross_entropy_backward sums must be F64 [2]");
   for (int64_t t = 0; t < n; ++t) {
     const int32_t y = labels.data<int32_t>()[t];
     if (y != -100 && (y < 0 || y >= v)) throw std::out_of_range("label " + std::to_string(y) + " outside vocab");
   }
-  // Per-row losses, summed in row order afterwards: the same total whatever the threads.
+  // Per-row losses and hits, summed in row order afterwards: the same total whatever the threads.
   std::vector<double> row_loss(size_t(n), 0.0);
+  std::vector<char> row_hit(size_t(n), 0);
   dispatch(logits.dtype(), [&]<class T>() {
     // Rows in parallel (a row is a whole vocabulary: 262,144 logits in Gemma 4). Per row,
     // e_j = exp(l_j − max) once, kept in dlogits, z = Σ e_j in double; then
     // dl_j = (e_j / z − [j = y]) · grad_scale · (1 − (l_j/cap)²), the softcap's derivative
-    // from the capped logit itself (tanh' = 1 − tanh²).
+    // from the capped logit itself (tanh' = 1 − tanh²). The first maximum is the argmax.
 #pragma omp parallel for schedule(dynamic, 1) if(n * v >= cpu::kParallelMin)
     for (int64_t t = 0; t < n; ++t) {
       const int32_t y = labels.data<int32_t>()[t];
@@ -213,7 +215,9 @@ double CpuOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels
         std::fill(g, g + v, T(0));
         continue;
       }
-      const double mx = *std::max_element(l, l + v);
+      const T* top = std::max_element(l, l + v);
+      row_hit[size_t(t)] = top - l == y;
+      const double mx = *top;
       if constexpr (std::is_same_v<T, float>) {
         // fp32 rows: e_j in float through the vectorized exp_f32 (libm's double exp was 8% of
         // the E2B-shaped step), z still summed in double, in 16 fixed lanes so that the sum
@@ -244,14 +248,14 @@ double CpuOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels
       }
     }
   });
-  double total = 0;
-  count = 0;
+  double total = 0, hits = 0;
   for (int64_t t = 0; t < n; ++t) {
     if (labels.data<int32_t>()[t] == -100) continue;
     total += row_loss[size_t(t)];
-    ++count;
+    hits += row_hit[size_t(t)];
   }
-  return total;
+  sums.data<double>()[0] += total;
+  sums.data<double>()[1] += hits;
 }
 
 }  // namespace tl

@@ -68,14 +68,14 @@ void StrictOps::rmsnorm_forward(const Tensor& x, const Tensor& w, int64_t width,
   Scope s("rmsnorm_forward", {&x, &w, &y});
   cpu_.rmsnorm_forward(x, w, width, eps, y);
 }
-// inv_freq is a host table by the interface's contract (a backend caches its own copy).
+// inv_freq is device data like the rest: the model uploads it once, at load.
 void StrictOps::rope_forward(Tensor& x, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  Scope s("rope_forward", {&x, &positions});
+  Scope s("rope_forward", {&x, &positions, &inv_freq});
   cpu_.rope_forward(x, heads, positions, inv_freq);
 }
 void StrictOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                   Tensor& out) {
-  Scope s("attention_forward", {&q, &k, &v, mask.doc_ids, &out});
+  Scope s("attention_forward", {&q, &k, &v, mask.doc_ids, &out, mask.lse});
   cpu_.attention_forward(q, k, v, mask, out);
 }
 void StrictOps::gelu_tanh_mul_forward(const Tensor& gate, const Tensor& up, Tensor& out) {
@@ -94,6 +94,10 @@ void StrictOps::scale(Tensor& x, double v) {
   Scope s("scale", {&x});
   cpu_.scale(x, v);
 }
+void StrictOps::fill(Tensor& x, double value) {
+  Scope s("fill", {&x});
+  cpu_.fill(x, value);
+}
 void StrictOps::scale_rows(Tensor& x, const Tensor& v) {
   Scope s("scale_rows", {&x, &v});
   cpu_.scale_rows(x, v);
@@ -110,6 +114,23 @@ void StrictOps::moe_route_forward(const Tensor& logits, const Tensor& per_expert
                                   Tensor& idx) {
   Scope s("moe_route_forward", {&logits, &per_expert_scale, &weights, &idx});
   cpu_.moe_route_forward(logits, per_expert_scale, k, weights, idx);
+}
+// The experts' dense tensors are device data; NF4 experts are the backend's own state. The
+// tape's tensors are made by the backend on the device.
+void StrictOps::moe_experts_forward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                    const MoeExperts& experts, Tensor& out, MoeTape& tape) {
+  Scope s("moe_experts_forward", {&y, &idx, &weights, &out, experts.gate_up_nf4 ? nullptr : experts.gate_up,
+                                  experts.down_nf4 ? nullptr : experts.down});
+  cpu_.moe_experts_forward(y, idx, weights, experts, out, tape);
+  for (Tensor* t : {&tape.gate, &tape.up, &tape.h, &tape.out})
+    if (t->defined()) *t = to_device(*t);
+}
+void StrictOps::moe_experts_backward(const Tensor& y, const Tensor& idx, const Tensor& weights,
+                                     const MoeExperts& experts, const MoeTape& tape, const Tensor& dout, Tensor& dy,
+                                     Tensor& dweights) {
+  Scope s("moe_experts_backward", {&y, &idx, &weights, &tape.gate, &tape.up, &tape.h, &tape.out, &dout, &dy,
+                                   &dweights});
+  cpu_.moe_experts_backward(y, idx, weights, experts, tape, dout, dy, dweights);
 }
 void StrictOps::gather_rows(const Tensor& src, const Tensor& rows, Tensor& out) {
   Scope s("gather_rows", {&src, &rows, &out});
@@ -156,10 +177,14 @@ double StrictOps::norm2(const Tensor& x) {
   scalar(1);
   return cpu_.norm2(x);
 }
-void StrictOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1,
-                             double beta2, double eps, double wd, double bc1, double bc2) {
+void StrictOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
+                    double eps, double wd, double bc1, double bc2, double grad_scale) {
   Scope s("adamw_update", {&p, &g, &m, &v});
-  cpu_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2);
+  cpu_.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale);
+}
+void StrictOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
+  Scope s("add_sum_squares", {&x, &acc});
+  cpu_.add_sum_squares(x, acc, index);
 }
 void StrictOps::linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw) {
   Scope s("linear_backward", {&x, &w, &dy, &dx, &dw});
@@ -176,12 +201,12 @@ void StrictOps::rmsnorm_backward(const Tensor& x, const Tensor& w, int64_t width
   cpu_.rmsnorm_backward(x, w, width, eps, dy, dx, dw);
 }
 void StrictOps::rope_backward(Tensor& dx, int64_t heads, const Tensor& positions, const Tensor& inv_freq) {
-  Scope s("rope_backward", {&dx, &positions});
+  Scope s("rope_backward", {&dx, &positions, &inv_freq});
   cpu_.rope_backward(dx, heads, positions, inv_freq);
 }
 void StrictOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionMask& mask,
                                    const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
-  Scope s("attention_backward", {&q, &k, &v, mask.doc_ids, &dout, &dq, &dk, &dv});
+  Scope s("attention_backward", {&q, &k, &v, mask.doc_ids, &dout, &dq, &dk, &dv, mask.lse});
   cpu_.attention_backward(q, k, v, mask, dout, dq, dk, dv);
 }
 void StrictOps::gelu_tanh_mul_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, Tensor& dgate,
@@ -206,11 +231,10 @@ void StrictOps::rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b
   Scope s("rowwise_dot", {&a, &rows, &b, &out});
   cpu_.rowwise_dot(a, rows, b, out);
 }
-double StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
-                                         Tensor& dlogits, int64_t& count) {
-  Scope s("cross_entropy_backward", {&logits, &labels, &dlogits});
-  scalar(2);
-  return cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, count);
+void StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
+                                      Tensor& dlogits, Tensor& sums) {
+  Scope s("cross_entropy_backward", {&logits, &labels, &dlogits, &sums});
+  cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums);
 }
 Ops::DistillSums StrictOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
                                            double temperature, int64_t top_k) {
@@ -218,12 +242,11 @@ Ops::DistillSums StrictOps::distill_kl_sum(const Tensor& student, const Tensor& 
   scalar(3);  // the KL sum, the count and the agreements
   return cpu_.distill_kl_sum(student, teacher, labels, temperature, top_k);
 }
-double StrictOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
-                                      double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
-                                      int64_t& count) {
-  Scope s("distill_kl_backward", {&student, &teacher, &labels, &dstudent});
-  scalar(2);
-  return cpu_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, count);
+void StrictOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                    double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                    Tensor& sums) {
+  Scope s("distill_kl_backward", {&student, &teacher, &labels, &dstudent, &sums});
+  cpu_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, sums);
 }
 
 }  // namespace tl

@@ -13,7 +13,14 @@ from safetensors.numpy import load_file
 from safetensors import safe_open
 
 W = Path(sys.argv[1])
-LOGIT_TOL = 2e-4  # max|llama − torchless| / max|torchless| for the f32 GGUF
+# max|llama − torchless| / max|torchless| for the f32 GGUF (f32 K/V cache, flash attention off).
+# What is left there is ggml-cpu's GELU table (GGML_GELU_FP16): the gate's input rounded to
+# fp16 and GELU read from an fp16 table, a relative error of up to fp16's unit roundoff,
+# 2^-11 ≈ 4.9e-4, per element. An independent run over ten models and two prompts each found
+# 6.1e-5 to 2.84e-4 with stock llama.cpp and ≤ 1.1e-6 with the table compiled out
+# (docs/interop.md), so the table accounts for all of it and the bound is that roundoff: a
+# deviation above one fp16 rounding of the largest logit is not the table's.
+LOGIT_TOL = 2.0 ** -11
 
 
 def ids(name):

@@ -12,7 +12,8 @@
 # 3. llama.cpp's own convert_hf_to_gguf.py (gguf from the sdist's gguf-py) writes f32 and Q8_0
 #    GGUFs.
 # 4. scripts/interop/compare.py: logits (f32 GGUF, f32 K/V cache, no flash attention: within
-#    2e-4 of the largest logit), greedy tokens on a prompt longer than the sliding window,
+#    2^-11 ≈ 4.9e-4 of the largest logit, fp16's roundoff, as ggml's fp16 GELU table explains the
+#    rest; docs/interop.md), greedy tokens on a prompt longer than the sliding window,
 #    tokenizer ids on tricky text, the token ids of the rendered chat template.
 # Needs: a build (bash scripts/build.sh), cmake, a C++ compiler, and a Python with torch,
 # transformers, numpy, safetensors and sentencepiece for the converter (PYTHON, default

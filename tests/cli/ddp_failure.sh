@@ -17,13 +17,6 @@ train=$build/torchless-train
 write_heal_yaml "$tmp/heal.yaml"
 common=(save_steps=4 max_steps=24)
 
-# The pid of rank R of the run writing to OUT (mpirun's environment tells the ranks apart).
-rank_pid() {
-  local p
-  for p in $(pgrep -f "torchless-train .*output_dir=$1 "); do
-    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2" && echo "$p" && return
-  done
-}
 # Starts a 2-rank run in the background, waits for OUT/checkpoint-STEP, signals rank 1 and
 # measures how long the job takes to end. Sets $elapsed and $status.
 interrupt() {

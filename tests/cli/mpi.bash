@@ -42,5 +42,12 @@ seed: 7
 ddp_check_sync_steps: 1
 YAML
 }
+# The pid of rank R of the run writing to OUT (mpirun's environment tells the ranks apart).
+rank_pid() {
+  local p
+  for p in $(pgrep -f "torchless-train .*output_dir=$1 "); do
+    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2" && echo "$p" && return
+  done
+}
 # The weights fingerprints of metrics.jsonl, one per line in step order.
 fingerprints() { grep -o '"weights_fingerprint":"[0-9a-f]*"' "$1" | cut -d'"' -f4; }

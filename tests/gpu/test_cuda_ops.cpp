@@ -113,12 +113,13 @@ TEST(CudaOps, Rope) {
     const int64_t heads = 3, half = 8;
     Tensor inv_freq = Tensor::zeros({half}, DType::F64);  // last two stay 0: partial rotary
     for (int64_t i = 0; i < half - 2; ++i) inv_freq.data<double>()[i] = std::pow(10000.0, -double(i) / half);
+    const Tensor inv_freq_d = p.gpu.upload(inv_freq, DType::F64);  // on the device from load time
     Tensor pos = ints({0, 1, 5, 17, 300, 1000});
     Tensor x = random({6, heads * 2 * half}, dt, rng);
     Tensor xd = p.up(x), xd2 = p.up(x);
     p.cpu.rope_forward(x, heads, pos, inv_freq);
-    p.gpu.rope_forward(xd, heads, pos, inv_freq);          // host positions
-    p.gpu.rope_forward(xd2, heads, p.up(pos), inv_freq);   // device positions
+    p.gpu.rope_forward(xd, heads, pos, inv_freq_d);          // host positions
+    p.gpu.rope_forward(xd2, heads, p.up(pos), inv_freq_d);   // device positions
     expect_close(p.down(xd), x, tol(dt), "rope (host positions)");
     expect_close(p.down(xd2), x, tol(dt), "rope (device positions)");
   }
@@ -216,6 +217,13 @@ TEST(CudaOps, Elementwise) {
     p.cpu.scale(a2, -0.37);
     p.gpu.scale(ad2, -0.37);
     expect_close(p.down(ad2), a2, tol(dt), "scale");
+    {  // fill overwrites whatever is there, NaN included
+      Tensor f = a2.clone(), fd = p.up(a2);
+      p.gpu.scale(fd, NAN);
+      p.cpu.fill(f, 0.25);
+      p.gpu.fill(fd, 0.25);
+      expect_close(p.down(fd), f, 0.0, "fill");
+    }
     Tensor rs = random({3}, dt, rng);
     p.cpu.scale_rows(a2, rs);
     p.gpu.scale_rows(ad2, p.up(rs));
@@ -390,15 +398,16 @@ TEST(CudaOps, RopeBackward) {
     const int64_t heads = 2, half = 16;
     Tensor inv_freq = Tensor::zeros({half}, DType::F64);
     for (int64_t i = 0; i < half - 4; ++i) inv_freq.data<double>()[i] = std::pow(1e6, -double(i) / half);
+    const Tensor inv_freq_d = p.gpu.upload(inv_freq, DType::F64);  // on the device from load time
     Tensor pos = ints({0, 3, 9, 4000, 77});
     Tensor g = random({5, heads * 2 * half}, dt, rng), gd = p.up(g);
     p.cpu.rope_backward(g, heads, pos, inv_freq);
-    p.gpu.rope_backward(gd, heads, pos, inv_freq);
+    p.gpu.rope_backward(gd, heads, pos, inv_freq_d);
     expect_close(p.down(gd), g, tol(dt), "rope_backward");
     // The backward is the inverse rotation: forward then backward gives the input back.
     Tensor x = random({5, heads * 2 * half}, dt, rng), xd = p.up(x);
-    p.gpu.rope_forward(xd, heads, pos, inv_freq);
-    p.gpu.rope_backward(xd, heads, pos, inv_freq);
+    p.gpu.rope_forward(xd, heads, pos, inv_freq_d);
+    p.gpu.rope_backward(xd, heads, pos, inv_freq_d);
     expect_close(p.down(xd), x, tol(dt), "rope_backward(rope_forward(x))");
   }
 }
@@ -513,11 +522,13 @@ TEST(CudaOps, CrossEntropyBackward) {
       Tensor labels = ints(lab);
       // dlogits is set, not added: start it from garbage to prove it.
       Tensor g = random({n, v}, dt, rng), gd = p.up(g);
-      int64_t count_cpu = -1, count_gpu = -2;
-      double want = p.cpu.cross_entropy_backward(logits, labels, 1.0 / 9, cap, g, count_cpu);
-      double got = p.gpu.cross_entropy_backward(p.up(logits), labels, 1.0 / 9, cap, gd, count_gpu);
-      EXPECT_EQ(count_gpu, count_cpu);
-      EXPECT_NEAR(got, want, 1e-12 * (1 + std::abs(want)));
+      Tensor sums_c = p.cpu.zeros({2}, DType::F64), sums_g = p.gpu.zeros({2}, DType::F64);
+      p.cpu.cross_entropy_backward(logits, labels, 1.0 / 9, cap, g, sums_c);
+      p.gpu.cross_entropy_backward(p.up(logits), labels, 1.0 / 9, cap, gd, sums_g);
+      const Tensor sg = p.gpu.download(sums_g);
+      const double want = sums_c.data<double>()[0];
+      EXPECT_NEAR(sg.data<double>()[0], want, 1e-12 * (1 + std::abs(want)));
+      EXPECT_EQ(sg.data<double>()[1], sums_c.data<double>()[1]) << "argmax hits";
       expect_close(p.down(gd), g, tol(dt), "cross_entropy_backward dlogits");
     }
 }
@@ -551,10 +562,14 @@ TEST(CudaOps, DistillKl) {
         EXPECT_EQ(got.agree, want.agree);
         EXPECT_NEAR(got.kl, want.kl, tol(dt) * (1 + std::abs(want.kl)));
         Tensor g = random({n, v}, dt, rng), gd = p.up(g);
-        int64_t count_cpu = -1, count_gpu = -2;
-        const double kl_cpu = p.cpu.distill_kl_backward(s, t, labels, T, top_k, 0.3, cap, g, count_cpu);
-        const double kl_gpu = p.gpu.distill_kl_backward(p.up(s), p.up(t), labels, T, top_k, 0.3, cap, gd, count_gpu);
-        EXPECT_EQ(count_gpu, count_cpu);
+        // The KL sum is added to what sums[0] held, and stays on the device.
+        Tensor sums_c = Tensor::zeros({1}, DType::F64), sums_g = p.gpu.zeros({1}, DType::F64);
+        sums_c.data<double>()[0] = 0.5;
+        p.gpu.fill(sums_g, 0.5);
+        p.cpu.distill_kl_backward(s, t, labels, T, top_k, 0.3, cap, g, sums_c);
+        p.gpu.distill_kl_backward(p.up(s), p.up(t), p.up(labels), T, top_k, 0.3, cap, gd, sums_g);
+        const double kl_cpu = sums_c.data<double>()[0], kl_gpu = p.gpu.download(sums_g).data<double>()[0];
+        EXPECT_NEAR(kl_cpu - 0.5, want.kl, 1e-12 * (1 + std::abs(want.kl)));
         EXPECT_NEAR(kl_gpu, kl_cpu, tol(dt) * (1 + std::abs(kl_cpu)));
         expect_close(p.down(gd), g, tol(dt), "distill_kl_backward dstudent");
       }
@@ -568,12 +583,21 @@ TEST(CudaOps, Norm2AndAdamW) {
     Pair p(dt);
     Tensor x = random({5000}, dt, rng);
     EXPECT_NEAR(p.gpu.norm2(p.up(x)), p.cpu.norm2(x), tol(dt) * p.cpu.norm2(x));
+    {  // Σ x² added into an accumulator slot on the device
+      Tensor acc_c = p.cpu.zeros({3}, DType::F64), acc_g = p.gpu.zeros({3}, DType::F64);
+      p.cpu.add_sum_squares(x, acc_c, 2);
+      p.gpu.add_sum_squares(p.up(x), acc_g, 2);
+      p.gpu.add_sum_squares(p.up(x), acc_g, 2);
+      const Tensor ag = p.gpu.download(acc_g);
+      EXPECT_EQ(ag.data<double>()[0], 0.0);
+      EXPECT_NEAR(ag.data<double>()[2], 2 * acc_c.data<double>()[2], tol(dt) * acc_c.data<double>()[2]);
+    }
     Tensor w = random({33, 7}, dt, rng), g = random({33, 7}, dt, rng), m = random({33, 7}, dt, rng),
            v = random({33, 7}, dt, rng, 0, 1);
     Tensor wd = p.up(w), md = p.up(m), vd = p.up(v);
     const double bc1 = 1 - std::pow(0.9, 3), bc2 = 1 - std::pow(0.999, 3);
-    p.cpu.adamw_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
-    p.gpu.adamw_update(wd, p.up(g), md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
+    p.cpu.adamw_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 0.625);  // a clipped step
+    p.gpu.adamw_update(wd, p.up(g), md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 0.625);
     expect_close(p.down(wd), w, tol(dt), "adamw p");
     expect_close(p.down(md), m, tol(dt), "adamw m");
     expect_close(p.down(vd), v, tol(dt), "adamw v");

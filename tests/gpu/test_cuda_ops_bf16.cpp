@@ -175,14 +175,15 @@ TEST(CudaOpsBf16, RopeAndBackward) {
   const int64_t heads = 3, half = 8;
   Tensor inv_freq = Tensor::zeros({half}, DType::F64);
   for (int64_t i = 0; i < half - 2; ++i) inv_freq.data<double>()[i] = std::pow(10000.0, -double(i) / half);
+  const Tensor inv_freq_d = p.gpu.upload(inv_freq, DType::F64);  // on the device from load time
   Tensor pos = ints({0, 1, 5, 17, 300, 1000});
   Tensor x = bf({6, heads * 2 * half}, rng), xd = p.up(x);
   p.cpu.rope_forward(x, heads, pos, inv_freq);
-  p.gpu.rope_forward(xd, heads, pos, inv_freq);
+  p.gpu.rope_forward(xd, heads, pos, inv_freq_d);
   expect_close(p.down(xd), x, kOne, "rope_forward");
   Tensor g = bf({6, heads * 2 * half}, rng), gd = p.up(g);
   p.cpu.rope_backward(g, heads, pos, inv_freq);
-  p.gpu.rope_backward(gd, heads, pos, inv_freq);
+  p.gpu.rope_backward(gd, heads, pos, inv_freq_d);
   expect_close(p.down(gd), g, kOne, "rope_backward");
 }
 
@@ -359,9 +360,13 @@ TEST(CudaOpsBf16, CrossEntropyAndBackward) {
     EXPECT_NEAR(p.gpu.cross_entropy_sum(ld, labels, cg), want, 1e-9 * (1 + std::abs(want)));
     EXPECT_EQ(cg, cc);
     Tensor g = bf({n, v}, rng), gd = p.up(g);
-    const double want2 = p.cpu.cross_entropy_backward(logits, labels, 1.0 / 9, cap, g, cc);
-    const double got2 = p.gpu.cross_entropy_backward(ld, labels, 1.0 / 9, cap, gd, cg);
-    EXPECT_NEAR(got2, want2, 1e-9 * (1 + std::abs(want2)));
+    Tensor sums_c = p.cpu.zeros({2}, DType::F64), sums_g = p.gpu.zeros({2}, DType::F64);
+    p.cpu.cross_entropy_backward(logits, labels, 1.0 / 9, cap, g, sums_c);
+    p.gpu.cross_entropy_backward(ld, labels, 1.0 / 9, cap, gd, sums_g);
+    const Tensor sg = p.gpu.download(sums_g);
+    const double want2 = sums_c.data<double>()[0];
+    EXPECT_NEAR(sg.data<double>()[0], want2, 1e-9 * (1 + std::abs(want2)));
+    EXPECT_EQ(sg.data<double>()[1], sums_c.data<double>()[1]);
     expect_close(p.down(gd), g, kOne, "cross_entropy_backward dlogits");
   }
 }
@@ -407,17 +412,17 @@ TEST(CudaOpsBf16, Norm2AndAdamW) {
   // The BF16 case starts from the bf16 roundings of the same state.
   Tensor w16 = p.up(w), m16 = p.up(m), v16 = p.up(v), g16 = p.up(g);
   Tensor wr = rounded(w), mr = rounded(m), vr = rounded(v), gr = rounded(g);
-  p.cpu.adamw_update(wr, gr, mr, vr, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
-  p.cpu.adamw_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
-  p.gpu.adamw_update(wd, p.up32(g), md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
+  p.cpu.adamw_update(wr, gr, mr, vr, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 1.0);
+  p.cpu.adamw_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 0.625);
+  p.gpu.adamw_update(wd, p.up32(g), md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 0.625);
   expect_close(p.gpu.download(wd), w, tol(DType::F32), "adamw F32 p");
   expect_close(p.gpu.download(md), m, tol(DType::F32), "adamw F32 m");
   expect_close(p.gpu.download(vd), v, tol(DType::F32), "adamw F32 v");
-  p.gpu.adamw_update(w16, g16, m16, v16, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2);
+  p.gpu.adamw_update(w16, g16, m16, v16, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 1.0);
   expect_close(p.down(w16), wr, kOne, "adamw BF16 p");
   expect_close(p.down(m16), mr, kOne, "adamw BF16 m");
   expect_close(p.down(v16), vr, kOne, "adamw BF16 v");
-  EXPECT_THROW(p.gpu.adamw_update(wd, g16, md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2), std::invalid_argument);
+  EXPECT_THROW(p.gpu.adamw_update(wd, g16, md, vd, 1e-3, 0.9, 0.999, 1e-8, 0.01, bc1, bc2, 1.0), std::invalid_argument);
 }
 
 }  // namespace

@@ -37,6 +37,7 @@ TEST(TimedOpsGpu, EventTimesAndCountsBesideUnchangedResults) {
   const Tensor a = cuda.download(bare), b = cuda.download(timed_y);
   for (int64_t i = 0; i < a.numel(); ++i) ASSERT_EQ(a.get(i), b.get(i)) << i;  // (y + y)·½ = y exactly
 
+  EXPECT_GT(cuda.memory_available(), 0.0);  // the device's free memory
   auto owned = cuda.make_clock();
   OpClock& clock = *owned;
   for (int round = 0; round < 2; ++round) {  // the second round reuses the cleared events

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -48,7 +49,10 @@ std::vector<ChatMessage> messages_of(const json& j, const DatasetConfig& d, cons
     // ShareGPT speaker names.
     if (role == "human") role = "user";
     else if (role == "gpt") role = "assistant";
-    normalised.push_back({{"role", role}, {"content", m.contains(d.message_field_content) ? m[d.message_field_content] : json()}});
+    if (!m.contains(d.message_field_content) || m[d.message_field_content].is_null())
+      throw Error(fmt::format("{}: message {} has no '{}' (an empty turn is \"{}\": \"\")", where, normalised.size(),
+                              d.message_field_content, d.message_field_content));
+    normalised.push_back({{"role", role}, {"content", m[d.message_field_content]}});
   }
   return chat_from_json(normalised, where);
 }
@@ -86,10 +90,12 @@ std::vector<Example> load_examples(const DataConfig& cfg, const Tokenizer& tok, 
       if (role != "assistant" && role != "model")
         throw Error(fmt::format("{}: roles_to_train '{}' is not supported (only the model's turns are trained)",
                                 d.path, role));
+    if (std::filesystem::is_directory(d.path))
+      throw Error(fmt::format("{}: is a directory; a dataset's path names a .jsonl file", d.path));
     std::ifstream in(d.path);
     if (!in) throw Error(fmt::format("{}: cannot open dataset", d.path));
     std::string line;
-    int64_t lineno = 0, from_this = 0;
+    int64_t lineno = 0, from_this = 0, dropped_here = 0;
     while (std::getline(in, line)) {
       ++lineno;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines
@@ -105,6 +111,7 @@ std::vector<Example> load_examples(const DataConfig& cfg, const Tokenizer& tok, 
       if (int64_t(e.ids.size()) > cfg.sequence_len) {
         if (cfg.overlong == "drop") {
           ++stats.dropped;
+          ++dropped_here;
           continue;
         }
         ++stats.truncated;
@@ -116,6 +123,10 @@ std::vector<Example> load_examples(const DataConfig& cfg, const Tokenizer& tok, 
       out.push_back(std::move(e));
       ++from_this;
     }
+    if (from_this == 0 && dropped_here > 0)
+      throw Error(fmt::format("{}: every one of its {} examples is longer than sequence_len {} and was dropped "
+                              "(overlong: drop); raise sequence_len or set overlong: truncate",
+                              d.path, dropped_here, cfg.sequence_len));
     if (from_this == 0) throw Error(fmt::format("{}: dataset is empty (no usable lines)", d.path));
   }
   return out;

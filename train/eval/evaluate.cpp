@@ -162,16 +162,34 @@ std::vector<McItem> load_mc_jsonl(const fs::path& path) {
   return items;
 }
 
+namespace {
+std::vector<int32_t> mc_context(const Tokenizer& tok, const McItem& item) {
+  std::vector<int32_t> context{tok.token_id("<bos>")};
+  for (int32_t t : tok.encode("Question: " + item.question + "\nAnswer:")) context.push_back(t);
+  return context;
+}
+std::vector<int32_t> mc_option(const Tokenizer& tok, const std::string& option) { return tok.encode(" " + option); }
+}  // namespace
+
+std::pair<int64_t, size_t> mc_longest_sequence(const Tokenizer& tok, const std::vector<McItem>& items) {
+  std::pair<int64_t, size_t> longest{0, 0};
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t c = int64_t(mc_context(tok, items[i]).size());
+    for (const std::string& o : items[i].options)
+      longest = std::max(longest, {c + int64_t(mc_option(tok, o).size()), i},
+                         [](const auto& a, const auto& b) { return a.first < b.first; });
+  }
+  return longest;
+}
+
 McResult score_mc(Gemma4Model& model, Ops& ops, const Tokenizer& tok, const std::vector<McItem>& items) {
   McResult r;
-  const int32_t bos = tok.token_id("<bos>");
   for (const McItem& item : items) {
-    std::vector<int32_t> context{bos};
-    for (int32_t t : tok.encode("Question: " + item.question + "\nAnswer:")) context.push_back(t);
+    const std::vector<int32_t> context = mc_context(tok, item);
     int64_t best = 0, best_norm = 0;
     double top = -INFINITY, top_norm = -INFINITY;
     for (size_t o = 0; o < item.options.size(); ++o) {
-      const std::vector<int32_t> option = tok.encode(" " + item.options[o]);
+      const std::vector<int32_t> option = mc_option(tok, item.options[o]);
       const double ll = continuation_loglik(model, ops, context, option);
       const double norm = ll / double(std::max<size_t>(1, option.size()));
       if (ll > top) top = ll, best = int64_t(o);

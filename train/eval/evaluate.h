@@ -69,6 +69,9 @@ struct McResult {
   double accuracy_norm() const { return items ? double(correct_norm) / double(items) : 0.0; }
 };
 McResult score_mc(Gemma4Model& model, Ops& ops, const Tokenizer& tok, const std::vector<McItem>& items);
+// The tokens of the longest sequence score_mc runs for `items` (context and option), and which
+// item (0-based) it belongs to: what a tool checks against the context before scoring.
+std::pair<int64_t, size_t> mc_longest_sequence(const Tokenizer& tok, const std::vector<McItem>& items);
 
 // One generation: the prompt, the greedy continuation and whether it ended on a stop token.
 struct Generation {

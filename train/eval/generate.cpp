@@ -1,5 +1,7 @@
 #include "train/eval/generate.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -19,7 +21,15 @@ int32_t argmax(const std::vector<double>& x) {
 std::vector<double> last_logits(Gemma4Model& model, Ops& ops, const Tensor& hidden) {
   const int64_t last = hidden.dim(0) - 1;
   const Tensor logits = ops.download(model.logits(hidden.slice_rows(last, last + 1))).to(DType::F64);
-  return {logits.data<double>(), logits.data<double>() + logits.numel()};
+  std::vector<double> out(logits.data<double>(), logits.data<double>() + logits.numel());
+  // A NaN in the weights (or an adapter) makes every logit NaN, and argmax of NaNs is id 0:
+  // "<pad><pad>…" that looks like a generation. Say so instead.
+  for (size_t v = 0; v < out.size(); ++v)
+    if (!std::isfinite(out[v]))
+      throw Error(fmt::format("generation: the model's logit for token {} is {} (a weight or the adapter holds a "
+                              "NaN or infinity?)",
+                              v, out[v]));
+  return out;
 }
 
 bool is_stop(std::span<const int32_t> stop, int32_t t) { return std::find(stop.begin(), stop.end(), t) != stop.end(); }

@@ -1,6 +1,8 @@
 // The backward pass of Gemma4Model, op by op in reverse (gemma4.md §2–§5). Every gradient
 // is added into a Gemma4Grads tensor; K/V gradients of KV-shared layers accumulate into the
 // source layer's dk/dv before that layer is reached (consumers come later in the forward).
+#include <fmt/format.h>
+
 #include <cmath>
 
 #include "core/weights.h"
@@ -28,20 +30,45 @@ Gemma4Grads Gemma4Model::zero_grads() {
 
 Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale,
                                                 Gemma4Grads& grads) {
+  Tensor stats = ops_.zeros({3}, DType::F64);
+  Loss loss;
+  loss.count = forward_backward(batch, labels, grad_scale, grads, stats);
+  const Tensor host = ops_.download(stats);
+  loss.sum = host.data<double>()[0];
+  loss.correct = int64_t(host.data<double>()[1]);
+  loss.kl_sum = host.data<double>()[2];
+  return loss;
+}
+
+int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads,
+                                      Tensor& stats) {
+  const int64_t V = config_.vocab_size;
+  // The targets are checked and counted here, on the host, and uploaded once: the loss
+  // kernels then trust them (reading them back on the device would wait for the stream).
+  Tensor targets = shift_labels(labels);
+  int64_t count = 0;
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    const int32_t y = targets.data<int32_t>()[i];
+    if (y == -100) continue;
+    if (y < 0 || y >= V)
+      throw Error(fmt::format("label {} at position {} is outside the vocabulary of {} tokens", y, i, V));
+    ++count;
+  }
   ForwardState st;
+  expert_grads_ = false;
+  for (const Gemma4LayerWeights& l : grads.w.layers) expert_grads_ |= l.experts_gate_up.defined() || l.experts_down.defined();
   upload_batch(batch, st);
   // Distillation: the teacher's final hidden states first (a tape-less forward on the batch
   // uploaded once, so it never overlaps the student's tapes); its logits per chunk below.
   const Tensor teacher_hidden = distill_.teacher ? distill_.teacher->teacher_hidden(batch, st) : Tensor();
   forward(batch, st, true, nullptr);
-  const int64_t n = st.hidden.dim(0), H = config_.hidden_size, V = config_.vocab_size;
+  const int64_t n = st.hidden.dim(0), H = config_.hidden_size;
   const double cap = config_.final_logit_softcapping.value_or(0.0);
+  const Tensor targets_dev = ops_.upload(targets, DType::I32);
 
   // Head and loss, chunked over tokens so [tokens, V] logits never exist whole:
   // logits = cap·tanh(h·Eᵀ/cap); dlogits from the fused CE+softcap backward.
-  Tensor targets = shift_labels(labels);
   Tensor dhidden = ops_.zeros({n, H});
-  Loss loss;
   const int64_t chunk = 256;
   // One logits and one dlogits buffer for every chunk: the head's product overwrites the
   // first and the loss's backward every element of the second (fresh [256, 262144] buffers
@@ -54,14 +81,11 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
     Tensor h = st.hidden.slice_rows(t0, t1);
     Tensor lg = lg_buf.slice_rows(0, t1 - t0), dlg = dlg_buf.slice_rows(0, t1 - t0);
     logits_into(h, lg);
-    int64_t c = 0;
-    Tensor chunk_targets = ops_.upload(targets.slice_rows(t0, t1), DType::I32);
-    loss.correct += ops_.count_argmax_hits(lg, chunk_targets);
-    loss.sum += ops_.cross_entropy_backward(lg, chunk_targets, ce_scale, cap, dlg, c);
-    loss.count += c;
+    const Tensor chunk_targets = targets_dev.slice_rows(t0, t1);
+    ops_.cross_entropy_backward(lg, chunk_targets, ce_scale, cap, dlg, stats);
     if (distill_.teacher) {
-      Tensor teacher_lg = teacher_lg_buf.slice_rows(0, t1 - t0);
-      loss.kl_sum += distill_chunk(lg, teacher_hidden.slice_rows(t0, t1), teacher_lg, chunk_targets, grad_scale, cap, dlg);
+      Tensor teacher_lg = teacher_lg_buf.slice_rows(0, t1 - t0), kl_sum = stats.slice_rows(2, 3);
+      distill_chunk(lg, teacher_hidden.slice_rows(t0, t1), teacher_lg, chunk_targets, grad_scale, cap, dlg, kl_sum);
     }
     Tensor dh = dhidden.slice_rows(t0, t1);
     ops_.linear_backward(h, w_.lm_head, dlg, dh, grads.w.lm_head);
@@ -73,18 +97,18 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   std::vector<std::pair<Tensor, Tensor>> dkv(size_t(config_.num_hidden_layers));
   Tensor dple = config_.has_ple() ? like(ops_, st.ple) : Tensor();
   for (int i = config_.num_hidden_layers - 1; i >= 0; --i) {
-    if (checkpointing_) {
+    if (checkpointed(i)) {
       // Recompute this layer's forward from its saved input (same weights, same dropout
       // masks) to rebuild the tape, use it, and drop it before the next layer.
       Tensor x = st.tapes[size_t(i)].x_in;
       layer_forward(i, x, st, st.tapes[size_t(i)]);
     }
     layer_backward(i, dx, st, grads.w.layers[size_t(i)], dkv, dple);
-    if (checkpointing_) {  // every reader of this layer's K/V is done: free them and their gradients
-      st.tapes[size_t(i)] = {};
-      st.kv[size_t(i)] = {};
-      dkv[size_t(i)] = {};
-    }
+    // Every reader of this layer's tape and K/V is done (KV-shared readers come later in the
+    // forward, so earlier here): free them and their gradients.
+    st.tapes[size_t(i)] = {};
+    st.kv[size_t(i)] = {};
+    dkv[size_t(i)] = {};
     if (layer_grads_done) layer_grads_done(i);
   }
 
@@ -101,7 +125,7 @@ Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor
   }
   // The pad row (padding_idx) of the embedding gets no lookup gradient, as in PyTorch.
   ops_.embedding_backward(st.ids, dx, embed_scale(H), config_.pad_token_id, grads.w.embed_tokens);
-  return loss;
+  return count;
 }
 
 void Gemma4Model::layer_backward(int i, Tensor& dx, ForwardState& st, Gemma4LayerWeights& g,
@@ -181,7 +205,9 @@ void Gemma4Model::attention_backward(int i, const Tensor& d_o, ForwardState& st,
   Tensor dq = like(ops_, t.q);
   const int64_t kvh = k.dim(1) / d;
   Tensor dk4 = dk.view({B, S, kvh, d}), dv4 = dv.view({B, S, kvh, d});
-  ops_.attention_backward(t.q.view({B, S, nh, d}), k.view({B, S, kvh, d}), v.view({B, S, kvh, d}), mask_for(i, st),
+  AttentionMask mask = mask_for(i, st);
+  if (t.lse.defined()) mask.lse = &t.lse;
+  ops_.attention_backward(t.q.view({B, S, nh, d}), k.view({B, S, kvh, d}), v.view({B, S, kvh, d}), mask,
                           dattn.view({B, S, nh, d}), dq, dk4, dv4);
 
   // q = RoPE(RMSNorm_d(a·W_qᵀ))
@@ -222,10 +248,33 @@ void Gemma4Model::expert_linear_backward(const Tensor& x, const Tensor& w, int64
 
 void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& t, const Tensor& dm2,
                                Gemma4LayerWeights& g, Tensor& dx1) {
-  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
-                I = config_.moe_intermediate_size;
+  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts;
   const double eps = config_.rms_norm_eps;
   Tensor dy2 = like(ops_, t.y2);
+  Tensor dweights;
+  if (t.moe.out.defined()) {  // the routed path: everything stays on the backend
+    dweights = ops_.empty({n, K});
+    ops_.moe_experts_backward(t.y2, t.route_idx, t.route_w, moe_experts(lw), t.moe, dm2, dy2, dweights);
+  } else {
+    dweights = moe_backward_per_expert(lw, t, dm2, g, dy2);
+  }
+  ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, dy2, dx1, g.pre_feedforward_layernorm_2);
+
+  // Router: weights = route(logits), logits = r·W_routerᵀ, r = RMSNorm(x1; router.scale)·H^-½.
+  Tensor dlogits = like(ops_, t.router_logits);
+  ops_.moe_route_backward(t.router_logits, lw.per_expert_scale, t.route_idx, dweights, dlogits, g.per_expert_scale);
+  Tensor dr = like(ops_, t.router_in);
+  linear_backward(st, t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
+  ops_.scale(dr, 1.0 / std::sqrt(double(H)));
+  ops_.rmsnorm_backward(t.x1, lw.router_scale, H, eps, dr, dx1, g.router_scale);
+}
+
+// The per-expert path (expert gradients, or the forward ran with pruning's observer): reads
+// the routing weights' gradients back per expert. Adds into dy2; returns dweights.
+Tensor Gemma4Model::moe_backward_per_expert(const Gemma4LayerWeights& lw, LayerTape& t, const Tensor& dm2,
+                                            Gemma4LayerWeights& g, Tensor& dy2) {
+  const int64_t n = t.x1.dim(0), H = config_.hidden_size, K = config_.top_k_experts,
+                I = config_.moe_intermediate_size;
   Tensor dweights_host = Tensor::zeros({n, K}, DType::F64);
   for (ExpertTape& x : t.experts) {
     const int64_t e = x.expert, m = x.rows.numel();
@@ -247,16 +296,7 @@ void Gemma4Model::moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, L
     expert_linear_backward(x.ye, lw.experts_gate_up, e, dgu, dye, g.experts_gate_up);
     ops_.scatter_rows(dye, x.rows, dy2);
   }
-  ops_.rmsnorm_backward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, dy2, dx1, g.pre_feedforward_layernorm_2);
-
-  // Router: weights = route(logits), logits = r·W_routerᵀ, r = RMSNorm(x1; router.scale)·H^-½.
-  Tensor dweights = ops_.upload(dweights_host, ops_.act_dtype());
-  Tensor dlogits = like(ops_, t.router_logits);
-  ops_.moe_route_backward(t.router_logits, lw.per_expert_scale, t.route_idx, dweights, dlogits, g.per_expert_scale);
-  Tensor dr = like(ops_, t.router_in);
-  linear_backward(st, t.router_in, lw.router_proj, dlogits, dr, g.router_proj);
-  ops_.scale(dr, 1.0 / std::sqrt(double(H)));
-  ops_.rmsnorm_backward(t.x1, lw.router_scale, H, eps, dr, dx1, g.router_scale);
+  return ops_.upload(dweights_host, ops_.act_dtype());
 }
 
 }  // namespace tl

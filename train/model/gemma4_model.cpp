@@ -49,7 +49,8 @@ Tensor* weight_slot(Gemma4Weights& w, const std::string& name) {
 }
 
 Gemma4Model::Gemma4Model(Gemma4Config config, Ops& ops) : config_(std::move(config)), ops_(ops) {
-  for (const auto& g : config_.layers()) inv_freq_.push_back(rope_inv_freq(g));
+  // On the backend from the start: a per-call copy of a host table would wait for the stream.
+  for (const auto& g : config_.layers()) inv_freq_.push_back(ops_.upload(rope_inv_freq(g), DType::F64));
 }
 
 // Inverse RoPE frequencies, computed in fp32 as HF does.
@@ -195,7 +196,10 @@ void Gemma4Model::upload_batch(const Batch& batch, ForwardState& st) {
   }
   st.positions = ops_.upload(positions_host.view({n}), DType::I32);
   st.ids = ops_.upload(to_i32(batch.ids).view({n}), DType::I32);
-  if (batch.doc_ids.defined()) st.doc_ids = ops_.upload(to_i32(batch.doc_ids), DType::I32);
+  if (batch.doc_ids.defined()) {
+    st.doc_ids_host = to_i32(batch.doc_ids);
+    st.doc_ids = ops_.upload(st.doc_ids_host, DType::I32);
+  }
 }
 
 void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
@@ -222,7 +226,7 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     // Gradient checkpointing: keep only the layer's input; the backward recomputes the rest,
     // K/V included, except the K/V that later KV-shared layers read. Without a backward
     // nothing but those shared K/V outlives the layer.
-    if (!keep_tapes || checkpointing_) {
+    if (!keep_tapes || checkpointed(i)) {
       if (!kv_read_later(i)) st.kv[size_t(i)] = {};
       if (keep_tapes) {
         LayerTape kept;
@@ -235,6 +239,12 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
   st.final_in = x;
   st.hidden = ops_.empty({n, config_.hidden_size});
   ops_.rmsnorm_forward(x, w_.norm, config_.hidden_size, config_.rms_norm_eps, st.hidden);
+}
+
+void Gemma4Model::set_checkpointed_layers(std::vector<bool> checkpointed) {
+  if (checkpointed.size() != size_t(config_.num_hidden_layers))
+    throw Error(fmt::format("checkpointed layers: {} flags for {} layers", checkpointed.size(), config_.num_hidden_layers));
+  checkpointed_ = std::move(checkpointed);
 }
 
 Tensor Gemma4Model::forward_hidden(const Batch& batch, std::vector<Tensor>* layer_outputs) {
@@ -250,8 +260,11 @@ bool Gemma4Model::kv_read_later(int i) const {
 }
 
 AttentionMask Gemma4Model::mask_for(int i, const ForwardState& st) const {
-  return {config_.layer(i).type == LayerType::Sliding ? config_.sliding_window : 0,
-          st.doc_ids.defined() ? &st.doc_ids : nullptr};
+  AttentionMask m;
+  m.window = config_.layer(i).type == LayerType::Sliding ? config_.sliding_window : 0;
+  m.doc_ids = st.doc_ids.defined() ? &st.doc_ids : nullptr;
+  m.doc_ids_host = st.doc_ids_host.defined() ? &st.doc_ids_host : nullptr;
+  return m;
 }
 
 Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
@@ -291,8 +304,13 @@ Tensor Gemma4Model::attention(int i, ForwardState& st, LayerTape& t) {
     cached_attention(i, st, t);
   } else {
     const auto& [k, v] = st.kv[size_t(g.kv_source < 0 ? i : g.kv_source)];
+    AttentionMask mask = mask_for(i, st);
+    if (st.keep) {  // the backward's probabilities come from these
+      t.lse = ops_.empty({B, nh, S}, score_dtype());
+      mask.lse = &t.lse;
+    }
     ops_.attention_forward(t.q.view({B, S, nh, d}), k.view({B, S, k.dim(1) / d, d}),
-                           v.view({B, S, v.dim(1) / d, d}), mask_for(i, st), t.attn);
+                           v.view({B, S, v.dim(1) / d, d}), mask, t.attn);
   }
   t.o = ops_.empty({n, config_.hidden_size});
   linear(st, t.attn, lw.o_proj, t.o);
@@ -334,6 +352,10 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
   t.y2 = ops_.zeros({n, H});
   ops_.rmsnorm_forward(t.x1, lw.pre_feedforward_layernorm_2, H, eps, t.y2);
   t.m2 = ops_.zeros({n, H});
+  if (!expert_grads_ && !moe_observer) {  // routed on the backend: nothing crosses the bus
+    ops_.moe_experts_forward(t.y2, t.route_idx, t.route_w, moe_experts(lw), t.m2, t.moe);
+    return t.m2;
+  }
   Tensor idx_host = ops_.download(t.route_idx), w_host = ops_.download(t.route_w);
   for (int64_t e = 0; e < E; ++e) {
     std::vector<int32_t> slots;
@@ -369,6 +391,17 @@ Tensor Gemma4Model::moe_block(const Gemma4LayerWeights& lw, ForwardState& st, La
     t.experts.push_back(std::move(x));
   }
   return t.m2;
+}
+
+MoeExperts Gemma4Model::moe_experts(const Gemma4LayerWeights& lw) const {
+  MoeExperts x;
+  x.gate_up = &lw.experts_gate_up;
+  x.down = &lw.experts_down;
+  if (auto q = expert_nf4_.find(&lw.experts_gate_up); q != expert_nf4_.end()) x.gate_up_nf4 = q->second.get();
+  if (auto q = expert_nf4_.find(&lw.experts_down); q != expert_nf4_.end()) x.down_nf4 = q->second.get();
+  x.num_experts = config_.num_experts;
+  x.intermediate = config_.moe_intermediate_size;
+  return x;
 }
 
 void Gemma4Model::expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y) {

@@ -67,10 +67,12 @@ struct LayerTape {
   Tensor q_raw, q;                     // q projection; after q_norm and RoPE
   Tensor k_raw, v_raw, k, v;           // own K/V only (KV-shared layers read the source's)
   Tensor attn, o;                      // attention output [n, nh·d]; o_proj output
+  Tensor lse;                          // attention rows' log-sum-exp [B, nh, S] (backward's P)
   Tensor x1, m_in, gate, up, h, mlp;   // post-attention stream; dense MLP internals; its output
   // MoE
   Tensor router_in, router_logits, route_w, route_idx, y2, m2;
-  std::vector<ExpertTape> experts;
+  std::vector<ExpertTape> experts;     // the per-expert path (expert gradients, pruning's observer)
+  MoeTape moe;                         // the routed path (Ops::moe_experts_forward)
   Tensor m_sum, x2;                    // input of post_feedforward_layernorm; stream after the MLP
   // PLE
   Tensor ple_i, g, gh, proj;           // per-layer input slice; gate pre-activation; gelu(g)∘ple_i; projection
@@ -168,6 +170,12 @@ class Gemma4Model {
   // set (set_distillation) the loss is (1 − α)·Σ CE + α·T²·Σ KL over the same targets,
   // normalised by the same N, and the returned Loss carries both sums.
   Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
+  // The same for the optimizer step, with nothing read back: the loss sum, the argmax hits and,
+  // when distilling, the KL sum are added into stats[0], stats[1] and stats[2] (an F64 tensor
+  // of at least 3 on the backend, read by the caller once per optimizer step). The labels are checked and counted on the host before their
+  // one upload; returns the target count.
+  int64_t forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads,
+                           Tensor& stats);
 
   // ---- distillation (gemma4_teacher.cpp, issue 24) ----------------------------------------
   // The parent of a surgery, run over this model's frozen weights: a forward-only model with
@@ -213,7 +221,13 @@ class Gemma4Model {
   void set_nf4(const std::string& name, Nf4Tensor q);
   // Per-layer gradient checkpointing: the forward keeps only each layer's input and the
   // backward recomputes the layer before differentiating it.
-  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  void set_gradient_checkpointing(bool on) {
+    checkpointed_.assign(static_cast<size_t>(config_.num_hidden_layers), on);
+  }
+  // The same per layer (`gradient_checkpointing: auto` recomputes only some): layer i keeps
+  // only its input when checkpointed[i], else its whole tape.
+  void set_checkpointed_layers(std::vector<bool> checkpointed);
+  bool checkpointed(int layer) const { return !checkpointed_.empty() && checkpointed_[size_t(layer)]; }
   // Called in every MoE layer's forward for each expert that received tokens: the layer, the
   // expert, the token rows (I32 [m]), their routing weights ([m]) and the expert's outputs
   // ([m, H]) before weighting. Used by expert pruning to score experts.
@@ -233,6 +247,7 @@ class Gemma4Model {
   struct ForwardState {
     int64_t B = 0, S = 0;
     Tensor ids, positions, doc_ids, x0, ple_ctx, ple;
+    Tensor doc_ids_host;  // the batch's document ids on the host (attention's key bounds)
     std::vector<LayerTape> tapes;
     std::vector<std::pair<Tensor, Tensor>> kv;
     Tensor final_in, hidden;
@@ -263,6 +278,8 @@ class Gemma4Model {
   Tensor dense_mlp(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   Tensor moe_block(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape);
   AttentionMask mask_for(int i, const ForwardState& st) const;
+  // The dtype of attention's log-sum-exp: F32, or F64 with F64 activations.
+  DType score_dtype() const { return ops_.act_dtype() == DType::F64 ? DType::F64 : DType::F32; }
   // Whether a later KV-shared layer reads layer i's K/V.
   bool kv_read_later(int i) const;
   Tensor rope_inv_freq(const LayerGeometry& g) const;
@@ -274,11 +291,13 @@ class Gemma4Model {
                           std::vector<std::pair<Tensor, Tensor>>& dkv, Tensor& da);
   void moe_backward(const Gemma4LayerWeights& lw, ForwardState& st, LayerTape& tape, const Tensor& dm2,
                     Gemma4LayerWeights& g, Tensor& dx1);
+  Tensor moe_backward_per_expert(const Gemma4LayerWeights& lw, LayerTape& tape, const Tensor& dm2,
+                                 Gemma4LayerWeights& g, Tensor& dy2);
 
   Gemma4Config config_;
   Ops& ops_;
   Gemma4Weights w_;
-  std::vector<Tensor> inv_freq_;  // per layer, host F64
+  std::vector<Tensor> inv_freq_;  // per layer, F64 on the backend (uploaded once)
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
   // Frozen NF4 bases, same keys; shared, so that a parent_view runs on the same bytes.
   std::unordered_map<const Tensor*, std::shared_ptr<const Nf4Tensor>> nf4_;
@@ -292,14 +311,18 @@ class Gemma4Model {
   std::vector<const Tensor*> lora_order_;
   Distillation distill_;
   // The teacher's logits for one chunk (into teacher_logits), then the KL term's gradient
-  // added to dlogits (weighted α·grad_scale); returns the chunk's Σ KL.
-  double distill_chunk(const Tensor& student_logits, const Tensor& teacher_hidden, Tensor& teacher_logits,
-                       const Tensor& targets, double grad_scale, double cap, Tensor& dlogits);
+  // added to dlogits (weighted α·grad_scale); the chunk's Σ KL added to kl_sum[0] (device F64).
+  void distill_chunk(const Tensor& student_logits, const Tensor& teacher_hidden, Tensor& teacher_logits,
+                     const Tensor& targets, double grad_scale, double cap, Tensor& dlogits, Tensor& kl_sum);
   // A parent_view's layer i reads column block ple_block_[i] of the per-layer inputs (its
   // student's layer that holds the copy); empty: block i.
   std::vector<int> ple_block_;
   bool training_ = false;
-  bool checkpointing_ = false;
+  std::vector<bool> checkpointed_;  // per layer; empty: none
+  // The MoE experts take the per-expert path, which reads the routing back, only where it is
+  // needed: gradients of the experts themselves (full training) or pruning's observer.
+  bool expert_grads_ = false;
+  MoeExperts moe_experts(const Gemma4LayerWeights& lw) const;
   uint64_t step_ = 0;
 };
 

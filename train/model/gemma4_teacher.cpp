@@ -106,6 +106,7 @@ Tensor Gemma4Model::teacher_hidden(const Batch& batch, const ForwardState& stude
   st.ids = student.ids;
   st.positions = student.positions;
   st.doc_ids = student.doc_ids;
+  st.doc_ids_host = student.doc_ids_host;
   forward(batch, st, false, nullptr);
   return st.hidden;
 }
@@ -123,12 +124,12 @@ void Gemma4Model::set_distillation(const Distillation& d) {
   distill_ = d;
 }
 
-double Gemma4Model::distill_chunk(const Tensor& student_logits, const Tensor& teacher_hidden, Tensor& teacher_logits,
-                                  const Tensor& targets, double grad_scale, double cap, Tensor& dlogits) {
+void Gemma4Model::distill_chunk(const Tensor& student_logits, const Tensor& teacher_hidden, Tensor& teacher_logits,
+                                const Tensor& targets, double grad_scale, double cap, Tensor& dlogits,
+                                Tensor& kl_sum) {
   distill_.teacher->logits_into(teacher_hidden, teacher_logits);
-  int64_t count = 0;
-  return ops_.distill_kl_backward(student_logits, teacher_logits, targets, distill_.temperature, distill_.top_k,
-                                  distill_.alpha * grad_scale, cap, dlogits, count);
+  ops_.distill_kl_backward(student_logits, teacher_logits, targets, distill_.temperature, distill_.top_k,
+                           distill_.alpha * grad_scale, cap, dlogits, kl_sum);
 }
 
 Ops::DistillSums Gemma4Model::distill_sums(const Tensor& hidden, Gemma4Model& teacher, const Tensor& teacher_hidden,

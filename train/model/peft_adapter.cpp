@@ -120,6 +120,10 @@ PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
   } catch (const json::exception& e) {
     throw Error(fmt::format("{}: invalid JSON ({})", cfg_path.string(), e.what()));
   }
+  // Anything else has no keys: every setting would silently take its default.
+  if (!cfg.is_object())
+    throw Error(fmt::format("{}: is a JSON {}, not an object of LoRA settings (r, lora_alpha, target_modules, …)",
+                            cfg_path.string(), cfg.type_name()));
   PeftAdapter out;
   LoraSpec& s = out.spec;
   auto get = [&](const char* k, auto& v) {
@@ -159,7 +163,15 @@ PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
     auto& a = by_module[m[2].str()];
     module_paths[m[2].str()] = m[1].str();
     a.weight = m[2].str() + ".weight";
-    (m[3] == "A" ? a.A : a.B) = file.get(e.name).clone();  // host copy in the file's dtype
+    Tensor t = file.get(e.name).clone();  // host copy in the file's dtype
+    // A NaN or infinity would reach every logit (generation then emits id 0, <pad>, silently)
+    // or every merged weight.
+    if (dtype_is_float(t.dtype()))
+      for (int64_t i = 0; i < t.numel(); ++i)
+        if (!std::isfinite(t.get(i)))
+          throw Error(fmt::format("{}: tensor '{}' holds {} at flat index {}; a LoRA weight must be finite",
+                                  (dir / "adapter_model.safetensors").string(), e.name, t.get(i), i));
+    (m[3] == "A" ? a.A : a.B) = std::move(t);
   }
   if (!(s.alpha > 0 && std::isfinite(s.alpha)) || s.r <= 0)
     throw Error(fmt::format("{}: r {} and lora_alpha {} must be positive (and finite)", cfg_path.string(), s.r, s.alpha));

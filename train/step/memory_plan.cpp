@@ -22,19 +22,14 @@ int64_t lora_param_count(const Gemma4Config& c, const LoraSpec& spec, const std:
   return n;
 }
 
-MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in) {
-  const ModelPlan mp = plan_model(c);
-  const double T = double(in.micro_batch * in.sequence_len), a = double(in.act_bytes);
-  const int64_t H = c.hidden_size, nh = c.num_attention_heads, P = c.hidden_size_per_layer_input;
-  MemoryPlan p;
-  p.weights = in.load_in_4bit ? mp.bytes_nf4 : mp.bytes_bf16;
-  p.trainable = 16.0 * double(in.lora_params);
+namespace {
 
-  // Elements per token of one layer's tape (LayerTape) and of its backward's temporaries.
-  std::vector<bool> kv_source(size_t(c.num_hidden_layers), false);
-  for (int i = 0; i < c.num_hidden_layers; ++i)
-    if (c.layer(i).kv_source >= 0) kv_source[size_t(c.layer(i).kv_source)] = true;
-  double tape_max = 0, backward_max = 0, tapes_all = 0;
+// Elements per token of each layer's tape (LayerTape), and the widest layer's backward
+// temporaries.
+std::vector<double> layer_tapes(const Gemma4Config& c, double T, double& backward_max) {
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads, P = c.hidden_size_per_layer_input;
+  std::vector<double> tapes;
+  backward_max = 0;
   for (int i = 0; i < c.num_hidden_layers; ++i) {
     const LayerGeometry& g = c.layer(i);
     const double q = double(nh * g.head_dim), kv = double(g.num_kv_heads * g.head_dim);
@@ -44,30 +39,65 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
     // routed rows' gate/up/h (top_k · 3 · moe_intermediate) and their outputs (top_k · H).
     double tape = 6.0 * double(H) + 3.0 * q + (g.kv_source < 0 ? 4.0 * kv : 0.0) + 3.0 * I;
     if (P > 0) tape += 3.0 * double(P) + double(H);
+    // MoE: the router and expert norms (4 H); the routed rows' gate, up, gelu(gate)∘up and
+    // expert outputs, per routed row (Ops::moe_experts_forward), with the GPU's padding of
+    // each expert's rows to 64-row tiles: up to 64·E rows beside the T·K routed ones.
     if (c.enable_moe_block)
-      tape += 4.0 * double(H) + double(c.top_k_experts) * (3.0 * double(c.moe_intermediate_size) + 2.0 * double(H));
+      tape += 4.0 * double(H) + (double(c.top_k_experts) + 64.0 * double(c.num_experts) / T) *
+                                    (3.0 * double(c.moe_intermediate_size) + double(H));
     // Backward: the MLP's dh, dgate, dup and three H-wide gradients; or attention's dq,
     // dattn, dk, dv and dq_raw, whichever is wider.
     const double back = std::max(3.0 * I + 3.0 * double(H), 3.0 * q + 2.0 * kv + 3.0 * double(H));
-    tape_max = std::max(tape_max, tape);
     backward_max = std::max(backward_max, back);
-    tapes_all += tape;
+    tapes.push_back(tape);
   }
-  p.checkpoints = in.gradient_checkpointing ? double(c.num_hidden_layers) * T * double(H) * a : tapes_all * T * a;
+  return tapes;
+}
+
+// The layers recomputed under `in`: its own list, else all or none.
+std::vector<bool> recomputed(const Gemma4Config& c, const MemoryPlanInput& in) {
+  if (!in.checkpointed.empty()) return in.checkpointed;
+  return std::vector<bool>(static_cast<size_t>(c.num_hidden_layers), in.gradient_checkpointing);
+}
+
+}  // namespace
+
+MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in) {
+  const ModelPlan mp = plan_model(c);
+  const double T = double(in.micro_batch * in.sequence_len), a = double(in.act_bytes);
+  const int64_t H = c.hidden_size, P = c.hidden_size_per_layer_input;
+  MemoryPlan p;
+  p.weights = in.load_in_4bit ? mp.bytes_nf4 : mp.bytes_bf16;
+  p.trainable = 16.0 * double(in.lora_params);
+
+  std::vector<bool> kv_source(size_t(c.num_hidden_layers), false);
+  for (int i = 0; i < c.num_hidden_layers; ++i)
+    if (c.layer(i).kv_source >= 0) kv_source[size_t(c.layer(i).kv_source)] = true;
+  double backward_max = 0, recomputed_max = 0;
+  const std::vector<double> tapes = layer_tapes(c, T, backward_max);
+  const std::vector<bool> ckpt = recomputed(c, in);
+  // A recomputed layer keeps its input [T, H]; a kept one its whole tape.
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
+    p.checkpoints += (ckpt[size_t(i)] ? double(H) : tapes[size_t(i)]) * T * a;
+    if (ckpt[size_t(i)]) recomputed_max = std::max(recomputed_max, tapes[size_t(i)]);
+  }
   for (int i = 0; i < c.num_hidden_layers; ++i)
     if (kv_source[size_t(i)]) p.kv_kept += 2.0 * double(c.layer(i).num_kv_heads * c.layer(i).head_dim) * T * a;
-  // With checkpointing one layer's tape is rebuilt at a time; without, the tapes are counted
-  // above and only the backward temporaries come on top.
-  p.working_set = ((in.gradient_checkpointing ? tape_max : 0.0) + backward_max) * T * a +
+  // One recomputed layer's tape is rebuilt at a time; the kept tapes are counted above and
+  // only the backward temporaries come on top.
+  p.working_set = (recomputed_max + backward_max) * T * a +
                   (P > 0 ? 2.0 * double(c.num_hidden_layers * P) * T * a : 0.0);  // PLE inputs and gradient
-  // cuda/attention.cu, per (batch, head) and block of rows queries (rows·S ≤ 2^24): fp32
-  // scores P and dP; with bf16 activations bf16 copies of P and dS to multiply V, K and Q, and
-  // dK, dV summed in fp32 over the blocks and heads of a group before one rounding.
+  // cuda/attention.cu, per (batch, KV head) and block of 128 queries of the GQA group's G
+  // heads: fp32 scores P and dP [G·128, S]; with bf16 activations bf16 copies of P and dS to
+  // multiply V, K and Q, and dK, dV summed in fp32 over the blocks and heads before one
+  // rounding.
   const double S = double(in.sequence_len);
-  const double rows = std::clamp(std::floor(double(in.attention_block_elems) / S), 1.0, S);
-  double kv_width = 0;
-  for (int i = 0; i < c.num_hidden_layers; ++i)
+  double kv_width = 0, group = 1;
+  for (int i = 0; i < c.num_hidden_layers; ++i) {
     kv_width = std::max(kv_width, double(c.layer(i).num_kv_heads * c.layer(i).head_dim));
+    group = std::max(group, double(c.num_attention_heads / std::max<int64_t>(1, c.layer(i).num_kv_heads)));
+  }
+  const double rows = group * std::min(double(in.attention_block_rows), S);
   p.attention = rows * S * (2.0 * 4.0 + (in.act_bytes == 2 ? 2.0 * 2.0 : 0.0)) +
                 (in.act_bytes == 2 ? 2.0 * T * kv_width * 4.0 : 0.0);
   p.cross_entropy = 2.0 * double(std::min<int64_t>(in.ce_chunk, int64_t(T))) * double(c.vocab_size) * 4.0;
@@ -78,15 +108,35 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
     else if (s.is_linear) largest = std::max(largest, double(shape_numel(s.shape)));
   }
   p.dequant = in.load_in_4bit ? 2.0 * largest : 0.0;
+  // The routed experts multiply every expert of a layer at once: all of them dequantized
+  // (gate_up [E, 2I, H] and down [E, H, I], in the activation dtype).
+  if (in.load_in_4bit && c.enable_moe_block)
+    p.dequant += a * double(c.num_experts) * 3.0 * double(c.moe_intermediate_size) * double(H);
   // The teacher runs tape-less before the student's forward, so its layer working set is
   // gone by the student's backward; what stays is its hidden states and a logits chunk.
   p.teacher = in.teacher_weights;
   if (in.distill)
     p.teacher += T * double(H) * a + double(std::min<int64_t>(in.ce_chunk, int64_t(T))) * double(c.vocab_size) * 4.0;
-  const double transient =
-      p.checkpoints + p.kv_kept + p.working_set + p.attention + p.cross_entropy + p.dequant + (p.teacher - in.teacher_weights);
+  const double transient = p.checkpoints + p.kv_kept + p.working_set + p.attention + p.cross_entropy + p.dequant +
+                           (p.teacher - in.teacher_weights);
   p.slack = 0.05 * transient + 256.0 * double(1 << 20);
   return p;
+}
+
+std::vector<bool> checkpointed_layers(const Gemma4Config& c, MemoryPlanInput in, double budget) {
+  const size_t L = size_t(c.num_hidden_layers);
+  in.checkpointed.assign(L, false);
+  if (plan_training_memory(c, in).total() <= budget) return in.checkpointed;
+  double backward_max = 0;
+  const std::vector<double> tapes = layer_tapes(c, double(in.micro_batch * in.sequence_len), backward_max);
+  std::vector<size_t> order(L);
+  for (size_t i = 0; i < L; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return tapes[x] > tapes[y]; });
+  for (size_t i : order) {
+    in.checkpointed[i] = true;
+    if (plan_training_memory(c, in).total() <= budget) break;
+  }
+  return in.checkpointed;
 }
 
 std::string format_memory_plan(const Gemma4Config& config, const MemoryPlanInput& in) {
@@ -101,7 +151,13 @@ std::string format_memory_plan(const Gemma4Config& config, const MemoryPlanInput
       in.distill || in.teacher_weights > 0 ? fmt::format(" + teacher {}", g(p.teacher)) : std::string(), g(p.slack),
       in.micro_batch * in.sequence_len,
       in.act_bytes == 2 ? "bf16" : in.act_bytes == 4 ? "fp32" : "fp64",
-      in.gradient_checkpointing ? ", gradient checkpointing" : "");
+      [&] {
+        const std::vector<bool> ckpt = recomputed(*c, in);
+        const int64_t n = std::count(ckpt.begin(), ckpt.end(), true);
+        if (n == 0) return std::string(", no layer recomputed");
+        if (size_t(n) == ckpt.size()) return std::string(", gradient checkpointing");
+        return fmt::format(", {} of {} layers recomputed", n, ckpt.size());
+      }());
   if (in.act_bytes > 2) {
     // The GPU numerics issue 10 asks for store activations in bf16; today's backends store
     // the activation dtype. Both figures, so neither is mistaken for the other.

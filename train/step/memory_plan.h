@@ -4,13 +4,14 @@
 //   weights         frozen base (NF4 + double-quantized absmax for projections and experts,
 //                   bf16 elsewhere; all bf16 without load_in_4bit)
 //   trainable       fp32 master weights, gradients and two Adam moments: 16 B per parameter
-//   checkpoints     each layer's input [T, H] (with gradient checkpointing), or every layer's
-//                   whole tape (without), T = micro_batch · seq tokens
+//   checkpoints     a recomputed layer's input [T, H], a kept layer's whole tape (gradient
+//                   checkpointing recomputes all, none, or under `auto` the fewest layers that
+//                   fit the budget), T = micro_batch · seq tokens
 //   kv_kept         K/V of layers that later KV-shared layers read (kept across the step)
 //   working_set     the widest layer's recomputed tape plus its backward temporaries
-//   attention       the GPU attention's scratch: one (batch, head) block of fp32 scores and
-//                   their gradient [rows, S] (rows·S ≤ 2^24), with bf16 activations also bf16
-//                   copies of both and fp32 sums of dK and dV [T, kv width]
+//   attention       the GPU attention's scratch: one block of fp32 scores and their gradient
+//                   [G·128, S] (G the GQA group), with bf16 activations also bf16 copies of
+//                   both, and fp32 sums of dK and dV [T, kv width]
 //   cross_entropy   one chunk's fp32 logits and their gradient [chunk, V]
 //   dequant         the bf16 scratch one dequantized projection (or expert) is multiplied from
 //   teacher         distillation (issue 24): the teacher's final hidden states [T, H] and one
@@ -20,6 +21,7 @@
 //                   terms (everything but weights and trainable state) plus 256 MiB
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "train/model/peft_adapter.h"
@@ -30,12 +32,15 @@ struct MemoryPlanInput {
   int64_t sequence_len = 2048, micro_batch = 1;
   int64_t lora_params = 0;      // trainable parameters (LoRA A and B, full-trained layers)
   bool gradient_checkpointing = true;
+  // Which layers are recomputed (size num_hidden_layers); empty: all of them when
+  // gradient_checkpointing, else none (checkpointed_layers below makes it for `auto`).
+  std::vector<bool> checkpointed;
   bool load_in_4bit = true;
   int act_bytes = 2;            // bytes per stored activation element (bf16 on the GPU)
   int64_t ce_chunk = 256;       // tokens per cross-entropy chunk (gemma4_backward.cpp)
-  int64_t attention_block_elems = int64_t(1) << 24;  // scores per attention block (cuda/attention.cu)
-  bool distill = false;         // a teacher runs beside each step
-  double teacher_weights = 0;   // bytes of a parent loaded as a second model (0: shared weights)
+  int64_t attention_block_rows = 128;  // queries per attention block (cuda/attention.cu)
+  bool distill = false;                // a teacher runs beside each step
+  double teacher_weights = 0;          // bytes of a parent loaded as a second model (0: shared weights)
 };
 
 struct MemoryPlan {
@@ -52,6 +57,11 @@ struct MemoryPlan {
 int64_t lora_param_count(const Gemma4Config& c, const LoraSpec& spec, const std::string& decoder_prefix);
 
 MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in);
+
+// `gradient_checkpointing: auto`: the fewest layers to recompute, largest tape first, that
+// bring the plan under `budget` bytes; every layer when even that does not fit (the plan then
+// says by how much). The order of the layers stays theirs.
+std::vector<bool> checkpointed_layers(const Gemma4Config& c, MemoryPlanInput in, double budget);
 
 // "peak per GPU 21.9 GiB = weights … + trainable … + …" (GiB), and with activations wider
 // than bf16 a second line with the bf16-storage figure.

@@ -1,5 +1,7 @@
 #include "train/step/optim.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <numbers>
 
@@ -7,23 +9,77 @@
 
 namespace tl {
 
+namespace {
+// dst ← src, both on the backend, same dtype and size (copy_columns of one-row views).
+void copy_into(Ops& ops, const Tensor& src, Tensor& dst) {
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  Tensor d = dst.view({1, n});
+  ops.copy_columns(src.view({1, n}), 0, d, 0, n);
+}
+}  // namespace
+
+void assign(Ops& ops, Tensor& dst, const Tensor& src) {
+  if (src.numel() != dst.numel())
+    throw Error(fmt::format("assign: {} values into a tensor of {}", src.numel(), dst.numel()));
+  copy_into(ops, ops.upload(src, dst.dtype()), dst);
+}
+
 AdamW::AdamW(AdamWConfig cfg, std::vector<ParamSlot> params, Ops& ops)
     : cfg_(cfg), params_(std::move(params)), ops_(ops) {
-  for (auto& p : params_) {
-    if (!p.m.defined()) p.m = ops_.zeros(p.value->shape(), p.value->dtype());
-    if (!p.v.defined()) p.v = ops_.zeros(p.value->shape(), p.value->dtype());
+  // Groups in the order their first slot appears, slots in their own order within a group.
+  std::vector<std::pair<DType, bool>> keys;
+  std::vector<std::vector<size_t>> members;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::pair<DType, bool> key{params_[i].value->dtype(), params_[i].decay};
+    size_t g = 0;
+    while (g < keys.size() && keys[g] != key) ++g;
+    if (g == keys.size()) keys.push_back(key), members.emplace_back();
+    members[g].push_back(i);
+  }
+  for (size_t g = 0; g < keys.size(); ++g) {
+    int64_t total = 0;
+    for (size_t i : members[g]) total += params_[i].value->numel();
+    const DType dt = keys[g].first;
+    Group group{ops_.zeros({total}, dt), ops_.zeros({total}, dt), ops_.zeros({total}, dt), ops_.zeros({total}, dt),
+                keys[g].second};
+    int64_t off = 0;
+    for (size_t i : members[g]) {
+      ParamSlot& p = params_[i];
+      const Shape shape = p.value->shape();
+      const int64_t n = p.value->numel();
+      auto at = [&](const Tensor& flat) { return flat.slice_rows(off, off + n).view(shape); };
+      Tensor value = at(group.value), grad = at(group.grad), m = at(group.m), v = at(group.v);
+      copy_into(ops_, *p.value, value);
+      if (p.m.defined()) copy_into(ops_, p.m, m);
+      if (p.v.defined()) copy_into(ops_, p.v, v);
+      *p.value = value;
+      if (p.grad) *p.grad = grad;
+      p.m = m;
+      p.v = v;
+      off += n;
+    }
+    groups_.push_back(std::move(group));
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   ++t_;
   // Bias corrections in double, as torch's non-capturable path computes them in Python.
   const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t_));
   const double bc2 = 1.0 - std::pow(cfg_.beta2, double(t_));
-  for (auto& p : params_) {
-    const double wd = p.decay ? cfg_.weight_decay : 0.0;
-    ops_.adamw_update(*p.value, *p.grad, p.m, p.v, lr, cfg_.beta1, cfg_.beta2, cfg_.eps, wd, bc1, bc2);
+  for (Group& g : groups_) {
+    const double wd = g.decay ? cfg_.weight_decay : 0.0;
+    ops_.adamw_update(g.value, g.grad, g.m, g.v, lr, cfg_.beta1, cfg_.beta2, cfg_.eps, wd, bc1, bc2, grad_scale);
   }
+}
+
+void AdamW::zero_grads() {
+  for (Group& g : groups_) ops_.fill(g.grad, 0.0);
+}
+
+void AdamW::add_grad_sum_squares(Tensor& acc, int64_t index) {
+  for (Group& g : groups_) ops_.add_sum_squares(g.grad, acc, index);
 }
 
 double Schedule::factor(int64_t s) const {

@@ -36,6 +36,12 @@ LayerMap insert_identity_every(int n, int every) {
     m.push_back({i, false});
     if ((i + 1) % every == 0 && i + 1 < n) m.push_back({i, true});
   }
+  // Nothing after the last layer (it must stay the last full-attention one): every ≥ n inserts
+  // nothing, and the "expanded" model would be an unchanged copy.
+  if (int(m.size()) == n)
+    throw Error(fmt::format("--insert-identity every={} inserts no layer into a model of {} layers (an identity layer "
+                            "goes after every {}th layer, never after the last); use every=N with N below {}",
+                            every, n, every, n));
   return m;
 }
 
@@ -160,6 +166,9 @@ SurgeryReport apply_layer_map(const fs::path& src, const fs::path& out, const La
     throw Error(fmt::format("{}: cannot rewrite a checkpoint pre-quantized by bitsandbytes ('{}' is 4-bit); use "
                             "the full-precision model",
                             src.string(), q));
+  // A source whose config contradicts its weights (a wrong hidden_size, a transposed tensor,
+  // an integer dtype) would be copied into an output that looks good: refused as check does.
+  check_text_decoder(c, ckpt);
   const std::string prefix = decoder_prefix(ckpt);
   const std::string layers = prefix + "layers.";
   const int64_t P = c.hidden_size_per_layer_input, M = int64_t(map.size());
