@@ -253,6 +253,32 @@ class Ops {
   // to sums[1], sums an F64 tensor on this backend: nothing is read back here.
   virtual void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
                                       Tensor& dlogits, Tensor& sums) = 0;
+
+  // ---- distillation from a teacher (issue 24) ----------------------------------------------
+  // For a chunk of student logits s and teacher logits t ([N, V], both already soft-capped),
+  // temperature T and top_k, per row whose label ≠ −100 (a trained target):
+  //   q = softmax(s/T) over the whole vocabulary;
+  //   p = softmax(t/T) (top_k = 0), or with top_k > 0 the softmax of t/T over the teacher's
+  //       top_k logits (ties to the lower index) and 0 elsewhere: the teacher's top k
+  //       renormalised, the student still normalised over the whole vocabulary, as Axolotl's
+  //       KD loss does;
+  //   kl = Σ_j p_j·(log p_j − log q_j)   (over the top k only when top_k > 0).
+  struct DistillSums {
+    double kl = 0;      // Σ kl over the counted rows
+    int64_t count = 0;  // rows with label ≠ −100
+    int64_t agree = 0;  // counted rows where argmax s = argmax t (ties to the lower index)
+  };
+  // For evaluation: the sums, read back.
+  virtual DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                     double temperature, int64_t top_k) = 0;
+  // For training: the fused gradient of weight·T²·kl for a chunk, ADDED to dstudent (which the
+  // cross-entropy backward has just set), through the student's soft-cap:
+  //   dstudent_j += weight·T·(q_j − p_j)·(1 − (s_j/cap)²)   on counted rows (cap 0: no cap),
+  // since d(T²·kl)/ds_j = T·(q_j − p_j). Adds the chunk's Σ kl to sums[0] (F64 on this
+  // backend; labels checked by the caller, as for the cross-entropy): nothing is read back.
+  virtual void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                   double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                   Tensor& sums) = 0;
 };
 
 // Holds x as an unchanged matmul input for the guard's lifetime (Ops::hold_matmul_input).

@@ -52,6 +52,8 @@ enum OpIndex {
   k_cross_entropy_sum,
   k_cross_entropy_backward,
   k_count_argmax_hits,
+  k_distill_kl_sum,
+  k_distill_kl_backward,
   k_norm2,
   k_add_sum_squares,
   k_adamw_update,
@@ -104,6 +106,8 @@ constexpr OpInfo kOps[kOpCount] = {
     {"cross_entropy_sum", "loss"},
     {"cross_entropy_backward", "loss"},
     {"count_argmax_hits", "loss"},
+    {"distill_kl_sum", "loss"},
+    {"distill_kl_backward", "loss"},
     {"norm2", "optimizer"},
     {"add_sum_squares", "optimizer"},
     {"adamw_update", "optimizer"},
@@ -340,6 +344,17 @@ void TimedOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels
                                       Tensor& dlogits, Tensor& sums) {
   return timed(k_cross_entropy_backward,
                [&] { return inner_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums); });
+}
+Ops::DistillSums TimedOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                          double temperature, int64_t top_k) {
+  return timed(k_distill_kl_sum, [&] { return inner_.distill_kl_sum(student, teacher, labels, temperature, top_k); });
+}
+void TimedOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                   double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                   Tensor& sums) {
+  timed(k_distill_kl_backward, [&] {
+    inner_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, sums);
+  });
 }
 
 }  // namespace tl

@@ -105,6 +105,10 @@ class TimedOps final : public Ops {
   void rowwise_dot(const Tensor& a, const Tensor& rows, const Tensor& b, Tensor& out) override;
   void cross_entropy_backward(const Tensor& logits, const Tensor& labels, double grad_scale, double cap,
                                       Tensor& dlogits, Tensor& sums) override;
+  DistillSums distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k) override;
+  void distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels, double temperature,
+                             int64_t top_k, double weight, double cap, Tensor& dstudent, Tensor& sums) override;
 
  private:
   struct Span {

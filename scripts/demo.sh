@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: installs dependencies, builds, and heals the project's tiny Gemma-4 model
-# (models/tiny) with QLoRA on chat data (configs/demo-heal.yaml), printing the plan, a
-# progress line per logging step and the validation loss as it falls; the PEFT adapter
-# lands in build/demo-heal/. Also plans the four released Gemma 4 configs.
+# The main job: installs dependencies, builds, and tells a heal's story on the project's tiny
+# Gemma-4 (configs/demo-heal.yaml): its parent models/tiny-chat (trained on the heal's chat
+# data) is damaged by an upscale and healed with QLoRA by distillation from the parent,
+# printing the plan (with the teacher's mode), the parent's held-out level, a progress line
+# per logging step and the validation loss and KL to the parent as they fall; the PEFT adapter
+# and the report (parent / before / after) land in build/demo-heal/. Also plans the four
+# released Gemma 4 configs. configs/demo-heal-ce.yaml heals the same damage with
+# cross-entropy only, for comparison.
 # Arguments are key=value overrides for the heal (e.g. max_steps=20, as CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +18,4 @@ rm -rf build/demo-heal
 echo
 echo "metrics:  build/demo-heal/metrics.jsonl"
 echo "adapter:  build/demo-heal/adapter_config.json, build/demo-heal/adapter_model.safetensors"
-echo "report:   build/demo-heal/report.md (loss.png, generation.png)"
+echo "report:   build/demo-heal/report.md (parent / before / after; loss.png, generation.png)"

@@ -120,11 +120,13 @@ INSTANTIATE_TEST_SUITE_P(Variants, StrictGoldenStep, ::testing::Values("dense_kv
 
 struct HealRun {
   std::vector<double> cpu_loss, strict_loss, cpu_eval, strict_eval;
+  std::vector<double> cpu_kl, strict_kl;  // the distillation term, logged beside the loss
   std::vector<TransferStats> steps;  // strict mode's traffic inside each optimizer step
 };
 
-// configs/demo-heal.yaml (models/tiny, chat data) with `overrides`, once on the CPU backend
-// and once under strict-device mode, each in its own output directory.
+// configs/demo-heal.yaml (models/tiny-chat upscaled, healed by distillation from it, chat data)
+// with `overrides`, once on the CPU backend and once under strict-device mode, each in its own
+// output directory.
 HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& overrides) {
   const fs::path cfg_path = fs::path(TL_SOURCE_DIR) / "configs/demo-heal.yaml";
   const fs::path dir = fs::temp_directory_path() / fmt::format("tl_strict_{}_{}", name, ::getpid());
@@ -162,23 +164,32 @@ HealRun run_demo_heal(const std::string& name, const std::vector<std::string>& o
   run(strict, "strict");
   r.cpu_loss = logged_values(dir / "cpu/metrics.jsonl", "loss");
   r.strict_loss = logged_values(dir / "strict/metrics.jsonl", "loss");
+  r.cpu_kl = logged_values(dir / "cpu/metrics.jsonl", "distill_kl");
+  r.strict_kl = logged_values(dir / "strict/metrics.jsonl", "distill_kl");
   r.cpu_eval = logged_values(dir / "cpu/metrics.jsonl", "eval_loss");
   r.strict_eval = logged_values(dir / "strict/metrics.jsonl", "eval_loss");
   fs::remove_all(dir);
   return r;
 }
 
-// The same losses to 1e-6 (logged training losses and validation losses), and per optimizer
-// step only the batch up and one read down. Each step has 2 micro-batches of 4×256 tokens;
-// each uploads ids, positions and document ids (I32) and its shifted labels (I32): at most
-// 4·4 bytes per token in 4 uploads. Down: the step's statistics (loss, hits, squared
-// gradient norm), once.
+// The same losses to 1e-6 (logged training losses, distillation terms and validation losses),
+// and per optimizer step only the batch up and one read down. Each step has 2 micro-batches of
+// 4×256 tokens; each uploads ids, positions and document ids (I32) and its shifted labels
+// (I32): at most 4·4 bytes per token in 4 uploads (the teacher runs on the same uploaded
+// batch). Down: the step's statistics (loss, hits, KL sum, squared gradient norm), once.
 void check_heal(const HealRun& r, size_t logged, size_t evals, size_t steps) {
   ASSERT_EQ(r.cpu_loss.size(), logged);
   ASSERT_EQ(r.strict_loss.size(), logged);
   ASSERT_EQ(r.cpu_eval.size(), evals);
   ASSERT_EQ(r.strict_eval.size(), evals);
   for (size_t i = 0; i < logged; ++i) EXPECT_NEAR(r.strict_loss[i], r.cpu_loss[i], 1e-6) << "logged loss " << i;
+  // The demo heal distils: every logged step has its KL term, the same in both modes.
+  ASSERT_EQ(r.cpu_kl.size(), logged);
+  ASSERT_EQ(r.strict_kl.size(), logged);
+  for (size_t i = 0; i < logged; ++i) {
+    EXPECT_GT(r.cpu_kl[i], 0.0) << "logged KL " << i;
+    EXPECT_NEAR(r.strict_kl[i], r.cpu_kl[i], 1e-6) << "logged KL " << i;
+  }
   for (size_t i = 0; i < evals; ++i) EXPECT_NEAR(r.strict_eval[i], r.cpu_eval[i], 1e-6) << "eval loss " << i;
   EXPECT_LT(r.cpu_eval.back(), r.cpu_eval.front());  // it trained
   const int64_t tokens = 2 * 4 * 256, batch_bytes = 4 * 4 * tokens;

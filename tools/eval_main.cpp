@@ -1,7 +1,10 @@
 // torchless-eval: the measures of a heal for any checkpoint (train/eval/evaluate.h), and with
 // --report the heal report (train/eval/report.h) comparing it with the model before.
 //   torchless-eval --model DIR [--adapter DIR] [--config heal.yaml | --data FILE --type chat]
-//                  [--prompts FILE] [--reference DIR] [--mc FILE] [--report [--out DIR]]
+//                  [--prompts FILE] [--reference DIR] [--parent DIR] [--mc FILE] [--report [--out DIR]]
+// With a parent (--parent, else the config's distill_from, upscale_from or
+// eval_reference_model, else --reference) the model's KL to it and top-1 agreement with it on
+// the held-out targets are measured too, and --report shows parent / before / after.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -15,6 +18,7 @@
 #include "train/eval/generate.h"
 #include "train/eval/plot.h"
 #include "train/eval/report.h"
+#include "train/surgery/surgery.h"
 #include "train/model/preflight.h"
 #include "train/train_config.h"
 #include "core/cpu/thread_policy.h"
@@ -30,14 +34,18 @@ struct Inputs {
   int64_t micro_batch = 4, max_new_tokens = 64;
 };
 
-// The measures of one model on the inputs.
+// The measures of one model on the inputs (with a parent: its KL to it and top-1 agreement).
 tl::EvalMeasures evaluate(tl::EvalModel& m, tl::Ops& ops, const Inputs& in, tl::EvalModel* reference,
-                          std::vector<tl::Generation>* gens_out) {
+                          std::vector<tl::Generation>* gens_out, tl::EvalModel* parent = nullptr) {
   tl::EvalMeasures r;
   if (!in.rows.empty()) {
-    const auto l = tl::held_out_loss(*m.model, in.rows, in.micro_batch);
-    r.eval_loss = l.mean();
-    r.perplexity = std::exp(l.mean());
+    const tl::HeldOut h = tl::held_out(*m.model, parent ? parent->model.get() : nullptr, in.rows, in.micro_batch);
+    r.eval_loss = h.loss.mean();
+    r.perplexity = std::exp(h.loss.mean());
+    if (h.parent.count > 0) {
+      r.kl_parent = h.parent.kl / double(h.parent.count);
+      r.top1_parent = double(h.parent.agree) / double(h.parent.count);
+    }
   }
   if (!in.prompts.empty()) {
     auto gens = tl::greedy_generations(*m.model, ops, in.prompts, in.max_new_tokens, m.stop_tokens);
@@ -58,7 +66,7 @@ tl::EvalMeasures evaluate(tl::EvalModel& m, tl::Ops& ops, const Inputs& in, tl::
 int main(int argc, char** argv) {
   tl::apply_thread_wait_policy(argv);  // before any OpenMP region: see core/cpu/thread_policy.h
   CLI::App app{"torchless-eval: held-out loss, generation repetition, cross-perplexity and multiple-choice accuracy"};
-  std::string model, adapter, config, data, type = "chat", prompts, reference, mc, out, before_model;
+  std::string model, adapter, config, data, type = "chat", prompts, reference, mc, out, before_model, parent;
   bool nf4 = false, report = false;
   int64_t table = 8;
   Inputs in;
@@ -73,6 +81,9 @@ int main(int argc, char** argv) {
   double max_new_arg = 64;  // checked_max_new_tokens makes it a count
   app.add_option("--max-new-tokens,-n", max_new_arg, "greedy tokens per prompt (1 to the model's context)");
   app.add_option("--reference", reference, "a model to score the generations' cross-perplexity under (e.g. before surgery)");
+  app.add_option("--parent", parent,
+                 "the model before surgery, measured beside (default: --config's distill_from, upscale_from or "
+                 "eval_reference_model, else --reference)");
   app.add_option("--mc", mc, "GPQA-style multiple-choice jsonl");
   app.add_flag("--report", report, "write the heal report (report.md, report.json, PNG plots)");
   app.add_option("--before", before_model, "--report: the model 'before' (default: --model without --adapter)");
@@ -84,7 +95,7 @@ int main(int argc, char** argv) {
     if (!config.empty() && !data.empty()) throw tl::Error("give --config or --data, not both");
     // Before anything is loaded: the report goes to a folder of its own that is no input, and
     // --max-new-tokens fits the model's context.
-    std::vector<fs::path> inputs{model, adapter, config, data, prompts, reference, mc, before_model};
+    std::vector<fs::path> inputs{model, adapter, config, data, prompts, reference, mc, before_model, parent};
     if (report && out.empty())
       throw tl::Error("--report needs --out DIR: the report is written to a folder of its own, never into the model "
                       "or adapter it reads");
@@ -95,10 +106,15 @@ int main(int argc, char** argv) {
     tl::CpuOps ops(tl::DType::F32);
     tl::EvalModel m = tl::load_eval_model(model, adapter, nf4, ops);
     std::vector<tl::Example> held;
+    std::string config_parent;  // the parent the heal config names
     if (!config.empty() || !data.empty()) {
       tl::TrainConfig cfg;
       if (!config.empty()) {
         cfg = tl::TrainConfig::load(config);
+        config_parent = cfg.distill_from == "auto" ? cfg.upscale_from : cfg.distill_from;
+        if (cfg.distill_from == "auto" && config_parent.empty())
+          if (auto rec = tl::read_surgery_record(before_model.empty() ? model : before_model)) config_parent = rec->source;
+        if (config_parent.empty()) config_parent = !cfg.upscale_from.empty() ? cfg.upscale_from : cfg.eval_reference_model;
       } else {
         cfg.source = data;
         tl::DatasetConfig d;
@@ -182,8 +198,12 @@ int main(int argc, char** argv) {
       ref = std::make_unique<tl::EvalModel>(tl::load_eval_model(reference, {}, false, ops));
     }
 
-    std::vector<tl::Generation> gens_after, gens_before;
-    const tl::EvalMeasures after = evaluate(m, ops, in, ref.get(), &gens_after);
+    const std::string parent_dir = !parent.empty() ? parent : !config_parent.empty() ? config_parent : reference;
+    std::unique_ptr<tl::EvalModel> par;
+    if (!parent_dir.empty()) par = std::make_unique<tl::EvalModel>(tl::load_eval_model(parent_dir, {}, nf4, ops));
+
+    std::vector<tl::Generation> gens_after, gens_before, gens_parent;
+    const tl::EvalMeasures after = evaluate(m, ops, in, ref.get(), &gens_after, par.get());
     std::cout << after.to_json().dump() << "\n";
     if (!report) return 0;
 
@@ -192,15 +212,21 @@ int main(int argc, char** argv) {
     const std::string before_dir = !before_model.empty() ? before_model : adapter.empty() ? "" : model;
     if (!before_dir.empty()) {
       tl::EvalModel b = tl::load_eval_model(before_dir, {}, nf4, ops);
-      r.before = evaluate(b, ops, in, ref.get(), &gens_before);
+      r.before = evaluate(b, ops, in, ref.get(), &gens_before, par.get());
       r.before_label = before_model.empty() ? "base (no adapter)" : fs::path(before_dir).filename().string();
     }
     r.after = after;
     r.after_label = adapter.empty() ? fs::path(model).filename().string() : "with the adapter";
+    if (par) {
+      r.has_parent = true;
+      r.parent = evaluate(*par, ops, in, ref.get(), &gens_parent);
+      r.parent_label = fmt::format("parent ({})", fs::path(parent_dir).filename().string());
+    }
     for (size_t i = 0; i < gens_after.size() && i < 6; ++i)
       r.samples.push_back({m.tokenizer->decode(gens_after[i].prompt),
                            i < gens_before.size() ? m.tokenizer->decode(gens_before[i].tokens) : "",
-                           m.tokenizer->decode(gens_after[i].tokens)});
+                           m.tokenizer->decode(gens_after[i].tokens),
+                           i < gens_parent.size() ? m.tokenizer->decode(gens_parent[i].tokens) : ""});
     fs::path metrics = fs::path(adapter.empty() ? model : adapter) / "metrics.jsonl";
     std::vector<fs::path> pngs;
     const fs::path dir = tl::write_output_dir(out, inputs, force, [&](const fs::path& tmp) {

@@ -38,9 +38,16 @@ void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType a
                                                   : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
   log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n", cfg.base_model,
                      mc.num_hidden_layers, mc.hidden_size)
-      << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable)
-      ;
-  const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, mc, trainable, act, budget);
+      << fmt::format("adapter          {} (r {}), {} trainable parameters\n", cfg.adapter, cfg.lora.r, trainable);
+  const bool distill = !cfg.distill_from.empty() && cfg.distill_alpha > 0;
+  if (distill) {
+    // Without weights there is no layer map to read: planned as the shared-weight teacher
+    // (what an upscale or expand gets); a parent loaded on its own adds its weights.
+    log << fmt::format("distillation     from {}: planned with the teacher over the student's base (shared "
+                       "weights; a parent loaded as a second model adds its own)\n",
+                       cfg.distill_from);
+  }
+  const tl::MemoryPlanInput in = tl::memory_plan_input(cfg, mc, trainable, act, budget, distill);
   log << tl::describe_checkpointing(cfg, in, budget) << tl::format_memory_plan(mc, in);
 }
 }  // namespace

@@ -101,6 +101,10 @@ json run_identity_keys(const TrainConfig& c) {
             {"weight_decay", c.weight_decay}, {"adam_beta1", c.adam_beta1}, {"adam_beta2", c.adam_beta2},
             {"adam_epsilon", c.adam_epsilon}, {"max_grad_norm", c.max_grad_norm}, {"nan_policy", c.nan_policy},
             {"bf16", c.bf16}, {"seed", c.seed}};
+  // Only with distillation on, so the identity of every other run stays what it was.
+  if (!c.distill_from.empty())
+    j["distill"] = {{"from", c.distill_from == "auto" ? c.distill_from : normalise_path(c.distill_from).string()},
+                    {"alpha", c.distill_alpha}, {"temperature", c.distill_temperature}, {"top_k", c.distill_top_k}};
   return j;
 }
 

@@ -120,6 +120,9 @@ void check_ranges(const TrainConfig& c, const std::string& f) {
   at_least("logging_steps", c.logging_steps, 1, "");
   at_least("eval_steps", c.eval_steps, 0, " (0: no evaluation)");
   for (int layer : c.full_train_layers) at_least("full_train_layers entry", layer, 0, "");
+  require_range(f, "distill_alpha", c.distill_alpha, 0, 1, false, false, " (the KL term's weight against cross-entropy)");
+  require_range(f, "distill_temperature", c.distill_temperature, 0, inf, true, true, " (softmax temperature)");
+  at_least("distill_top_k", c.distill_top_k, 0, " (0: the whole vocabulary)");
 }
 
 // Data-parallel keys (docs/ddp.md); they matter only under mpirun.
@@ -148,7 +151,8 @@ const std::vector<std::string>& train_config_keys() {
       "adam_beta2", "adam_epsilon", "max_grad_norm", "nan_policy", "gradient_checkpointing", "max_memory_gib", "bf16",
       "backend",
       "output_dir", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "eval_table_size",
-      "eval_max_new_tokens", "eval_reference_model", "eval_mc_file", "upscale_from", "upscale_slices", "seed",
+      "eval_max_new_tokens", "eval_reference_model", "eval_mc_file", "upscale_from", "upscale_slices",
+      "distill_from", "distill_alpha", "distill_temperature", "distill_top_k", "seed",
       "overwrite_output_dir", "resume_from_checkpoint",
       "ddp_timeout", "ddp_io_timeout", "ddp_bucket_mb", "ddp_check_sync_steps"};
   return keys;
@@ -322,7 +326,17 @@ TrainConfig TrainConfig::load(const std::filesystem::path& yaml, const std::vect
   read(root, "upscale_slices", c.upscale_slices);
   if (c.upscale_from.empty() != c.upscale_slices.empty())
     throw Error(file + ": upscale_from and upscale_slices go together (the model to damage and its slices)");
+  read(root, "distill_from", c.distill_from);
+  read(root, "distill_alpha", c.distill_alpha);
+  read(root, "distill_temperature", c.distill_temperature);
+  read(root, "distill_top_k", c.distill_top_k);
+  if (c.distill_from.empty())
+    for (const char* k : {"distill_alpha", "distill_temperature", "distill_top_k"})
+      if (root[k] && !root[k].IsNull())
+        throw Error(fmt::format("{}: {} has no effect without distill_from (the parent's directory, or auto)", file, k));
   // Paths relative to the YAML file, as base_model.
+  if (c.distill_from != "auto" && !c.distill_from.empty() && std::filesystem::path(c.distill_from).is_relative())
+    c.distill_from = (yaml.parent_path() / c.distill_from).lexically_normal().string();
   for (std::string* p : {&c.eval_reference_model, &c.eval_mc_file, &c.upscale_from})
     if (!p->empty() && std::filesystem::path(*p).is_relative())
       *p = (yaml.parent_path() / *p).lexically_normal().string();

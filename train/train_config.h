@@ -68,6 +68,14 @@ struct TrainConfig {
   // Damage before the heal: base_model is first written as the overlapping-slice upscale
   // (recipes.md §2) of upscale_from with these slices ("0:4,2:6").
   std::string upscale_from, upscale_slices;
+  // Distillation from the parent (issue 24): the loss becomes (1 − α)·CE + α·T²·KL(p_parent,T
+  // ‖ p_model,T) over the trained tokens. distill_from is the parent's directory, or "auto":
+  // upscale_from, else the directory base_model's torchless_surgery.json names; empty: no
+  // distillation. distill_top_k 0 uses the whole vocabulary, else the parent's top k
+  // renormalised (as Axolotl's KD).
+  std::string distill_from;
+  double distill_alpha = 0.5, distill_temperature = 1.0;
+  int64_t distill_top_k = 0;
   uint64_t seed = 42;
   // A new run in an output_dir holding another run's checkpoints is refused unless true
   // (then that run's files are removed first).

@@ -129,9 +129,104 @@ void Trainer::setup_model() {
   optimizer_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.learning_rate, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_epsilon, cfg_.weight_decay}, slots,
       ops_);
-  checkpointed_ =
-      memory_plan_input(cfg_, model_->config(), trainable_params_, ops_.act_dtype(), memory_budget_).checkpointed;
+  setup_parent();
+  // After the parent: a teacher changes what fits.
+  checkpointed_ = plan_input().checkpointed;
   model_->set_checkpointed_layers(checkpointed_);
+}
+
+namespace {
+bool same_dir(const fs::path& a, const fs::path& b) {
+  std::error_code ea, eb;
+  const fs::path ca = fs::weakly_canonical(a, ea), cb = fs::weakly_canonical(b, eb);
+  return !ea && !eb && ca == cb;
+}
+
+// "" when each parent layer j holds the same bytes as its copy order[j] in the model (checked
+// on the layer norms and the final norm: cheap, and any retraining of the parent after the
+// surgery changes them); else what differs.
+std::string copies_differ(const fs::path& parent_dir, const fs::path& model_dir, const std::vector<int>& order) {
+  const Checkpoint p = Checkpoint::open(parent_dir), m = Checkpoint::open(model_dir);
+  const std::string pp = decoder_prefix(p), mp = decoder_prefix(m);
+  auto same = [&](const std::string& a, const std::string& b) {
+    if (!p.contains(pp + a) || !m.contains(mp + b)) return false;
+    const Tensor x = p.get(pp + a), y = m.get(mp + b);
+    return x.dtype() == y.dtype() && x.shape() == y.shape() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+  };
+  if (!same("norm.weight", "norm.weight")) return "the final norm differs from the model's";
+  for (size_t j = 0; j < order.size(); ++j)
+    for (const char* w : {"input_layernorm.weight", "post_feedforward_layernorm.weight"})
+      if (!same(fmt::format("layers.{}.{}", j, w), fmt::format("layers.{}.{}", order[j], w)))
+        return fmt::format("its layer {} differs from layer {} of the model ({}), so it changed after the surgery", j,
+                           order[j], w);
+  return "";
+}
+}  // namespace
+
+void Trainer::setup_parent() {
+  const std::optional<SurgeryRecord> rec = read_surgery_record(cfg_.base_model);
+  std::string dir = cfg_.distill_from, key = "distill_from";
+  if (dir == "auto") {
+    if (!cfg_.upscale_from.empty()) dir = cfg_.upscale_from;
+    else if (rec) dir = rec->source.string();
+    else
+      throw Error(fmt::format("{}: distill_from: auto needs upscale_from or a base_model written by torchless-surgery "
+                              "expand or upscale ('{}' has no torchless_surgery.json); name the parent's directory",
+                              cfg_.source.string(), cfg_.base_model));
+  }
+  if (dir.empty()) dir = cfg_.upscale_from, key = "upscale_from";
+  if (dir.empty()) dir = cfg_.eval_reference_model, key = "eval_reference_model";
+  if (dir.empty()) return;
+  if (!fs::is_directory(dir))
+    throw Error(fmt::format("{}: {} '{}' is not a directory{}", cfg_.source.string(), key, dir,
+                            cfg_.distill_from == "auto" ? " (found through distill_from: auto)" : ""));
+  parent_dir_ = dir;
+  const Gemma4Config pc = Gemma4Config::load(dir);
+  const bool distill = !cfg_.distill_from.empty() && cfg_.distill_alpha > 0;
+  if (distill && cfg_.distill_top_k > pc.vocab_size)
+    throw Error(fmt::format("{}: distill_top_k {} is larger than the parent's vocabulary ({})", cfg_.source.string(),
+                            cfg_.distill_top_k, pc.vocab_size));
+  // The student's base is the parent's layers (plus inserted ones) when its surgery record
+  // maps it from this directory and every parent layer has a frozen copy.
+  std::string why;
+  if (!rec) {
+    why = fmt::format("'{}' has no surgery layer map (torchless_surgery.json)", cfg_.base_model);
+  } else if (!same_dir(rec->source, dir)) {
+    why = fmt::format("'{}' was made from '{}'", cfg_.base_model, rec->source.string());
+  } else if (cfg_.adapter == "full") {
+    why = "adapter: full trains the base weights the parent would share";
+  } else if (auto order = parent_layer_order(rec->map, int(pc.num_hidden_layers), cfg_.full_train_layers, why)) {
+    if (std::string bad = copies_differ(dir, cfg_.base_model, *order); !bad.empty()) {
+      why = "the parent's " + bad;
+    } else {
+      try {
+        own_parent_ = model_->parent_view(pc, *order);
+        std::string layers;
+        for (size_t j = 0; j < order->size(); ++j) layers += fmt::format("{}{}", j ? "," : "", (*order)[j]);
+        parent_mode_ = fmt::format("shared weights: the parent's layers are layers {} of {}, run without LoRA "
+                                   "(no extra weights)",
+                                   layers, cfg_.base_model);
+      } catch (const Error& e) {
+        why = e.what();
+      }
+    }
+  }
+  if (!own_parent_ && !distill && same_dir(dir, cfg_.eval_reference_model)) {
+    // Measured only: the reference model setup_data loads anyway is the parent (no third copy).
+    parent_mode_ = fmt::format("the eval_reference_model, as loaded for cross-perplexity ({})", why);
+    return;
+  }
+  if (!own_parent_) {
+    own_parent_ = std::make_unique<Gemma4Model>(pc, ops_);
+    own_parent_->load(Checkpoint::open(dir),
+                      cfg_.load_in_4bit ? Gemma4LoadOptions::nf4(cfg_.double_quant) : Gemma4LoadOptions{});
+    const ModelPlan pp = plan_model(pc);
+    parent_weight_bytes_ = cfg_.load_in_4bit ? pp.bytes_nf4 : pp.bytes_bf16;
+    parent_mode_ = fmt::format("second model: loaded frozen{}, {:.3f} GiB ({})", cfg_.load_in_4bit ? " in NF4" : "",
+                               parent_weight_bytes_ / double(1ull << 30), why);
+  }
+  parent_ = own_parent_.get();
+  if (distill) model_->set_distillation({parent_, cfg_.distill_alpha, cfg_.distill_temperature, cfg_.distill_top_k});
 }
 
 void Trainer::setup_data() {
@@ -149,6 +244,11 @@ void Trainer::setup_data() {
     stop_tokens_ = stop_tokens_for(cfg_.base_model, *tokenizer_);
     if (!cfg_.eval_reference_model.empty())
       reference_ = std::make_unique<EvalModel>(load_eval_model(cfg_.eval_reference_model, {}, false, ops_));
+  }
+  if (!parent_ && !parent_dir_.empty()) {  // setup_parent chose the reference model as the parent
+    if (!reference_)
+      reference_ = std::make_unique<EvalModel>(load_eval_model(cfg_.eval_reference_model, {}, false, ops_));
+    parent_ = reference_->model.get();
   }
   if (!cfg_.eval_mc_file.empty()) mc_items_ = load_mc_jsonl(cfg_.eval_mc_file);
   const int64_t per_step = cfg_.micro_batch_size * cfg_.gradient_accumulation_steps * comm_->world();
@@ -194,8 +294,10 @@ void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
 }
 
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable, DType act,
-                                  double budget) {
+                                  double budget, bool distill, double teacher_weights) {
   MemoryPlanInput in;
+  in.distill = distill;
+  in.teacher_weights = teacher_weights;
   in.sequence_len = cfg.sequence_len;
   in.micro_batch = cfg.micro_batch_size;
   in.lora_params = trainable;
@@ -206,6 +308,12 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& mo
   if (cfg.gradient_checkpointing == "auto" && budget > 0) in.checkpointed = checkpointed_layers(model, in, budget);
   else in.checkpointed.assign(L, in.gradient_checkpointing);
   return in;
+}
+
+MemoryPlanInput Trainer::plan_input() const {
+  const bool distill = model_->distillation().teacher != nullptr;
+  return memory_plan_input(cfg_, model_->config(), trainable_params_, ops_.act_dtype(), memory_budget_, distill,
+                           parent_weight_bytes_);
 }
 
 double checkpoint_budget(const TrainConfig& cfg, double available) {
@@ -224,11 +332,7 @@ std::string describe_checkpointing(const TrainConfig& cfg, const MemoryPlanInput
                      L - kept, why);
 }
 
-double Trainer::planned_peak_bytes() const {
-  return plan_training_memory(model_->config(), memory_plan_input(cfg_, model_->config(), trainable_params_,
-                                                                   ops_.act_dtype(), memory_budget_))
-      .total();
-}
+double Trainer::planned_peak_bytes() const { return plan_training_memory(model_->config(), plan_input()).total(); }
 
 void Trainer::print_plan(std::ostream& out) const {
   const double pct = 100.0 * double(trainable_params_) / double(std::max<int64_t>(1, total_params_));
@@ -244,7 +348,21 @@ void Trainer::print_plan(std::ostream& out) const {
   const double train_bytes = 16.0 * double(trainable_params_);
   out << fmt::format("memory           base weights {:.3f} GiB ({}), trainable state {:.3f} GiB\n",
                      base / double(1ull << 30), cfg_.load_in_4bit ? "NF4" : "bf16", train_bytes / double(1ull << 30));
-  const MemoryPlanInput in = memory_plan_input(cfg_, mc, trainable_params_, ops_.act_dtype(), memory_budget_);
+  if (parent_) {
+    const auto& d = model_->distillation();
+    out << fmt::format("parent           {} ({} layers): {}\n", parent_dir_, parent_->config().num_hidden_layers,
+                       parent_mode_);
+    out << (d.teacher ? fmt::format("distillation     (1 − {0})·CE + {0}·T²·KL, T {1}, {2}; the teacher's logits per "
+                                    "{3}-token chunk\n",
+                                    d.alpha, d.temperature,
+                                    d.top_k > 0 ? fmt::format("the parent's top {} renormalised", d.top_k)
+                                                : std::string("whole vocabulary"),
+                                    256)
+                      : std::string(!cfg_.distill_from.empty()
+                                        ? "distillation     off (distill_alpha 0): the parent is measured only\n"
+                                        : "distillation     off (no distill_from): the parent is measured only\n"));
+  }
+  const MemoryPlanInput in = plan_input();
   out << describe_checkpointing(cfg_, in, memory_budget_) << format_memory_plan(mc, in);
   out << fmt::format("data             {} examples, {} tokens ({} trained), {} truncated, {} dropped\n",
                      stats_.examples, stats_.tokens, stats_.trained_tokens, stats_.truncated, stats_.dropped);
@@ -268,44 +386,88 @@ MicroBatch Trainer::next_micro_batch(bool build) {
   return mb;
 }
 
-double Trainer::evaluate() {
-  if (val_rows_.empty()) return NAN;
-  std::vector<int64_t> order(val_rows_.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  model_->set_training(false);
-  double sum = 0;
-  int64_t count = 0;
+Trainer::Evaluation Trainer::evaluate() {
+  Evaluation e;
+  if (val_rows_.empty()) return e;
   // Sharded: rank r evaluates every world-th micro-batch; the sums are reduced below.
-  const int64_t stride = cfg_.micro_batch_size * comm_->world();
-  for (int64_t b = cfg_.micro_batch_size * comm_->rank(); b < int64_t(order.size()); b += stride) {
-    const int64_t k = std::min<int64_t>(cfg_.micro_batch_size, int64_t(order.size()) - b);
-    MicroBatch mb = make_micro_batch(val_rows_, order, b, k);
-    auto l = model_->loss(model_->forward_hidden(mb.batch), mb.labels);
-    sum += l.sum;
-    count += l.count;
-  }
-  double v[2] = {sum, double(count)};
-  comm_->all_reduce_sum_host(v, 2, "evaluation all-reduce");
-  return v[1] > 0 ? v[0] / v[1] : NAN;
+  const HeldOut h = held_out(*model_, parent_, val_rows_, cfg_.micro_batch_size,
+                             cfg_.micro_batch_size * comm_->rank(), cfg_.micro_batch_size * comm_->world());
+  double v[5] = {h.loss.sum, double(h.loss.count), h.parent.kl, double(h.parent.count), double(h.parent.agree)};
+  comm_->all_reduce_sum_host(v, 5, "evaluation all-reduce");
+  if (v[1] > 0) e.loss = v[0] / v[1];
+  if (v[3] > 0) e.kl_parent = v[2] / v[3], e.top1_parent = v[4] / v[3];
+  return e;
 }
 
-EvalMeasures Trainer::measure(int64_t step, double eval_loss) {
+EvalMeasures Trainer::generation_measures(Gemma4Model& model, std::vector<std::vector<int32_t>>& prompts,
+                                          std::vector<Generation>& gens) {
   EvalMeasures m;
-  m.eval_loss = eval_loss;
-  m.perplexity = std::exp(eval_loss);
-  std::string line = fmt::format("step {}/{} | measures", step, schedule_.total_steps);
+  prompts.clear();
+  gens.clear();
   if (cfg_.eval_table_size > 0) {
-    model_->set_training(false);
+    model.set_training(false);
     const int64_t max_prompt = std::max<int64_t>(1, cfg_.sequence_len - cfg_.eval_max_new_tokens);
-    std::vector<std::vector<int32_t>> prompts;
     for (const Example& e : val_examples_) {
       if (int64_t(prompts.size()) == cfg_.eval_table_size) break;
       if (auto p = generation_prompt(e, max_prompt); !p.empty()) prompts.push_back(std::move(p));
     }
-    const std::vector<Generation> gens =
-        greedy_generations(*model_, ops_, prompts, cfg_.eval_max_new_tokens, stop_tokens_);
+    gens = greedy_generations(model, ops_, prompts, cfg_.eval_max_new_tokens, stop_tokens_);
     score_generations(m, gens);
     if (reference_) m.cross_perplexity = cross_perplexity(*reference_->model, gens);
+  }
+  if (!mc_items_.empty()) {
+    const McResult r = score_mc(model, ops_, *tokenizer_, mc_items_);
+    m.mc_accuracy = r.accuracy();
+    m.mc_accuracy_norm = r.accuracy_norm();
+  }
+  return m;
+}
+
+void Trainer::measure_parent() {
+  if (!parent_ || parent_measured_) return;
+  // Held-out loss on the same split, sharded like evaluate (every rank).
+  double v[2] = {0, 0};
+  if (!val_rows_.empty()) {
+    const HeldOut h = held_out(*parent_, nullptr, val_rows_, cfg_.micro_batch_size,
+                               cfg_.micro_batch_size * comm_->rank(), cfg_.micro_batch_size * comm_->world());
+    v[0] = h.loss.sum;
+    v[1] = double(h.loss.count);
+  }
+  comm_->all_reduce_sum_host(v, 2, "parent evaluation all-reduce");
+  parent_measures_ = {};
+  on_writer("parent generation check", [&] {
+    if (cfg_.eval_table_size > 0 || !mc_items_.empty()) {
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<Generation> gens;
+      parent_measures_ = generation_measures(*parent_, prompts, gens);
+      parent_texts_.clear();
+      for (const Generation& g : gens) parent_texts_.push_back(tokenizer_->decode(g.tokens));
+    }
+  });
+  if (v[1] > 0) {
+    parent_measures_.eval_loss = v[0] / v[1];
+    parent_measures_.perplexity = std::exp(parent_measures_.eval_loss);
+  }
+  parent_measured_ = true;
+  const GenerationScores& g = parent_measures_.generation;
+  log_ << fmt::format("parent | eval_loss {:.4f}{} | {}\n", parent_measures_.eval_loss,
+                      g.count ? fmt::format(" | generation rep-4 {:.3f} loops {:.2f} distinct-2 {:.3f}", g.rep4,
+                                            g.loop_fraction, g.distinct2)
+                              : std::string(),
+                      parent_dir_)
+       << std::flush;
+}
+
+EvalMeasures Trainer::measure(int64_t step, const Evaluation& eval) {
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<Generation> gens;
+  EvalMeasures m = generation_measures(*model_, prompts, gens);
+  m.eval_loss = eval.loss;
+  m.perplexity = std::exp(eval.loss);
+  m.kl_parent = eval.kl_parent;
+  m.top1_parent = eval.top1_parent;
+  std::string line = fmt::format("step {}/{} | measures", step, schedule_.total_steps);
+  if (cfg_.eval_table_size > 0) {
     std::ofstream out(fs::path(cfg_.output_dir) / "generations.jsonl", step == 0 ? std::ios::trunc : std::ios::app);
     last_texts_.clear();
     for (const Generation& g : gens) {
@@ -333,12 +495,7 @@ EvalMeasures Trainer::measure(int64_t step, double eval_loss) {
                           shown);
     }
   }
-  if (!mc_items_.empty()) {
-    const McResult r = score_mc(*model_, ops_, *tokenizer_, mc_items_);
-    m.mc_accuracy = r.accuracy();
-    m.mc_accuracy_norm = r.accuracy_norm();
-    line += fmt::format(" | multiple choice {:.3f} ({} questions)", m.mc_accuracy, r.items);
-  }
+  if (!mc_items_.empty()) line += fmt::format(" | multiple choice {:.3f} ({} questions)", m.mc_accuracy, mc_items_.size());
   log_ << line << "\n" << std::flush;
   return m;
 }
@@ -381,18 +538,35 @@ double Trainer::run() {
   const fs::path metrics_path = out / "metrics.jsonl";
   if (writer()) truncate_metrics(metrics_path, state_.metrics_bytes);
 
+  // The eval line: the loss and, with a parent, the KL to it and the top-1 agreement.
+  auto eval_line = [&](int64_t step, const Evaluation& e) {
+    return fmt::format("step {}/{} | eval_loss {:.4f}{}\n", step, schedule_.total_steps, e.loss,
+                       std::isfinite(e.kl_parent)
+                           ? fmt::format(" | KL to parent {:.4f} | top-1 agreement {:.3f}", e.kl_parent, e.top1_parent)
+                           : std::string());
+  };
+  auto eval_record = [](nlohmann::json& rec, const Evaluation& e) {
+    rec["eval_loss"] = e.loss;
+    if (std::isfinite(e.kl_parent)) rec["eval_kl_parent"] = e.kl_parent, rec["eval_top1_parent"] = e.top1_parent;
+  };
   if (state_.step == 0) {
-    // The baseline the run improves on: held-out loss, and how the raw model generates.
+    // The baseline the run improves on: held-out loss, and how the raw model generates; and
+    // the parent's level, which the heal aims back at.
     nlohmann::json rec;
+    Evaluation base;
+    if (parent_ && cfg_.eval_steps > 0) {
+      measure_parent();
+      if (std::isfinite(parent_measures_.eval_loss)) rec["parent_eval_loss"] = parent_measures_.eval_loss;
+    }
     if (cfg_.eval_steps > 0 && !val_rows_.empty()) {
-      const double base_loss = evaluate();
-      log_ << fmt::format("step 0/{} | eval_loss {:.4f}\n", schedule_.total_steps, base_loss) << std::flush;
-      rec["eval_loss"] = base_loss;
+      base = evaluate();
+      log_ << eval_line(0, base) << std::flush;
+      eval_record(rec, base);
     }
     if (cfg_.eval_table_size > 0 || !mc_items_.empty()) {
       // Rank 0 generates and writes generations.jsonl; the others wait.
       on_writer("generation check", [&] {
-        before_ = measure(0, rec.contains("eval_loss") ? rec["eval_loss"].get<double>() : NAN);
+        before_ = measure(0, base);
         before_texts_ = last_texts_;
         rec.update(before_.to_json());
       });
@@ -404,9 +578,10 @@ double Trainer::run() {
   }
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t first = state_.step, total = schedule_.total_steps;
-  double window_loss = 0, window_acc = 0;
+  double window_loss = 0, window_acc = 0, window_kl = 0;
   int64_t window_steps = 0, tokens_done = 0;
   double last_val = NAN;
+  Evaluation last_eval;
   while (state_.step < total) {
     std::vector<MicroBatch> micro = next_step_batches();
     const double lr = cfg_.learning_rate * schedule_.factor(state_.step);
@@ -427,6 +602,7 @@ double Trainer::run() {
       log_ << fmt::format("step {}: non-finite loss or gradient, update skipped (nan_policy: skip)\n", state_.step);
     } else {
       window_loss += r.loss;
+      window_kl += r.kl;
       window_acc += r.targets ? double(r.correct) / double(r.targets) : 0.0;
       ++window_steps;
     }
@@ -436,21 +612,30 @@ double Trainer::run() {
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double eta = secs / double(state_.step - first) * double(total - state_.step);
       const double loss = window_loss / double(window_steps), acc = window_acc / double(window_steps);
-      log_ << fmt::format("step {}/{} | loss {:.4f} | acc {:.3f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n",
-                          state_.step, total, loss, acc, lr, r.grad_norm, double(tokens_done) / secs, duration(eta))
+      // Distilling: "loss" stays the cross-entropy (comparable with eval_loss and with a
+      // cross-entropy heal); the KL term and the objective trained are logged beside it.
+      const auto& d = model_->distillation();
+      const double kl = window_kl / double(window_steps);
+      const double objective = (1.0 - d.alpha) * loss + d.alpha * d.temperature * d.temperature * kl;
+      log_ << fmt::format("step {}/{} | loss {:.4f}{} | acc {:.3f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n",
+                          state_.step, total, loss,
+                          d.teacher ? fmt::format(" | kl {:.4f} | objective {:.4f}", kl, objective) : std::string(),
+                          acc, lr, r.grad_norm, double(tokens_done) / secs, duration(eta))
            << std::flush;
       rec = {{"step", state_.step}, {"epoch", state_.epoch}, {"loss", loss}, {"token_accuracy", acc},
              {"lr", lr}, {"grad_norm", r.grad_norm}, {"skipped_steps", state_.skipped_steps}};
-      window_loss = window_acc = 0;
+      if (d.teacher) rec["distill_kl"] = kl, rec["distill_objective"] = objective;
+      window_loss = window_acc = window_kl = 0;
       window_steps = 0;
     }
     if (cfg_.eval_steps > 0 && (state_.step % cfg_.eval_steps == 0 || last) && !val_rows_.empty()) {
-      last_val = evaluate();
-      log_ << fmt::format("step {}/{} | eval_loss {:.4f}\n", state_.step, total, last_val) << std::flush;
+      last_eval = evaluate();
+      last_val = last_eval.loss;
+      log_ << eval_line(state_.step, last_eval) << std::flush;
       if (rec.is_null()) rec = {{"step", state_.step}};
-      rec["eval_loss"] = last_val;
+      eval_record(rec, last_eval);
       if (!last && (cfg_.eval_table_size > 0 || !mc_items_.empty()))
-        on_writer("generation check", [&] { rec.update(measure(state_.step, last_val).to_json()); });
+        on_writer("generation check", [&] { rec.update(measure(state_.step, last_eval).to_json()); });
     }
     check_sync(rec);
     if (!rec.is_null() && writer()) state_.metrics_bytes = append_line(metrics_path, rec.dump());
@@ -462,14 +647,19 @@ double Trainer::run() {
     }
     if (!last && stop_if_signalled()) return NAN;
   }
-  if (std::isnan(last_val) && !val_rows_.empty()) last_val = evaluate();
+  if (std::isnan(last_val) && !val_rows_.empty()) {
+    last_eval = evaluate();
+    last_val = last_eval.loss;
+  }
   double rep_after = NAN, rep_before = before_.generation.count ? before_.generation.rep4 : NAN;
   if (cfg_.eval_table_size > 0 || !mc_items_.empty()) {
+    measure_parent();  // a resumed run measures the (frozen) parent now
     on_writer("generation check and report", [&] {
-      const EvalMeasures after = measure(total, last_val);
+      const EvalMeasures after = measure(total, last_eval);
       rep_after = after.generation.count ? after.generation.rep4 : NAN;
       nlohmann::json rec = after.to_json();
-      rec.erase("eval_loss");  // already in this step's record when eval_steps > 0
+      for (const char* k : {"eval_loss", "eval_kl_parent", "eval_top1_parent"})
+        rec.erase(k);  // already in this step's record when eval_steps > 0
       rec["step"] = total;
       state_.metrics_bytes = append_line(metrics_path, rec.dump());
       HealReport report;
@@ -478,9 +668,14 @@ double Trainer::run() {
       report.after_label = fmt::format("after (step {})", total);
       report.before = before_;
       report.after = after;
+      if (parent_) {
+        report.has_parent = true;
+        report.parent_label = fmt::format("parent ({})", fs::path(parent_dir_).filename().string());
+        report.parent = parent_measures_;
+      }
       for (size_t i = 0; i < last_texts_.size() && i < 6; ++i)
         report.samples.push_back({last_texts_[i].first, i < before_texts_.size() ? before_texts_[i].second : "",
-                                  last_texts_[i].second});
+                                  last_texts_[i].second, i < parent_texts_.size() ? parent_texts_[i] : ""});
       for (const fs::path& p : write_heal_report(out, report, metrics_path)) log_ << "plot: " << p.string() << "\n";
       if (!plots_available()) log_ << "plots skipped: this build has no cairo\n";
       log_ << "report: " << (out / "report.md").string() << "\n";

@@ -41,7 +41,7 @@ struct MemoryPlanInput;
 // The memory plan's input for this run. With `gradient_checkpointing: auto` it holds the
 // layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
-                                  DType act, double budget);
+                                  DType act, double budget, bool distill = false, double teacher_weights = 0);
 // The budget `auto` plans against: max_memory_gib, else what the backend has free (`available`).
 double checkpoint_budget(const TrainConfig& cfg, double available);
 // One line: how many layers keep their activations, and why.
@@ -95,11 +95,31 @@ class Trainer {
   // The LoRA adapter (PEFT format) and trainable.safetensors; with final_output and
   // adapter: full, a complete model checkpoint in dir/model instead.
   void write_adapter(const std::filesystem::path& dir, bool final_output) const;
-  double evaluate();
+  // The held-out loss (NaN without a validation split) and, with a parent, the KL to it and
+  // the top-1 agreement with it on the same targets; every rank takes part.
+  struct Evaluation {
+    double loss = NAN, kl_parent = NAN, top1_parent = NAN;
+  };
+  Evaluation evaluate();
   // Greedy generations from the first eval_table_size held-out prompts (appended to
   // generations.jsonl, scored by train/eval/text_measures.h, with the cross-perplexity under
   // eval_reference_model) and multiple-choice accuracy on eval_mc_file; logged in one line.
-  EvalMeasures measure(int64_t step, double eval_loss);
+  EvalMeasures measure(int64_t step, const Evaluation& eval);
+  // The generation and multiple-choice measures of `m` (the model or the parent), and its
+  // generations.
+  EvalMeasures generation_measures(Gemma4Model& m, std::vector<std::vector<int32_t>>& prompts_out,
+                                   std::vector<Generation>& gens_out);
+
+  // The parent (issue 24): distill_from (auto: upscale_from or the directory base_model's
+  // torchless_surgery.json names), else upscale_from, else eval_reference_model. Run over the
+  // student's frozen base in the parent's layer order when the surgery map holds every parent
+  // layer as a frozen copy, else loaded as a second frozen model (NF4 under QLoRA). The
+  // teacher of a distillation heal, and the report's parent column.
+  void setup_parent();
+  // The parent's held-out loss (all ranks) and generation measures (rank 0), once.
+  void measure_parent();
+  // What the memory plan of this run takes (the parent's weights and the teacher included).
+  MemoryPlanInput plan_input() const;
   // The next micro-batch of the data order; with build false only the position advances.
   MicroBatch next_micro_batch(bool build = true);
 
@@ -145,6 +165,13 @@ class Trainer {
   std::unique_ptr<EvalModel> reference_;
   std::vector<McItem> mc_items_;
   EvalMeasures before_;
+  std::unique_ptr<Gemma4Model> own_parent_;  // a parent_view or a second model, when one is made
+  Gemma4Model* parent_ = nullptr;            // the parent: own_parent_'s, or the reference model's
+  std::string parent_dir_, parent_mode_;  // the parent's directory; how it runs (plan and log)
+  double parent_weight_bytes_ = 0;        // a second model's weights (0: shared)
+  bool parent_measured_ = false;
+  EvalMeasures parent_measures_;
+  std::vector<std::string> parent_texts_;  // its completions of the report's prompts
   std::vector<std::pair<std::string, std::string>> last_texts_, before_texts_;  // (prompt, completion)
   DataStats stats_;
   Schedule schedule_;

@@ -32,23 +32,30 @@ std::vector<std::pair<std::string, uint64_t>> startup_fingerprints(const TrainCo
   out.push_back({fmt::format("config ({} and its overrides)", cfg.source.string()), h});
   for (size_t i = 0; i < cfg.datasets.size(); ++i)
     out.push_back({fmt::format("data file {} ({})", i + 1, cfg.datasets[i].path), fnv1a_file(cfg.datasets[i].path)});
-  const fs::path base(cfg.base_model);
-  uint64_t idx = fnv1a_file(base / "config.json");
-  std::vector<fs::path> shards;
-  for (const auto& e : fs::directory_iterator(base))
-    if (e.path().extension() == ".safetensors") shards.push_back(e.path());
-  std::sort(shards.begin(), shards.end());
-  for (const fs::path& s : shards) {
-    const std::string n = s.filename().string();
-    idx = fnv1a(n.data(), n.size(), idx);
-    const uint64_t sh = safetensors_header_fingerprint(s);
-    idx = fnv1a(&sh, 8, idx);
-  }
-  if (fs::exists(base / "model.safetensors.index.json")) {
-    const uint64_t ih = fnv1a_file(base / "model.safetensors.index.json");
-    idx = fnv1a(&ih, 8, idx);
-  }
-  out.push_back({fmt::format("base checkpoint index of {}", cfg.base_model), idx});
+  // A checkpoint's index: config.json, each shard's name and header, the shard index.
+  auto index = [](const fs::path& dir) {
+    uint64_t idx = fnv1a_file(dir / "config.json");
+    std::vector<fs::path> shards;
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.path().extension() == ".safetensors") shards.push_back(e.path());
+    std::sort(shards.begin(), shards.end());
+    for (const fs::path& s : shards) {
+      const std::string n = s.filename().string();
+      idx = fnv1a(n.data(), n.size(), idx);
+      const uint64_t sh = safetensors_header_fingerprint(s);
+      idx = fnv1a(&sh, 8, idx);
+    }
+    if (fs::exists(dir / "model.safetensors.index.json")) {
+      const uint64_t ih = fnv1a_file(dir / "model.safetensors.index.json");
+      idx = fnv1a(&ih, 8, idx);
+    }
+    return idx;
+  };
+  out.push_back({fmt::format("base checkpoint index of {}", cfg.base_model), index(cfg.base_model)});
+  // The teacher every rank distils from (auto: found through upscale_from or base_model's
+  // surgery record, both covered above).
+  if (!cfg.distill_from.empty() && cfg.distill_from != "auto" && fs::is_directory(cfg.distill_from))
+    out.push_back({fmt::format("parent checkpoint index of {}", cfg.distill_from), index(cfg.distill_from)});
   return out;
 }
 

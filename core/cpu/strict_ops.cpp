@@ -236,5 +236,17 @@ void StrictOps::cross_entropy_backward(const Tensor& logits, const Tensor& label
   Scope s("cross_entropy_backward", {&logits, &labels, &dlogits, &sums});
   cpu_.cross_entropy_backward(logits, labels, grad_scale, cap, dlogits, sums);
 }
+Ops::DistillSums StrictOps::distill_kl_sum(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                           double temperature, int64_t top_k) {
+  Scope s("distill_kl_sum", {&student, &teacher, &labels});
+  scalar(3);  // the KL sum, the count and the agreements
+  return cpu_.distill_kl_sum(student, teacher, labels, temperature, top_k);
+}
+void StrictOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, const Tensor& labels,
+                                    double temperature, int64_t top_k, double weight, double cap, Tensor& dstudent,
+                                    Tensor& sums) {
+  Scope s("distill_kl_backward", {&student, &teacher, &labels, &dstudent, &sums});
+  cpu_.distill_kl_backward(student, teacher, labels, temperature, top_k, weight, cap, dstudent, sums);
+}
 
 }  // namespace tl

@@ -8,7 +8,7 @@
 #    Only the CPU library (libllama, ggml-cpu) and llama-common (the Jinja chat templates) are
 #    built, plus scripts/interop/llama_dump.cpp against them.
 # 2. Without MERGED_MODEL_DIR: the merged demo model, made with the current tools (a short
-#    configs/demo-heal.yaml QLoRA run on its upscale of models/tiny, then torchless-merge).
+#    configs/demo-heal.yaml QLoRA run on its upscale of models/tiny-chat, then torchless-merge).
 # 3. llama.cpp's own convert_hf_to_gguf.py (gguf from the sdist's gguf-py) writes f32 and Q8_0
 #    GGUFs.
 # 4. scripts/interop/compare.py: logits (f32 GGUF, f32 K/V cache, no flash attention: within
@@ -61,7 +61,7 @@ if [ -z "$merged" ]; then
   ./build/torchless-train --config configs/demo-heal.yaml output_dir="$work/heal" max_steps=$steps \
     eval_steps=$steps save_steps=0 eval_table_size=4 eval_max_new_tokens=48 >"$work/heal.log"
   grep -o 'generation rep-4 [0-9.]* → [0-9.]*' "$work/heal.log" | sed 's/^/heal: /' || true
-  # The heal trains on its upscaled base (configs/demo-heal.yaml: upscale_from models/tiny, base_model
+  # The heal trains on its upscaled base (configs/demo-heal.yaml: upscale_from models/tiny-chat, base_model
   # build/demo-upscaled); the adapter names it, relative to the directory the training ran in.
   base=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['base_model_name_or_path'])" "$work/heal/adapter_config.json")
   ./build/torchless-merge --base "$base" --adapter "$work/heal" --out "$merged" >"$work/merge.log"

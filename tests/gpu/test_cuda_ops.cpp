@@ -533,6 +533,48 @@ TEST(CudaOps, CrossEntropyBackward) {
     }
 }
 
+// Distillation's KL sums and fused gradient against the CPU reference: full vocabulary and
+// top-k (with ties at the k-th value, which go to the lower indices), with and without the
+// soft-cap, host and device labels; the gradient is added to what dstudent held.
+TEST(CudaOps, DistillKl) {
+  if (!tl::CudaOps::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  for (DType dt : kDTypes)
+    for (int64_t top_k : {int64_t(0), int64_t(5), int64_t(64)})
+      for (double cap : {0.0, 30.0}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " top_k=" + std::to_string(top_k) + " cap=" + std::to_string(cap));
+        std::mt19937 rng(29);
+        Pair p(dt);
+        const int64_t n = 10, v = 700;
+        Tensor s = random({n, v}, dt, rng, -8, 8), t = random({n, v}, dt, rng, -8, 8);
+        // Row 2: the teacher's 4th to 7th largest are equal, so top-5 cuts a tie.
+        Tensor t64 = t.to(DType::F64);
+        for (int64_t j = 0; j < 3; ++j) t64.data<double>()[2 * v + 10 * j] = 20.0 - double(j);
+        for (int64_t j = 3; j < 7; ++j) t64.data<double>()[2 * v + 10 * j] = 15.0;
+        t = t64.to(dt);
+        std::vector<int32_t> lab;
+        for (int64_t i = 0; i < n; ++i) lab.push_back(i % 4 == 1 ? -100 : int32_t(rng() % uint32_t(v)));
+        Tensor labels = ints(lab);
+        const double T = 1.7;
+        const Ops::DistillSums want = p.cpu.distill_kl_sum(s, t, labels, T, top_k);
+        const Ops::DistillSums got = p.gpu.distill_kl_sum(p.up(s), p.up(t), p.up(labels), T, top_k);
+        EXPECT_EQ(got.count, want.count);
+        EXPECT_EQ(want.count, 7);
+        EXPECT_EQ(got.agree, want.agree);
+        EXPECT_NEAR(got.kl, want.kl, tol(dt) * (1 + std::abs(want.kl)));
+        Tensor g = random({n, v}, dt, rng), gd = p.up(g);
+        // The KL sum is added to what sums[0] held, and stays on the device.
+        Tensor sums_c = Tensor::zeros({1}, DType::F64), sums_g = p.gpu.zeros({1}, DType::F64);
+        sums_c.data<double>()[0] = 0.5;
+        p.gpu.fill(sums_g, 0.5);
+        p.cpu.distill_kl_backward(s, t, labels, T, top_k, 0.3, cap, g, sums_c);
+        p.gpu.distill_kl_backward(p.up(s), p.up(t), p.up(labels), T, top_k, 0.3, cap, gd, sums_g);
+        const double kl_cpu = sums_c.data<double>()[0], kl_gpu = p.gpu.download(sums_g).data<double>()[0];
+        EXPECT_NEAR(kl_cpu - 0.5, want.kl, 1e-12 * (1 + std::abs(want.kl)));
+        EXPECT_NEAR(kl_gpu, kl_cpu, tol(dt) * (1 + std::abs(kl_cpu)));
+        expect_close(p.down(gd), g, tol(dt), "distill_kl_backward dstudent");
+      }
+}
+
 TEST(CudaOps, Norm2AndAdamW) {
   if (!tl::CudaOps::available()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
   for (DType dt : kDTypes) {

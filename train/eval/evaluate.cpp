@@ -66,6 +66,30 @@ Gemma4Model::Loss held_out_loss(Gemma4Model& model, const std::vector<Row>& rows
   return total;
 }
 
+HeldOut held_out(Gemma4Model& model, Gemma4Model* parent, const std::vector<Row>& rows, int64_t micro_batch,
+                 int64_t first, int64_t stride) {
+  HeldOut r;
+  std::vector<int64_t> order(rows.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  model.set_training(false);
+  if (parent) parent->set_training(false);
+  if (stride <= 0) stride = micro_batch;
+  for (int64_t b = first; b < int64_t(order.size()); b += stride) {
+    const int64_t k = std::min<int64_t>(micro_batch, int64_t(order.size()) - b);
+    MicroBatch mb = make_micro_batch(rows, order, b, k);
+    const Tensor hidden = model.forward_hidden(mb.batch);
+    const auto l = model.loss(hidden, mb.labels);
+    r.loss.sum += l.sum;
+    r.loss.count += l.count;
+    if (!parent) continue;
+    const Ops::DistillSums d = model.distill_sums(hidden, *parent, parent->forward_hidden(mb.batch), mb.labels);
+    r.parent.kl += d.kl;
+    r.parent.count += d.count;
+    r.parent.agree += d.agree;
+  }
+  return r;
+}
+
 double continuation_loglik(Gemma4Model& model, Ops& ops, std::span<const int32_t> context,
                            std::span<const int32_t> option) {
   if (context.empty()) throw Error("continuation_loglik: empty context");
@@ -223,6 +247,8 @@ nlohmann::json EvalMeasures::to_json() const {
   put("cross_perplexity", cross_perplexity);
   put("mc_accuracy", mc_accuracy);
   put("mc_accuracy_norm", mc_accuracy_norm);
+  put("eval_kl_parent", kl_parent);
+  put("eval_top1_parent", top1_parent);
   if (generation.count > 0) {
     const GenerationScores& g = generation;
     j["generations"] = g.count;
@@ -245,6 +271,8 @@ EvalMeasures EvalMeasures::from_json(const nlohmann::json& j) {
   m.cross_perplexity = get("cross_perplexity");
   m.mc_accuracy = get("mc_accuracy");
   m.mc_accuracy_norm = get("mc_accuracy_norm");
+  m.kl_parent = get("eval_kl_parent");
+  m.top1_parent = get("eval_top1_parent");
   m.generation.count = j.value("generations", int64_t(0));
   m.generation.stopped = j.value("gen_stopped", int64_t(0));
   m.generation.distinct2 = get("distinct_2");

@@ -34,6 +34,17 @@ EvalModel load_eval_model(const std::filesystem::path& model_dir, const std::fil
 // Mean loss over the trained targets of `rows` (HF's shifted cross-entropy), and its count.
 Gemma4Model::Loss held_out_loss(Gemma4Model& model, const std::vector<Row>& rows, int64_t micro_batch);
 
+// The held-out cross-entropy of `model` and, with a parent, on the same targets Σ KL(p_parent ‖
+// p_model) at temperature 1 over the whole vocabulary and the targets where both argmaxes
+// agree (issue 24). Micro-batches of `micro_batch` rows from row `first`, every `stride` rows
+// (a data-parallel rank's share; the caller sums over ranks).
+struct HeldOut {
+  Gemma4Model::Loss loss;
+  Ops::DistillSums parent;  // count 0 without a parent
+};
+HeldOut held_out(Gemma4Model& model, Gemma4Model* parent, const std::vector<Row>& rows, int64_t micro_batch,
+                 int64_t first = 0, int64_t stride = 0);
+
 // Σ_j log p(option[j] | context, option[<j]) (natural log), from one forward of
 // context + option. `context` must not be empty.
 double continuation_loglik(Gemma4Model& model, Ops& ops, std::span<const int32_t> context,
@@ -76,6 +87,9 @@ double cross_perplexity(Gemma4Model& reference, const std::vector<Generation>& g
 // What one evaluation measured; fields not computed are NaN (absent from the JSON).
 struct EvalMeasures {
   double eval_loss = NAN, perplexity = NAN, cross_perplexity = NAN, mc_accuracy = NAN, mc_accuracy_norm = NAN;
+  // Against the parent on the held-out targets (HeldOut): mean KL(p_parent ‖ p_model) in nats
+  // per target, and the share of targets whose argmax is the parent's.
+  double kl_parent = NAN, top1_parent = NAN;
   GenerationScores generation;  // means; count 0 when no generations were made
   nlohmann::json to_json() const;
   static EvalMeasures from_json(const nlohmann::json& j);

@@ -30,12 +30,13 @@ Gemma4Grads Gemma4Model::zero_grads() {
 
 Gemma4Model::Loss Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, double grad_scale,
                                                 Gemma4Grads& grads) {
-  Tensor stats = ops_.zeros({2}, DType::F64);
+  Tensor stats = ops_.zeros({3}, DType::F64);
   Loss loss;
   loss.count = forward_backward(batch, labels, grad_scale, grads, stats);
   const Tensor host = ops_.download(stats);
   loss.sum = host.data<double>()[0];
   loss.correct = int64_t(host.data<double>()[1]);
+  loss.kl_sum = host.data<double>()[2];
   return loss;
 }
 
@@ -56,6 +57,10 @@ int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, 
   ForwardState st;
   expert_grads_ = false;
   for (const Gemma4LayerWeights& l : grads.w.layers) expert_grads_ |= l.experts_gate_up.defined() || l.experts_down.defined();
+  upload_batch(batch, st);
+  // Distillation: the teacher's final hidden states first (a tape-less forward on the batch
+  // uploaded once, so it never overlaps the student's tapes); its logits per chunk below.
+  const Tensor teacher_hidden = distill_.teacher ? distill_.teacher->teacher_hidden(batch, st) : Tensor();
   forward(batch, st, true, nullptr);
   const int64_t n = st.hidden.dim(0), H = config_.hidden_size;
   const double cap = config_.final_logit_softcapping.value_or(0.0);
@@ -69,12 +74,19 @@ int64_t Gemma4Model::forward_backward(const Batch& batch, const Tensor& labels, 
   // first and the loss's backward every element of the second (fresh [256, 262144] buffers
   // per chunk cost page faults and zero-fills comparable to the softmax itself).
   Tensor lg_buf = ops_.empty({std::min(n, chunk), V}), dlg_buf = ops_.empty({std::min(n, chunk), V});
+  Tensor teacher_lg_buf = distill_.teacher ? ops_.empty({std::min(n, chunk), V}) : Tensor();
+  const double ce_scale = distill_.teacher ? (1.0 - distill_.alpha) * grad_scale : grad_scale;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t t1 = std::min(n, t0 + chunk);
     Tensor h = st.hidden.slice_rows(t0, t1);
     Tensor lg = lg_buf.slice_rows(0, t1 - t0), dlg = dlg_buf.slice_rows(0, t1 - t0);
     logits_into(h, lg);
-    ops_.cross_entropy_backward(lg, targets_dev.slice_rows(t0, t1), grad_scale, cap, dlg, stats);
+    const Tensor chunk_targets = targets_dev.slice_rows(t0, t1);
+    ops_.cross_entropy_backward(lg, chunk_targets, ce_scale, cap, dlg, stats);
+    if (distill_.teacher) {
+      Tensor teacher_lg = teacher_lg_buf.slice_rows(0, t1 - t0), kl_sum = stats.slice_rows(2, 3);
+      distill_chunk(lg, teacher_hidden.slice_rows(t0, t1), teacher_lg, chunk_targets, grad_scale, cap, dlg, kl_sum);
+    }
     Tensor dh = dhidden.slice_rows(t0, t1);
     ops_.linear_backward(h, w_.lm_head, dlg, dh, grads.w.lm_head);
   }
@@ -226,7 +238,7 @@ void Gemma4Model::expert_linear_backward(const Tensor& x, const Tensor& w, int64
                                          Tensor& dw) {
   if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
     if (dw.defined()) throw Error("MoE experts held in NF4 are frozen and have no gradient");
-    ops_.linear_nf4_backward(dy, q->second[size_t(e)], dx);
+    ops_.linear_nf4_backward(dy, (*q->second)[size_t(e)], dx);
     return;
   }
   const Shape slice{w.dim(1), w.dim(2)};

@@ -50,7 +50,7 @@ void Gemma4Model::quantize_nf4(const std::string& name, DType stored, bool doubl
   Tensor* w = weight_slot(w_, name);
   if (!w || w->rank() != 2) throw Error(fmt::format("NF4: '{}' is not a projection of this model", name));
   Tensor host = ops_.download(*w).to(stored == DType::F64 ? DType::F32 : stored);
-  nf4_[w] = nf4_quantize(host, double_quant);
+  nf4_[w] = std::make_shared<const Nf4Tensor>(nf4_quantize(host, double_quant));
   *w = Tensor::wrap(nullptr, nullptr, w->shape(), w->dtype(), w->device());  // shape only
 }
 
@@ -61,26 +61,26 @@ void Gemma4Model::set_nf4(const std::string& name, Nf4Tensor q) {
     throw Error(fmt::format("NF4: '{}' has shape {} but the model's weight is {}", name, shape_str(q.shape),
                             shape_str(w->shape())));
   *w = Tensor::wrap(nullptr, nullptr, q.shape, ops_.act_dtype(), ops_.device());  // shape only
-  nf4_[w] = std::move(q);
+  nf4_[w] = std::make_shared<const Nf4Tensor>(std::move(q));
 }
 
 const Nf4Tensor* Gemma4Model::nf4(const std::string& name) {
   Tensor* w = weight_slot(w_, name);
   auto it = w ? nf4_.find(w) : nf4_.end();
-  return it == nf4_.end() ? nullptr : &it->second;
+  return it == nf4_.end() ? nullptr : it->second.get();
 }
 
 const Nf4Tensor* Gemma4Model::expert_nf4(const std::string& name, int64_t e) {
   Tensor* w = weight_slot(w_, name);
   auto it = w ? expert_nf4_.find(w) : expert_nf4_.end();
-  if (it == expert_nf4_.end() || e < 0 || e >= int64_t(it->second.size())) return nullptr;
-  return &it->second[size_t(e)];
+  if (it == expert_nf4_.end() || e < 0 || e >= int64_t(it->second->size())) return nullptr;
+  return &(*it->second)[size_t(e)];
 }
 
 void Gemma4Model::linear(ForwardState& st, const Tensor& x, const Tensor& w, Tensor& y, int64_t column_block) {
   MatmulInputHold hold_x(ops_, x);  // read by the base product and the adapter's A
   if (auto q = nf4_.find(&w); q != nf4_.end()) {
-    ops_.linear_nf4_forward(x, q->second, y);
+    ops_.linear_nf4_forward(x, *q->second, y);
   } else if (column_block > 0 && column_block < w.dim(0)) {
     const int64_t n = x.dim(0), out = w.dim(0);
     Tensor block = ops_.empty({n, column_block});
@@ -119,7 +119,7 @@ void Gemma4Model::linear_backward(ForwardState& st, const Tensor& x, const Tenso
   MatmulInputHold hold_dy(ops_, dy), hold_x(ops_, x);
   if (auto q = nf4_.find(&w); q != nf4_.end()) {
     if (dw.defined()) throw Error("a weight held in NF4 is frozen and has no gradient");
-    if (dx.defined()) ops_.linear_nf4_backward(dy, q->second, dx);
+    if (dx.defined()) ops_.linear_nf4_backward(dy, *q->second, dx);
   } else {
     ops_.linear_backward(x, w, dy, dx, dw);
   }

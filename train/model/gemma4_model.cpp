@@ -129,7 +129,7 @@ void Gemma4Model::load(const Checkpoint& ckpt, const Gemma4LoadOptions& options)
       for (int64_t e = 0; e < s.shape[0]; ++e)
         experts.push_back(nf4_quantize(host.slice_rows(e, e + 1).view({s.shape[1], s.shape[2]}), options.double_quant));
       *slot = Tensor::wrap(nullptr, nullptr, s.shape, act, ops_.device());  // shape only
-      expert_nf4_[slot] = std::move(experts);
+      expert_nf4_[slot] = std::make_shared<const std::vector<Nf4Tensor>>(std::move(experts));
     } else {
       throw Error(fmt::format("NF4: '{}' {} is neither a projection nor an expert tensor", s.name,
                               shape_str(s.shape)));
@@ -166,30 +166,27 @@ Tensor Gemma4Model::embed(const Tensor& ids) {
 // `ctx_scaled` receives e·W_plmpᵀ·H^-½ (the norm's input) for the backward.
 Tensor Gemma4Model::per_layer_inputs(ForwardState& st, const Tensor& e, Tensor& ctx_scaled) {
   const Tensor& ids = st.ids;
-  const int64_t n = ids.numel(), L = config_.num_hidden_layers, P = config_.hidden_size_per_layer_input;
-  ctx_scaled = ops_.empty({n, L * P});
+  // The tables' width, L·P: a parent_view runs fewer layers over its student's wider tables.
+  const int64_t n = ids.numel(), P = config_.hidden_size_per_layer_input, LP = w_.per_layer_model_projection.dim(0);
+  ctx_scaled = ops_.empty({n, LP});
   // One layer's slice of the base product at a time: each is [N, H]·[H, P] whatever the
   // depth, so a layer's numbers do not depend on how many layers surgery added. One [N, L·P]
   // product blocks its columns by L (a GEMM picks its kernels by shape), which changed the
   // last bits of the original layers beside inserted identity layers on some CPUs.
   linear(st, e, w_.per_layer_model_projection, ctx_scaled, /*column_block=*/P);
   ops_.scale(ctx_scaled, 1.0 / std::sqrt(double(config_.hidden_size)));
-  Tensor ple = ops_.empty({n, L * P});
+  Tensor ple = ops_.empty({n, LP});
   ops_.rmsnorm_forward(ctx_scaled, w_.per_layer_projection_norm, P, config_.rms_norm_eps, ple);
-  Tensor tok = ops_.empty({n, L * P});
+  Tensor tok = ops_.empty({n, LP});
   ops_.embedding_forward(w_.embed_tokens_per_layer, ids, embed_scale(P), tok);
   ops_.add(ple, tok, ple);
   ops_.scale(ple, 1.0 / std::sqrt(2.0));
   return ple;
 }
 
-void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
-                          std::vector<Tensor>* layer_outputs) {
+void Gemma4Model::upload_batch(const Batch& batch, ForwardState& st) {
   if (batch.ids.rank() != 2) throw Error("batch ids must be [B, S]");
   const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
-  st.B = B;
-  st.S = S;
-  st.keep = keep_tapes;
   Tensor positions_host;
   if (batch.positions.defined()) {
     positions_host = to_i32(batch.positions);
@@ -203,6 +200,16 @@ void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
     st.doc_ids_host = to_i32(batch.doc_ids);
     st.doc_ids = ops_.upload(st.doc_ids_host, DType::I32);
   }
+}
+
+void Gemma4Model::forward(const Batch& batch, ForwardState& st, bool keep_tapes,
+                          std::vector<Tensor>* layer_outputs) {
+  if (batch.ids.rank() != 2) throw Error("batch ids must be [B, S]");
+  const int64_t B = batch.ids.dim(0), S = batch.ids.dim(1), n = B * S;
+  st.B = B;
+  st.S = S;
+  st.keep = keep_tapes;
+  if (!st.ids.defined()) upload_batch(batch, st);  // else uploaded by the caller (a student, for its teacher)
   st.x0 = embed(st.ids);
   st.lora_saved.clear();
   if (config_.has_ple()) st.ple = per_layer_inputs(st, st.x0, st.ple_ctx);
@@ -390,8 +397,8 @@ MoeExperts Gemma4Model::moe_experts(const Gemma4LayerWeights& lw) const {
   MoeExperts x;
   x.gate_up = &lw.experts_gate_up;
   x.down = &lw.experts_down;
-  if (auto q = expert_nf4_.find(&lw.experts_gate_up); q != expert_nf4_.end()) x.gate_up_nf4 = &q->second;
-  if (auto q = expert_nf4_.find(&lw.experts_down); q != expert_nf4_.end()) x.down_nf4 = &q->second;
+  if (auto q = expert_nf4_.find(&lw.experts_gate_up); q != expert_nf4_.end()) x.gate_up_nf4 = q->second.get();
+  if (auto q = expert_nf4_.find(&lw.experts_down); q != expert_nf4_.end()) x.down_nf4 = q->second.get();
   x.num_experts = config_.num_experts;
   x.intermediate = config_.moe_intermediate_size;
   return x;
@@ -399,7 +406,7 @@ MoeExperts Gemma4Model::moe_experts(const Gemma4LayerWeights& lw) const {
 
 void Gemma4Model::expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y) {
   if (auto q = expert_nf4_.find(&w); q != expert_nf4_.end()) {
-    ops_.linear_nf4_forward(x, q->second[size_t(e)], y);
+    ops_.linear_nf4_forward(x, (*q->second)[size_t(e)], y);
     return;
   }
   ops_.linear_forward(x, w.slice_rows(e, e + 1).view({w.dim(1), w.dim(2)}), y);
@@ -444,7 +451,7 @@ void Gemma4Model::layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& t
     t.g = ops_.empty({n, P});
     linear(st, t.x2, lw.per_layer_input_gate, t.g);
     t.ple_i = ops_.empty({n, P});
-    ops_.copy_columns(st.ple, int64_t(i) * P, t.ple_i, 0, P);
+    ops_.copy_columns(st.ple, int64_t(ple_block_.empty() ? i : ple_block_[size_t(i)]) * P, t.ple_i, 0, P);
     t.gh = ops_.empty({n, P});
     ops_.gelu_tanh_mul_forward(t.g, t.ple_i, t.gh);
     t.proj = ops_.empty({n, H});

@@ -13,6 +13,7 @@
 #include "train/model/lora.h"
 
 #include <functional>
+#include <memory>
 #include <unordered_map>
 
 namespace tl {
@@ -147,9 +148,10 @@ class Gemma4Model {
   // HF causal-LM loss: position t predicts labels[t+1] of its row; −100 is ignored; the
   // mean over counted targets. labels: host I64 or I32 [B, S].
   struct Loss {
-    double sum = 0;
+    double sum = 0;       // Σ cross-entropy
     int64_t count = 0;
     int64_t correct = 0;  // targets the argmax predicts (forward_backward only)
+    double kl_sum = 0;    // Σ KL(p_teacher,T ‖ p_model,T) when distilling (forward_backward only)
     double mean() const { return count ? sum / double(count) : 0.0; }
   };
   Loss loss(const Tensor& hidden, const Tensor& labels);
@@ -164,14 +166,41 @@ class Gemma4Model {
   }
   // One forward and backward pass: adds d(loss_sum · grad_scale)/dθ into `grads` and
   // returns the summed loss and target count. grad_scale is 1/N for a token mean over N
-  // targets (N may span several micro-batches, as HF's num_items_in_batch).
+  // targets (N may span several micro-batches, as HF's num_items_in_batch). With a teacher
+  // set (set_distillation) the loss is (1 − α)·Σ CE + α·T²·Σ KL over the same targets,
+  // normalised by the same N, and the returned Loss carries both sums.
   Loss forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads);
-  // The same for the optimizer step, with nothing read back: the loss sum and the argmax hits
-  // are added into stats[0] and stats[1] (an F64 tensor on the backend, read by the caller
-  // once per optimizer step). The labels are checked and counted on the host before their
+  // The same for the optimizer step, with nothing read back: the loss sum, the argmax hits and,
+  // when distilling, the KL sum are added into stats[0], stats[1] and stats[2] (an F64 tensor
+  // of at least 3 on the backend, read by the caller once per optimizer step). The labels are checked and counted on the host before their
   // one upload; returns the target count.
   int64_t forward_backward(const Batch& batch, const Tensor& labels, double grad_scale, Gemma4Grads& grads,
                            Tensor& stats);
+
+  // ---- distillation (gemma4_teacher.cpp, issue 24) ----------------------------------------
+  // The parent of a surgery, run over this model's frozen weights: a forward-only model with
+  // the parent's config whose layer j is this model's layer order[j] (the copy surgery made
+  // of parent layer j), sharing every tensor and NF4 base with this model (nothing copied)
+  // and without LoRA, dropout or gradients. Its per-layer inputs are this model's, block
+  // order[j] for layer j. Throws tl::Error naming the first parent layer whose copy does not
+  // fit (geometry, K/V weights) or a global size that differs. For forward use only (no load,
+  // attach_lora or backward on it); the base weights it shares must stay frozen.
+  std::unique_ptr<Gemma4Model> parent_view(const Gemma4Config& parent, std::span<const int> order) const;
+  struct Distillation {
+    Gemma4Model* teacher = nullptr;  // null: cross-entropy only
+    double alpha = 0.5;              // weight of the KL term: (1 − α)·CE + α·T²·KL
+    double temperature = 1.0;
+    int64_t top_k = 0;               // 0: the whole vocabulary (Ops::distill_kl_sum)
+  };
+  // Sets (or with a null teacher, clears) the teacher forward_backward distils from. The
+  // teacher runs tape-less on each batch before the student; its logits are made chunk by
+  // chunk beside the student's cross-entropy and never held as [tokens × vocab].
+  void set_distillation(const Distillation& d);
+  const Distillation& distillation() const { return distill_; }
+  // Σ over the targets of `labels` of KL(p_teacher,T ‖ p_model,T) and the argmax agreements,
+  // from final hidden states of this model and of `teacher` for the same batch (chunked).
+  Ops::DistillSums distill_sums(const Tensor& hidden, Gemma4Model& teacher, const Tensor& teacher_hidden,
+                                const Tensor& labels, double temperature = 1.0, int64_t top_k = 0);
 
   // Attaches a LoRA adapter to the projection HF calls `name` (e.g.
   // "layers.3.self_attn.q_proj.weight"); A, B are host tensors, uploaded in the backend's
@@ -237,6 +266,11 @@ class Gemma4Model {
   // dx += dy·W, dW += dyᵀ·x (when wanted), plus the adapter's dA, dB and its part of dx.
   void linear_backward(ForwardState& st, const Tensor& x, const Tensor& w, const Tensor& dy, Tensor& dx, Tensor& dw);
   void forward(const Batch& batch, ForwardState& st, bool keep_tapes, std::vector<Tensor>* layer_outputs);
+  // The batch's ids, positions and document ids on the backend, into st.
+  void upload_batch(const Batch& batch, ForwardState& st);
+  // A teacher's final hidden states for the batch its student has uploaded into `student`
+  // (the same device tensors: the batch crosses once).
+  Tensor teacher_hidden(const Batch& batch, const ForwardState& student);
   Tensor embed(const Tensor& ids);
   Tensor per_layer_inputs(ForwardState& st, const Tensor& embedded, Tensor& ctx_scaled);
   void layer_forward(int i, Tensor& x, ForwardState& st, LayerTape& tape);
@@ -265,15 +299,24 @@ class Gemma4Model {
   Gemma4Weights w_;
   std::vector<Tensor> inv_freq_;  // per layer, F64 on the backend (uploaded once)
   std::unordered_map<const Tensor*, LoraAdapter> lora_;  // keyed by the base weight's slot
-  std::unordered_map<const Tensor*, Nf4Tensor> nf4_;     // frozen NF4 bases, same keys
+  // Frozen NF4 bases, same keys; shared, so that a parent_view runs on the same bytes.
+  std::unordered_map<const Tensor*, std::shared_ptr<const Nf4Tensor>> nf4_;
   // Frozen NF4 experts: per 3-D expert slot, one Nf4Tensor per expert's [out, in] slice.
-  std::unordered_map<const Tensor*, std::vector<Nf4Tensor>> expert_nf4_;
+  std::unordered_map<const Tensor*, std::shared_ptr<const std::vector<Nf4Tensor>>> expert_nf4_;
   // y = x·W_eᵀ for expert e of `w` ([E, out, in]), dense or NF4.
   void expert_linear(const Tensor& x, const Tensor& w, int64_t e, Tensor& y);
   // dx += dy·W_e; dW_e += dyᵀ·x when `dw` (the whole [E, out, in] gradient) is defined.
   void expert_linear_backward(const Tensor& x, const Tensor& w, int64_t e, const Tensor& dy, Tensor& dx,
                               Tensor& dw);
   std::vector<const Tensor*> lora_order_;
+  Distillation distill_;
+  // The teacher's logits for one chunk (into teacher_logits), then the KL term's gradient
+  // added to dlogits (weighted α·grad_scale); the chunk's Σ KL added to kl_sum[0] (device F64).
+  void distill_chunk(const Tensor& student_logits, const Tensor& teacher_hidden, Tensor& teacher_logits,
+                     const Tensor& targets, double grad_scale, double cap, Tensor& dlogits, Tensor& kl_sum);
+  // A parent_view's layer i reads column block ple_block_[i] of the per-layer inputs (its
+  // student's layer that holds the copy); empty: block i.
+  std::vector<int> ple_block_;
   bool training_ = false;
   std::vector<bool> checkpointed_;  // per layer; empty: none
   // The MoE experts take the per-expert path, which reads the routing back, only where it is

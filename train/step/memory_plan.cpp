@@ -112,7 +112,13 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
   // (gate_up [E, 2I, H] and down [E, H, I], in the activation dtype).
   if (in.load_in_4bit && c.enable_moe_block)
     p.dequant += a * double(c.num_experts) * 3.0 * double(c.moe_intermediate_size) * double(H);
-  const double transient = p.checkpoints + p.kv_kept + p.working_set + p.attention + p.cross_entropy + p.dequant;
+  // The teacher runs tape-less before the student's forward, so its layer working set is
+  // gone by the student's backward; what stays is its hidden states and a logits chunk.
+  p.teacher = in.teacher_weights;
+  if (in.distill)
+    p.teacher += T * double(H) * a + double(std::min<int64_t>(in.ce_chunk, int64_t(T))) * double(c.vocab_size) * 4.0;
+  const double transient = p.checkpoints + p.kv_kept + p.working_set + p.attention + p.cross_entropy + p.dequant +
+                           (p.teacher - in.teacher_weights);
   p.slack = 0.05 * transient + 256.0 * double(1 << 20);
   return p;
 }
@@ -139,9 +145,11 @@ std::string format_memory_plan(const Gemma4Config& config, const MemoryPlanInput
   auto g = [](double b) { return fmt::format("{:.2f}", b / double(1ull << 30)); };
   std::string s = fmt::format(
       "peak per GPU     {} GiB = weights {} + trainable {} + checkpoints {} + kv kept {} + layer working set {} "
-      "+ attention block {} + CE chunk {} + dequant scratch {} + slack {} ({} tokens, {} activations{})\n",
+      "+ attention block {} + CE chunk {} + dequant scratch {}{} + slack {} ({} tokens, {} activations{})\n",
       g(p.total()), g(p.weights), g(p.trainable), g(p.checkpoints), g(p.kv_kept), g(p.working_set),
-      g(p.attention), g(p.cross_entropy), g(p.dequant), g(p.slack), in.micro_batch * in.sequence_len,
+      g(p.attention), g(p.cross_entropy), g(p.dequant),
+      in.distill || in.teacher_weights > 0 ? fmt::format(" + teacher {}", g(p.teacher)) : std::string(), g(p.slack),
+      in.micro_batch * in.sequence_len,
       in.act_bytes == 2 ? "bf16" : in.act_bytes == 4 ? "fp32" : "fp64",
       [&] {
         const std::vector<bool> ckpt = recomputed(*c, in);

@@ -14,6 +14,9 @@
 //                   both, and fp32 sums of dK and dV [T, kv width]
 //   cross_entropy   one chunk's fp32 logits and their gradient [chunk, V]
 //   dequant         the bf16 scratch one dequantized projection (or expert) is multiplied from
+//   teacher         distillation (issue 24): the teacher's final hidden states [T, H] and one
+//                   chunk of its fp32 logits [chunk, V], plus the parent's own weights when it
+//                   is loaded as a second model (none when it runs over the student's base)
 //   slack           the stream-ordered pool's rounding and fragmentation: 5% of the transient
 //                   terms (everything but weights and trainable state) plus 256 MiB
 #pragma once
@@ -36,13 +39,16 @@ struct MemoryPlanInput {
   int act_bytes = 2;            // bytes per stored activation element (bf16 on the GPU)
   int64_t ce_chunk = 256;       // tokens per cross-entropy chunk (gemma4_backward.cpp)
   int64_t attention_block_rows = 128;  // queries per attention block (cuda/attention.cu)
+  bool distill = false;                // a teacher runs beside each step
+  double teacher_weights = 0;          // bytes of a parent loaded as a second model (0: shared weights)
 };
 
 struct MemoryPlan {
   double weights = 0, trainable = 0, checkpoints = 0, kv_kept = 0, working_set = 0, attention = 0,
-         cross_entropy = 0, dequant = 0, slack = 0;
+         cross_entropy = 0, dequant = 0, slack = 0, teacher = 0;
   double total() const {
-    return weights + trainable + checkpoints + kv_kept + working_set + attention + cross_entropy + dequant + slack;
+    return weights + trainable + checkpoints + kv_kept + working_set + attention + cross_entropy + dequant + slack +
+           teacher;
   }
 };
 

@@ -37,8 +37,9 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
   }
   const double grad_scale = r.targets ? 1.0 / double(r.targets) : 0.0;
   // The step's statistics stay on the device until one read, after the gradients are
-  // complete: [0] Σ loss, [1] argmax hits, [2] Σ gradient² (the global norm, squared).
-  Tensor stats = ops.zeros({3}, DType::F64);
+  // complete: [0] Σ loss, [1] argmax hits, [2] Σ KL to the teacher (distilling), [3] Σ
+  // gradient² (the global norm, squared).
+  Tensor stats = ops.zeros({4}, DType::F64);
   for (size_t i = 0; i < micro.size(); ++i) {
     // The last backward reports each finished layer, so its bucket's reduction starts.
     if (buckets && i + 1 == micro.size()) model.layer_grads_done = [buckets](int layer) { buckets->layer_done(layer); };
@@ -52,14 +53,15 @@ StepResult train_step(Gemma4Model& model, Gemma4Grads& grads, AdamW& optimizer, 
   }
   if (buckets) buckets->finish();
   // The norm of the summed gradients (every rank holds them after the reduction).
-  optimizer.add_grad_sum_squares(stats, 2);
+  optimizer.add_grad_sum_squares(stats, 3);
   const Tensor host = ops.download(stats);  // the step's one read
-  double loss_hits[2] = {host.data<double>()[0], host.data<double>()[1]};
-  if (comm) comm->all_reduce_sum_host(loss_hits, 2, "loss all-reduce");
-  r.loss = loss_hits[0] * grad_scale;
-  r.correct = int64_t(loss_hits[1]);
-  r.grad_norm = std::sqrt(host.data<double>()[2]);
-  if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
+  double sums[3] = {host.data<double>()[0], host.data<double>()[1], host.data<double>()[2]};
+  if (comm) comm->all_reduce_sum_host(sums, 3, "loss all-reduce");
+  r.loss = sums[0] * grad_scale;
+  r.correct = int64_t(sums[1]);
+  r.kl = sums[2] * grad_scale;
+  r.grad_norm = std::sqrt(host.data<double>()[3]);
+  if (!std::isfinite(r.loss) || !std::isfinite(r.kl) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     return r;
   }

@@ -1,6 +1,8 @@
 // One optimizer step as HF's Trainer takes it (formats.md §5–§6): the micro-batches'
 // gradients accumulate, each micro-loss being Σ CE / N with N the targets of ALL the step's
 // micro-batches (num_items_in_batch); then global-norm clipping and AdamW at base_lr·λ(step).
+// Distilling (Gemma4Model::set_distillation), each micro-loss is ((1 − α)·Σ CE + α·T²·Σ KL) / N
+// with the same N, so accumulation and data parallelism stay exact as for cross-entropy.
 #pragma once
 #include <vector>
 
@@ -11,7 +13,8 @@
 namespace tl {
 
 struct StepResult {
-  double loss = 0;        // Σ micro-losses = token mean over the step
+  double loss = 0;        // Σ micro-losses = token mean over the step (cross-entropy)
+  double kl = 0;          // distilling: the token mean of KL(p_teacher,T ‖ p_model,T) (else 0)
   int64_t targets = 0;    // N
   int64_t correct = 0;    // targets whose argmax prediction was right (token accuracy)
   double grad_norm = 0;   // pre-clip

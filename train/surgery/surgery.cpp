@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -228,7 +229,7 @@ SurgeryReport apply_layer_map(const fs::path& src, const fs::path& out, const La
     }
     text["per_layer_config"] = plc;
   }
-  json record = {{"tool", "torchless-surgery"}, {"source", src.string()},
+  json record = {{"tool", "torchless-surgery"}, {"source", fs::absolute(src).lexically_normal().string()},
                  {"identity_mode", mode == IdentityMode::ZeroOut ? "zero-out" : mode == IdentityMode::ZeroPostnorm ? "zero-postnorm" : "none"}};
   json lm = json::array();
   for (const auto& s : map) lm.push_back({{"source", s.source}, {"mode", s.identity ? "identity" : "copy"}});
@@ -237,6 +238,46 @@ SurgeryReport apply_layer_map(const fs::path& src, const fs::path& out, const La
   write_derived_checkpoint(src, out, force, tensors, cfg.dump(2) + "\n", "torchless_surgery.json",
                            record.dump(2) + "\n");
   return report;
+}
+
+std::optional<SurgeryRecord> read_surgery_record(const fs::path& model_dir) {
+  const fs::path file = model_dir / "torchless_surgery.json";
+  std::ifstream in(file);
+  if (!in) return std::nullopt;
+  const json j = json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw Error(fmt::format("{}: not a JSON object", file.string()));
+  SurgeryRecord r;
+  if (!j.contains("source") || !j["source"].is_string())
+    throw Error(fmt::format("{}: no 'source' directory recorded", file.string()));
+  r.source = j["source"].get<std::string>();
+  if (!j.contains("layer_map") || !j["layer_map"].is_array())
+    throw Error(fmt::format("{}: no 'layer_map' recorded", file.string()));
+  for (size_t i = 0; i < j["layer_map"].size(); ++i) {
+    const json& e = j["layer_map"][i];
+    if (!e.is_object() || !e.contains("source") || !e["source"].is_number_integer() || !e.contains("mode") ||
+        !e["mode"].is_string() || (e["mode"] != "copy" && e["mode"] != "identity"))
+      throw Error(fmt::format("{}: layer_map[{}] is not {{\"source\": N, \"mode\": \"copy\"|\"identity\"}}",
+                              file.string(), i));
+    r.map.push_back({e["source"].get<int>(), e["mode"] == "identity"});
+  }
+  return r;
+}
+
+std::optional<std::vector<int>> parent_layer_order(const LayerMap& map, int parent_layers,
+                                                   const std::vector<int>& trained, std::string& why) {
+  std::vector<int> order(size_t(parent_layers), -1);
+  for (int i = 0; i < int(map.size()); ++i) {
+    const LayerSlot& s = map[size_t(i)];
+    if (s.identity || s.source < 0 || s.source >= parent_layers || order[size_t(s.source)] >= 0) continue;
+    if (std::find(trained.begin(), trained.end(), i) != trained.end()) continue;
+    order[size_t(s.source)] = i;
+  }
+  for (int j = 0; j < parent_layers; ++j)
+    if (order[size_t(j)] < 0) {
+      why = fmt::format("parent layer {} has no frozen copy in the layer map", j);
+      return std::nullopt;
+    }
+  return order;
 }
 
 }  // namespace tl

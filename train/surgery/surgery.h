@@ -3,6 +3,7 @@
 // per_layer_config, num_kv_shared_layers and num_hidden_layers (recipes.md §1–§2).
 #pragma once
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,8 +39,27 @@ struct SurgeryReport {
 
 // Writes the new checkpoint (atomically): every tensor of the source, decoder layers renamed
 // or copied along the map, PLE blocks re-laid, identity layers zeroed by `mode`, config.json
-// rewritten, tokenizer files copied, and torchless_surgery.json recording the map.
+// rewritten, tokenizer files copied, and torchless_surgery.json recording the map and the
+// source directory (as an absolute path).
 SurgeryReport apply_layer_map(const std::filesystem::path& src, const std::filesystem::path& out, const LayerMap& map,
                               IdentityMode mode, bool keep_kv_producers, bool force);
+
+// What torchless_surgery.json says about a model apply_layer_map wrote: the source
+// directory (absolute since issue 24; older records hold the path as it was given) and the
+// layer map. nullopt when `model_dir` has no record; a record that is not JSON, or whose map
+// is malformed, is a tl::Error naming the file.
+struct SurgeryRecord {
+  std::filesystem::path source;
+  LayerMap map;
+};
+std::optional<SurgeryRecord> read_surgery_record(const std::filesystem::path& model_dir);
+
+// The parent's layer order in a model made by `map` (what Gemma4Model::parent_view takes):
+// for each source layer j < parent_layers, the first output layer that is a copy of j (never
+// an identity layer, never one in `trained`, whose weights change during training). nullopt,
+// with `why` set, when some parent layer has no such copy (then the parent's forward needs
+// its own weights).
+std::optional<std::vector<int>> parent_layer_order(const LayerMap& map, int parent_layers,
+                                                   const std::vector<int>& trained, std::string& why);
 
 }  // namespace tl
