@@ -94,18 +94,19 @@ TEST_P(DistillGolden, LossAndLoraGradientsMatchPytorch) {
   Gemma4Grads none = student.no_grads();
   const auto l = student.forward_backward({rec.get("input_ids"), {}, {}}, labels, 1.0 / double(N), none);
   // fp64: the loss and every gradient tensor to 1e-10 of its largest entry. fp32: the loss to
-  // 1e-5 relative (measured 2e-8 to 3e-8); all LoRA gradients together to 1.5e-5 by the norm
-  // of the error over the norm of the reference (measured 5.6e-6 to 6e-6 full, 7.6e-6 to
-  // 8.1e-6 top-k, 9.8e-6 to 1.08e-5 pure distillation, the spread being the thread count's
-  // summation order) and to 2e-5 of their largest entry (measured up to 1.7e-5), each tensor
-  // within 1e-4 of its own largest entry. The gradient bounds are not 1e-5 because this
-  // 16-layer student's fp32 backward with cross-entropy alone (no teacher) is already 1.8e-5
-  // from its fp64 one by the per-tensor measure, and computing the KL rows in double instead
-  // changes none of the figures above: the noise is the model's fp32 arithmetic, not the KL
-  // term's.
-  const bool f64 = gc.dtype == DType::F64;
-  const double tol = f64 ? 1e-10 : 1e-5, grad_tol = f64 ? 1e-10 : 2e-5, tensor_tol = f64 ? 1e-10 : 1e-4,
-               norm_tol = f64 ? 1e-10 : 1.5e-5;
+  // 1e-5 relative (measured 2e-8 to 3e-8); the gradients of the whole-vocabulary and top-k
+  // cases to 1e-5 relative, both as the largest error over the largest entry and as the norm
+  // of the error over the norm of the reference (measured 5.6e-6 to 6.6e-6 full, 7.6e-6 to
+  // 8.5e-6 top-k, with 1 or 2 threads), each tensor within 1e-4 of its own largest entry.
+  // The pure case (α 1, T 1, no cross-entropy: sharper distributions, so the same logit
+  // noise moves q − p more) measures 9.8e-6 to 1.08e-5 by the norm and up to 1.7e-5 by the
+  // largest entry, and is held to 1.5e-5 and 2e-5: this 16-layer student's fp32 backward with
+  // cross-entropy alone is already 1.8e-5 from its fp64 one by the per-tensor measure, and
+  // computing the KL rows in double changes none of the figures: the noise is the model's
+  // fp32 arithmetic, not the KL term's.
+  const bool f64 = gc.dtype == DType::F64, pure = gc.name == "pure";
+  const double tol = f64 ? 1e-10 : 1e-5, grad_tol = f64 ? 1e-10 : pure ? 2e-5 : 1e-5,
+               tensor_tol = f64 ? 1e-10 : 1e-4, norm_tol = f64 ? 1e-10 : pure ? 1.5e-5 : 1e-5;
   const double loss = ((1 - alpha) * l.sum + alpha * T * T * l.kl_sum) / double(N);
   EXPECT_NEAR(loss, ref.get("loss").get(0), tol * std::abs(ref.get("loss").get(0)));
   EXPECT_NEAR(l.sum, ref.get("ce_sum").get(0), tol * std::abs(ref.get("ce_sum").get(0)));
