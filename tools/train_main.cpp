@@ -34,6 +34,7 @@ bool has_weights(const std::filesystem::path& dir) {
 // `budget`: what `gradient_checkpointing: auto` plans against (≤ 0: unknown).
 void plan_bare_config(std::ostream& log, const tl::TrainConfig& cfg, tl::DType act, double budget) {
   const tl::Gemma4Config mc = tl::Gemma4Config::load(cfg.base_model);
+  tl::refuse_sequence_over_context(cfg, mc);
   const int64_t trainable = cfg.adapter == "full" ? tl::plan_model(mc).total_params
                                                   : tl::lora_param_count(mc, cfg.lora, "model.language_model.");
   log << fmt::format("model            {} ({} layers, hidden {}; config only, no weights)\n", cfg.base_model,

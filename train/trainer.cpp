@@ -21,6 +21,7 @@
 #include "train/eval/text_measures.h"
 #include "train/step/memory_plan.h"
 #include "train/model/peft_adapter.h"
+#include "train/model/preflight.h"
 #include "core/output_dir.h"
 #include "train/run_dir.h"
 #include "train/step/train_step.h"
@@ -57,6 +58,7 @@ void Trainer::setup_model() {
   if (!fs::is_directory(cfg_.base_model))
     throw Error(fmt::format("{}: base_model '{}' is not a directory", cfg_.source.string(), cfg_.base_model));
   Gemma4Config mc = Gemma4Config::load(cfg_.base_model);
+  refuse_sequence_over_context(cfg_, mc);
   Checkpoint ckpt = Checkpoint::open(cfg_.base_model);
   if (const std::string q = first_bnb_4bit(ckpt); !q.empty()) {
     // A -bnb-4bit checkpoint holds only NF4 projections: they can be the frozen base of
@@ -278,19 +280,33 @@ void Trainer::refuse_untrained_data(const std::vector<Row>& rows) const {
                           stats_.examples, why));
 }
 
+void refuse_sequence_over_context(const TrainConfig& cfg, const Gemma4Config& model) {
+  refuse_over_context(model, (fs::path(cfg.base_model) / "config.json").string(), cfg.sequence_len,
+                      fmt::format("{}: sequence_len", cfg.source.string()), "lower sequence_len");
+}
+
 void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
-  // The CPU attention holds each thread's S×S probabilities and their gradient (2·S²
-  // values of the activation dtype) inside a parallel loop, where a failed allocation
-  // cannot be caught; so the longest row is checked against physical memory first.
+  // The CPU attention (core/cpu/cpu_attention.cpp) holds, per thread and block of up to 128
+  // queries of a GQA group's G heads, the probabilities and their gradient over the row's S
+  // keys in the activation dtype plus a bf16 copy of each: G·min(128, S)·S·(2·a + 4) bytes,
+  // allocated inside a parallel loop where a failed allocation cannot be caught; so the
+  // longest row is checked against physical memory first.
   size_t longest = 0;
   for (const Row& r : rows) longest = std::max(longest, r.ids.size());
+  const Gemma4Config& c = model_->config();
+  int64_t group = 1;
+  for (int i = 0; i < c.num_hidden_layers; ++i)
+    group = std::max<int64_t>(group, c.num_attention_heads / std::max<int64_t>(1, c.layer(i).num_kv_heads));
   const double S = double(longest), threads = double(omp_get_max_threads());
-  const double need = threads * 2.0 * S * S * double(dtype_size(ops_.act_dtype()));
+  const double per_thread =
+      double(group) * std::min(128.0, S) * S * (2.0 * double(dtype_size(ops_.act_dtype())) + 4.0);
+  const double need = threads * per_thread;
   const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
   if (need > have)
-    throw OutOfMemory(fmt::format("out of memory: attention over a {}-token row needs {:.1f} GiB ({} threads × 2 × "
-                                  "S² values) but the machine has {:.1f} GiB",
-                                  longest, need / double(1ull << 30), int(threads), have / double(1ull << 30)));
+    throw OutOfMemory(fmt::format("out of memory: attention over a {}-token row needs {:.1f} GiB ({} threads × {} "
+                                  "heads × 128 queries × S keys, twice) but the machine has {:.1f} GiB; lower "
+                                  "sequence_len",
+                                  longest, need / double(1ull << 30), int(threads), group, have / double(1ull << 30)));
 }
 
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable, DType act,

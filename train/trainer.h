@@ -42,6 +42,8 @@ struct MemoryPlanInput;
 // layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
                                   DType act, double budget, bool distill = false, double teacher_weights = 0);
+// sequence_len within the model's context (max_position_embeddings), or one line naming both.
+void refuse_sequence_over_context(const TrainConfig& cfg, const Gemma4Config& model);
 // The budget `auto` plans against: max_memory_gib, else what the backend has free (`available`).
 double checkpoint_budget(const TrainConfig& cfg, double available);
 // One line: how many layers keep their activations, and why.

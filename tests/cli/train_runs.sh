@@ -59,9 +59,12 @@ expect duplicate_key "dup.yaml: key 'learning_rate' appears twice (line" "$train
 head -n 4 "$tmp/data.jsonl" | sed 's/"role": *"assistant"/"role": "user"/g' >"$tmp/users.jsonl"
 expect no_assistant_turns "the training data has no trained tokens (4 examples)" \
   "$train" --config "$y" "datasets=[{path: $tmp/users.jsonl, type: chat}]"
-expect huge_sequence_len "out of memory: attention over a" "$train" --config "$y" sequence_len=1000000 \
-  "datasets=[{path: $src/data/demo/heal.jsonl, type: chat}]"
+expect huge_sequence_len "sequence_len: 1000000 tokens, more than the model's context of 4096 (max_position_embeddings in" \
+  "$train" --config "$y" sequence_len=1000000 "datasets=[{path: $src/data/demo/heal.jsonl, type: chat}]"
 grep -q "lower sequence_len" "$tmp/err" || { fails=$((fails + 1)); echo "FAIL huge_sequence_len: no setting named"; }
+# The same refusal from --dry-run on a bare config (no weights, no data read).
+expect huge_sequence_len_plan "sequence_len: 300000 tokens, more than the model's context of 262144" \
+  "$train" --config "$y" --dry-run sequence_len=300000 base_model="$src/configs/models/gemma-4-31B-it"
 check inputs_kept_on_refusal '[ "$(inputs_h)" = "$in_h" ]'
 check no_output_on_refusal '[ ! -e "$tmp/run" ]'
 
