@@ -54,6 +54,10 @@ struct GoldenCase {
   DType dtype;
   bool shared;  // teacher over the student's base (parent_view), else the parent loaded alone
 };
+// How ctest and gtest name a case (its bytes otherwise).
+void PrintTo(const GoldenCase& c, std::ostream* os) {
+  *os << c.name << ' ' << dtype_name(c.dtype) << (c.shared ? " shared" : " loaded");
+}
 
 class DistillGolden : public ::testing::TestWithParam<GoldenCase> {};
 
