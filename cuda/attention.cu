@@ -191,6 +191,23 @@ cuda::DeviceInts device_docs(const AttentionMask& mask, const Geometry& g) {
 
 int64_t blocks_of(int64_t S) { return (S + kBlockRows - 1) / kBlockRows; }
 
+// Block blk of the loops below: queries [t0, t1) of KV head kv's G heads (GR packed rows,
+// heads head0 … head0 + G − 1) against keys [s0, t1), s0 the earliest key any of them sees.
+struct QueryBlock {
+  int64_t t0, rows, t1, GR, head0, s0, L;
+};
+QueryBlock query_block(const Geometry& g, const std::vector<int64_t>& first, int64_t kv, int64_t blk) {
+  QueryBlock q;
+  q.t0 = blk * kBlockRows;
+  q.rows = std::min(kBlockRows, g.S - q.t0);
+  q.t1 = q.t0 + q.rows;
+  q.GR = g.group * q.rows;
+  q.head0 = kv * g.group;
+  q.s0 = *std::min_element(first.begin() + q.t0, first.begin() + q.t1);
+  q.L = q.t1 - q.s0;
+  return q;
+}
+
 }  // namespace
 
 // Every product is column-major on row-major buffers (see linear.cu): a row-major [rows, n]
@@ -218,10 +235,8 @@ void CudaOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t kv = 0; kv < g.nkv; ++kv)
       for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
-        const int64_t t0 = blk * kBlockRows, rows = std::min(kBlockRows, g.S - t0), t1 = t0 + rows;
-        const int64_t GR = g.group * rows, head0 = kv * g.group;
-        const int64_t s0 = *std::min_element(first[size_t(b)].begin() + t0, first[size_t(b)].begin() + t1),
-                      L = t1 - s0;
+        const QueryBlock qb = query_block(g, first[size_t(b)], kv, blk);
+        const int64_t t0 = qb.t0, rows = qb.rows, GR = qb.GR, head0 = qb.head0, s0 = qb.s0, L = qb.L;
         attention_scores_ += GR * L;
         const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
         const char* kg = kb + ((b * g.S + s0) * g.nkv + kv) * g.d * es;
@@ -294,10 +309,8 @@ void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t kv = 0; kv < g.nkv; ++kv)
       for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
-        const int64_t t0 = blk * kBlockRows, rows = std::min(kBlockRows, g.S - t0), t1 = t0 + rows;
-        const int64_t GR = g.group * rows, head0 = kv * g.group;
-        const int64_t s0 = *std::min_element(first[size_t(b)].begin() + t0, first[size_t(b)].begin() + t1),
-                      L = t1 - s0;
+        const QueryBlock qb = query_block(g, first[size_t(b)], kv, blk);
+        const int64_t t0 = qb.t0, rows = qb.rows, GR = qb.GR, head0 = qb.head0, s0 = qb.s0, L = qb.L;
         attention_scores_ += GR * L;
         const int32_t* docb = doc.ptr ? doc.ptr + b * g.S : nullptr;
         const int64_t lse_base = (b * g.nh + head0) * g.S;

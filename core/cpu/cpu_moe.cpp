@@ -32,6 +32,18 @@ Tensor host_ints(const std::vector<int32_t>& v) {
   return t;
 }
 
+// One expert's routed slots as row lists: the slots themselves (into the tape and the
+// weights) and their tokens (slot / K, into y and out).
+struct ExpertRows {
+  Tensor slots, tokens;
+  int64_t m = 0;
+};
+ExpertRows expert_rows(const std::vector<int32_t>& s, int64_t K) {
+  std::vector<int32_t> tokens(s.size());
+  for (size_t j = 0; j < s.size(); ++j) tokens[j] = int32_t(s[j] / K);
+  return {host_ints(s), host_ints(tokens), int64_t(s.size())};
+}
+
 void check(const Tensor& y, const Tensor& idx, const Tensor& weights, const MoeExperts& x) {
   require(y.rank() == 2 && idx.rank() == 2 && idx.dim(0) == y.dim(0) && weights.numel() == idx.numel(),
           "moe shapes: y [n, H], idx and weights [n, K]");
@@ -70,11 +82,10 @@ void CpuOps::moe_experts_forward(const Tensor& y, const Tensor& idx, const Tenso
   for (int64_t e = 0; e < x.num_experts; ++e) {
     const std::vector<int32_t>& s = by_expert[size_t(e)];
     if (s.empty()) continue;
-    const int64_t m = int64_t(s.size());
-    std::vector<int32_t> tokens(s.size());
-    for (size_t j = 0; j < s.size(); ++j) tokens[j] = int32_t(s[j] / K);
-    const Tensor rows = host_ints(tokens), slot_rows = host_ints(s);
-    Tensor scales = zeros({m}, act_), scales_col = scales.view({m, 1});
+    const ExpertRows r = expert_rows(s, K);
+    const int64_t m = r.m;
+    const Tensor &rows = r.tokens, &slot_rows = r.slots;
+    Tensor scales = empty({m}, act_), scales_col = scales.view({m, 1});
     gather_rows(weights.view({slots, 1}), slot_rows, scales_col);
     Tensor ye = empty({m, H}, act_), gu = empty({m, 2 * I}, act_);
     gather_rows(y, rows, ye);
@@ -107,10 +118,9 @@ void CpuOps::moe_experts_backward(const Tensor& y, const Tensor& idx, const Tens
   for (int64_t e = 0; e < x.num_experts; ++e) {
     const std::vector<int32_t>& s = by_expert[size_t(e)];
     if (s.empty()) continue;
-    const int64_t m = int64_t(s.size());
-    std::vector<int32_t> tokens(s.size());
-    for (size_t j = 0; j < s.size(); ++j) tokens[j] = int32_t(s[j] / K);
-    const Tensor rows = host_ints(tokens), slot_rows = host_ints(s);
+    const ExpertRows r = expert_rows(s, K);
+    const int64_t m = r.m;
+    const Tensor &rows = r.tokens, &slot_rows = r.slots;
     Tensor scales = empty({m}, act_), gate = empty({m, I}, act_), up = empty({m, I}, act_), h = empty({m, I}, act_),
            ye = empty({m, H}, act_), scales_col = scales.view({m, 1});
     gather_rows(weights.view({slots, 1}), slot_rows, scales_col);
