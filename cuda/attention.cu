@@ -1,5 +1,5 @@
 // Blocked GEMM attention, the CPU backend's algorithm (core/cpu/cpu_attention.cpp): per
-// (batch, KV head, block of kBlockRows queries), the group's query heads packed into one
+// (batch, KV head, block of 128 queries), the group's query heads packed into one
 // operand [G·rows, d] (GQA: they share K and V), over the keys [lo, t1) the masks leave
 // (lo: the window, and the first position of the block's documents when their ids are known
 // on the host; keys after the block's last query are masked by causality):
@@ -18,9 +18,9 @@
 // heads, are summed in fp32 copies and rounded once.
 #include <algorithm>
 #include <cmath>
-#include <unordered_map>
 #include <vector>
 
+#include "core/attention_blocks.h"
 #include "cuda/cuda_util.cuh"
 #include "cuda/gemm_lt.h"
 
@@ -30,7 +30,6 @@ namespace {
 
 constexpr int kRowThreads = 256;
 // Queries per block: the causal triangle then costs 0.53·S² scores at S = 2048.
-constexpr int64_t kBlockRows = 128;
 
 struct Geometry {
   int64_t B, S, nh, d, nkv, group;
@@ -57,15 +56,13 @@ std::vector<std::vector<int64_t>> first_visible(const Geometry& g, const Attenti
   const Tensor* docs = mask.doc_ids_host ? mask.doc_ids_host
                        : (mask.doc_ids && mask.doc_ids->device() == Device::CPU) ? mask.doc_ids
                                                                                   : nullptr;
-  std::vector<std::vector<int64_t>> first(static_cast<size_t>(g.B), std::vector<int64_t>(static_cast<size_t>(g.S)));
-  for (int64_t b = 0; b < g.B; ++b) {
-    std::unordered_map<int32_t, int64_t> first_of_doc;
-    for (int64_t t = 0; t < g.S; ++t) {
-      int64_t f = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
-      if (docs) f = std::max(f, first_of_doc.try_emplace(docs->data<int32_t>()[b * g.S + t], t).first->second);
-      first[size_t(b)][size_t(t)] = f;
-    }
-  }
+  // The host copy bounds the keys only of the documents the kernels mask: the same ids.
+  cuda::require(!mask.doc_ids_host || (mask.doc_ids && mask.doc_ids_host->dtype() == DType::I32 &&
+                                       mask.doc_ids_host->numel() == g.B * g.S),
+                "attention doc_ids_host: I32 [B, S], given with doc_ids");
+  std::vector<std::vector<int64_t>> first(static_cast<size_t>(g.B));
+  for (int64_t b = 0; b < g.B; ++b)
+    first[size_t(b)] = first_visible_keys(g.S, mask.window, docs ? docs->data<int32_t>() + b * g.S : nullptr);
   return first;
 }
 
@@ -189,7 +186,6 @@ cuda::DeviceInts device_docs(const AttentionMask& mask, const Geometry& g) {
   return cuda::device_ints(*mask.doc_ids, "attention doc_ids must be I32");
 }
 
-int64_t blocks_of(int64_t S) { return (S + kBlockRows - 1) / kBlockRows; }
 
 // Block blk of the loops below: queries [t0, t1) of KV head kv's G heads (GR packed rows,
 // heads head0 … head0 + G − 1) against keys [s0, t1), s0 the earliest key any of them sees.
@@ -198,12 +194,12 @@ struct QueryBlock {
 };
 QueryBlock query_block(const Geometry& g, const std::vector<int64_t>& first, int64_t kv, int64_t blk) {
   QueryBlock q;
-  q.t0 = blk * kBlockRows;
-  q.rows = std::min(kBlockRows, g.S - q.t0);
+  q.t0 = blk * kAttentionBlockRows;
+  q.rows = std::min(kAttentionBlockRows, g.S - q.t0);
   q.t1 = q.t0 + q.rows;
   q.GR = g.group * q.rows;
   q.head0 = kv * g.group;
-  q.s0 = *std::min_element(first.begin() + q.t0, first.begin() + q.t1);
+  q.s0 = block_first_key(first, q.t0, q.t1);
   q.L = q.t1 - q.s0;
   return q;
 }
@@ -222,7 +218,7 @@ void CudaOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
   void* lse = lse_of(mask, g, ty.score_dtype);
   const cuda::DeviceInts doc = device_docs(mask, g);
   const auto first = first_visible(g, mask);
-  const int64_t GRmax = g.group * std::min(kBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
+  const int64_t GRmax = g.group * std::min(kAttentionBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
   const int64_t ldk = g.nkv * g.d;
   const bool bf16 = q.dtype() == DType::BF16;
   void* P = scratch(4, size_t(GRmax * g.S) * dtype_size(ty.score_dtype));
@@ -234,7 +230,7 @@ void CudaOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
   const char* vb = static_cast<const char*>(v.raw());
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t kv = 0; kv < g.nkv; ++kv)
-      for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
+      for (int64_t blk = 0; blk < attention_blocks(g.S); ++blk) {
         const QueryBlock qb = query_block(g, first[size_t(b)], kv, blk);
         const int64_t t0 = qb.t0, rows = qb.rows, GR = qb.GR, head0 = qb.head0, s0 = qb.s0, L = qb.L;
         attention_scores_ += GR * L;
@@ -275,7 +271,7 @@ void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   const void* lse = lse_of(mask, g, ty.score_dtype);
   const cuda::DeviceInts doc = device_docs(mask, g);
   const auto first = first_visible(g, mask);
-  const int64_t GRmax = g.group * std::min(kBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
+  const int64_t GRmax = g.group * std::min(kAttentionBlockRows, g.S), es = int64_t(dtype_size(q.dtype()));
   const int64_t ldk = g.nkv * g.d;
   const bool bf16 = q.dtype() == DType::BF16;
   const size_t block = size_t(GRmax * g.S), ss = dtype_size(ty.score_dtype);
@@ -308,7 +304,7 @@ void CudaOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor&
   };
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t kv = 0; kv < g.nkv; ++kv)
-      for (int64_t blk = 0; blk < blocks_of(g.S); ++blk) {
+      for (int64_t blk = 0; blk < attention_blocks(g.S); ++blk) {
         const QueryBlock qb = query_block(g, first[size_t(b)], kv, blk);
         const int64_t t0 = qb.t0, rows = qb.rows, GR = qb.GR, head0 = qb.head0, s0 = qb.s0, L = qb.L;
         attention_scores_ += GR * L;

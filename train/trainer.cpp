@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/attention_blocks.h"
 #include "core/nf4.h"
 #include "core/plan.h"
 #include "core/weights.h"
@@ -286,27 +287,18 @@ void refuse_sequence_over_context(const TrainConfig& cfg, const Gemma4Config& mo
 }
 
 void Trainer::refuse_oversized_rows(const std::vector<Row>& rows) const {
-  // The CPU attention (core/cpu/cpu_attention.cpp) holds, per thread and block of up to 128
-  // queries of a GQA group's G heads, the probabilities and their gradient over the row's S
-  // keys in the activation dtype plus a bf16 copy of each: G·min(128, S)·S·(2·a + 4) bytes,
-  // allocated inside a parallel loop where a failed allocation cannot be caught; so the
-  // longest row is checked against physical memory first.
+  // The CPU attention (core/attention_blocks.h) holds, per thread, one block's probabilities
+  // and their gradient in the activation dtype plus a bf16 copy of each, allocated inside a
+  // parallel loop where a failed allocation cannot be caught; so the longest row is checked
+  // against physical memory first.
   size_t longest = 0;
   for (const Row& r : rows) longest = std::max(longest, r.ids.size());
-  const Gemma4Config& c = model_->config();
-  int64_t group = 1;
-  for (int i = 0; i < c.num_hidden_layers; ++i)
-    group = std::max<int64_t>(group, c.num_attention_heads / std::max<int64_t>(1, c.layer(i).num_kv_heads));
-  const double S = double(longest), threads = double(omp_get_max_threads());
-  const double per_thread =
-      double(group) * std::min(128.0, S) * S * (2.0 * double(dtype_size(ops_.act_dtype())) + 4.0);
-  const double need = threads * per_thread;
-  const double have = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
-  if (need > have)
-    throw OutOfMemory(fmt::format("out of memory: attention over a {}-token row needs {:.1f} GiB ({} threads × {} "
-                                  "heads × 128 queries × S keys, twice) but the machine has {:.1f} GiB; lower "
-                                  "sequence_len",
-                                  longest, need / double(1ull << 30), int(threads), group, have / double(1ull << 30)));
+  const int64_t group = widest_gqa_group(model_->config()), threads = omp_get_max_threads();
+  const double per_thread = attention_block_scores(group, int64_t(longest)) *
+                            (2.0 * double(dtype_size(ops_.act_dtype())) + 4.0);
+  refuse_over_memory(double(threads) * per_thread,
+                     fmt::format("{} threads × {} heads × 128 queries × S keys, twice", threads, group),
+                     fmt::format("out of memory: attention over a {}-token row", longest), "lower sequence_len");
 }
 
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable, DType act,

@@ -1,4 +1,4 @@
-// Attention on the CPU as GEMMs per (batch, KV head, block of kBlock queries), the group's
+// Attention on the CPU as GEMMs per (batch, KV head, block of 128 queries), the group's
 // query heads stacked into one product (GQA: they share K and V):
 //   keys [lo, hi] of a block: hi = its last query (causal); lo = the earliest key any of its
 //   queries may see (the window, and the first position of the query's document), so key
@@ -15,9 +15,9 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
-#include <unordered_map>
 #include <vector>
 
+#include "core/attention_blocks.h"
 #include "core/cpu/cpu_ops.h"
 #include "core/cpu/gemm_bf16.h"
 #include "core/cpu/cpu_util.h"
@@ -29,10 +29,6 @@ using cpu::dispatch;
 using cpu::require;
 
 namespace {
-
-// Queries per block: the causal triangle then costs Σ_j kBlock·(j·kBlock) scores, 0.53·S² at
-// S = 2048 (the whole square was computed before), and a window w about (w + kBlock)·S.
-constexpr int64_t kBlock = 128;
 
 struct Geometry {
   int64_t B, S, nh, d, nkv, group;
@@ -47,23 +43,13 @@ Geometry check(const Tensor& q, const Tensor& k, const Tensor& v) {
   return g;
 }
 
-// Per query t of one batch row: the first key it may see, max(window start, the first
-// position of its document). Keys before it are masked whatever else holds.
-std::vector<int64_t> first_visible(const Geometry& g, const AttentionMask& mask, const int32_t* doc) {
-  std::vector<int64_t> lo(static_cast<size_t>(g.S));
-  std::unordered_map<int32_t, int64_t> first_of_doc;
-  for (int64_t t = 0; t < g.S; ++t) {
-    int64_t f = mask.window > 0 ? std::max<int64_t>(0, t - mask.window + 1) : 0;
-    if (doc) f = std::max(f, first_of_doc.try_emplace(doc[t], t).first->second);
-    lo[size_t(t)] = f;
-  }
-  return lo;
-}
-
-// The keys [lo, hi] a block of queries [t0, t1) reads.
-void block_keys(const std::vector<int64_t>& first, int64_t t0, int64_t t1, int64_t& lo, int64_t& hi) {
-  lo = *std::min_element(first.begin() + t0, first.begin() + t1);
-  hi = t1 - 1;
+// Per batch row, the first key each query may see (core/attention_blocks.h).
+std::vector<std::vector<int64_t>> first_visible(const Geometry& g, const AttentionMask& mask) {
+  std::vector<std::vector<int64_t>> first(static_cast<size_t>(g.B));
+  for (int64_t b = 0; b < g.B; ++b)
+    first[size_t(b)] =
+        first_visible_keys(g.S, mask.window, mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr);
+  return first;
 }
 
 // A contiguous operand [rows, cols], fp32/fp64, and its bf16 copy when the products run in
@@ -200,22 +186,18 @@ void CpuOps::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   require(out.numel() == q.numel(), "attention out");
   check_lse(mask.lse, g, q.dtype());
   const bool bf16 = bf16_for(g.S * g.S * g.d);
-  const int64_t blocks = (g.S + kBlock - 1) / kBlock;
+  const int64_t blocks = attention_blocks(g.S);
   std::atomic<int64_t> scores{0};
   dispatch(q.dtype(), [&]<class T>() {
     T* lse = mask.lse && mask.lse->defined() ? mask.lse->data<T>() : nullptr;
-    std::vector<std::vector<int64_t>> first(static_cast<size_t>(g.B));
-    for (int64_t b = 0; b < g.B; ++b)
-      first[size_t(b)] = first_visible(g, mask, mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr);
+    const std::vector<std::vector<int64_t>> first = first_visible(g, mask);
 #pragma omp parallel for collapse(3) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t kv = 0; kv < g.nkv; ++kv)
         for (int64_t blk = 0; blk < blocks; ++blk) {
-          const int64_t t0 = blk * kBlock, rows = std::min(kBlock, g.S - t0), GR = g.group * rows;
+          const int64_t t0 = blk * kAttentionBlockRows, rows = std::min(kAttentionBlockRows, g.S - t0), GR = g.group * rows;
           const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
-          int64_t lo, hi;
-          block_keys(first[size_t(b)], t0, t0 + rows, lo, hi);
-          const int64_t L = hi - lo + 1, ldk = g.nkv * g.d;
+          const int64_t lo = block_first_key(first[size_t(b)], t0, t0 + rows), L = t0 + rows - lo, ldk = g.nkv * g.d;
           scores += GR * L;
           // Per-thread buffers that only grow (each is written whole before it is read).
           thread_local std::vector<T> Q, Sc, O, lse_blk;
@@ -245,24 +227,23 @@ void CpuOps::attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   const Geometry g = check(q, k, v);
   check_lse(mask.lse, g, q.dtype());
   const bool bf16 = bf16_for(g.S * g.S * g.d);
-  const int64_t blocks = (g.S + kBlock - 1) / kBlock;
+  const int64_t blocks = attention_blocks(g.S);
   std::atomic<int64_t> scores{0};
   dispatch(q.dtype(), [&]<class T>() {
     const T* lse = mask.lse && mask.lse->defined() ? mask.lse->data<T>() : nullptr;
+    const std::vector<std::vector<int64_t>> first_of_row = first_visible(g, mask);
     // One task per (batch, KV head): its query blocks and heads all add into the same dk/dv rows.
 #pragma omp parallel for collapse(2) schedule(dynamic) if(q.numel() * g.S >= cpu::kParallelMin)
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t kv = 0; kv < g.nkv; ++kv) {
         const int32_t* doc = mask.doc_ids ? mask.doc_ids->data<int32_t>() + b * g.S : nullptr;
-        const std::vector<int64_t> first = first_visible(g, mask, doc);
+        const std::vector<int64_t>& first = first_of_row[size_t(b)];
         const int64_t ldk = g.nkv * g.d;
         T* const dkg = dk.defined() ? dk.data<T>() + (b * g.S * g.nkv + kv) * g.d : nullptr;
         T* const dvg = dv.defined() ? dv.data<T>() + (b * g.S * g.nkv + kv) * g.d : nullptr;
         for (int64_t blk = 0; blk < blocks; ++blk) {
-          const int64_t t0 = blk * kBlock, rows = std::min(kBlock, g.S - t0), GR = g.group * rows;
-          int64_t lo, hi;
-          block_keys(first, t0, t0 + rows, lo, hi);
-          const int64_t L = hi - lo + 1;
+          const int64_t t0 = blk * kAttentionBlockRows, rows = std::min(kAttentionBlockRows, g.S - t0), GR = g.group * rows;
+          const int64_t lo = block_first_key(first, t0, t0 + rows), L = t0 + rows - lo;
           scores += GR * L;
           thread_local std::vector<T> Q, dO, P, dS, dQ, lse_blk;
           thread_local std::vector<uint16_t> q16, k16, v16, do16, p16, ds16;

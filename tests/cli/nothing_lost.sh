@@ -115,9 +115,10 @@ python3 -c 'import json,sys; print(json.dumps({"question": "2+2?", "choices": ["
 expect eval_mc_over_context "mc.jsonl item 2 (question and option):" timeout 60 "$ev" -m "$tmp/base" --mc "$tmp/mc.jsonl"
 grep -q "more than the model's context of 4096" "$tmp/err" && passes=$((passes + 1)) || { fails=$((fails + 1)); echo "FAIL eval_mc_over_context: $(cat "$tmp/err")"; }
 # Within the context but not within memory: the pass is planned before it allocates (a model
-# whose context allows 10⁶ positions; attention alone over these would need hundreds of GiB).
-cp -r "$tmp/base" "$tmp/wide" && sed -i 's/"max_position_embeddings": 4096/"max_position_embeddings": 1000000/' "$tmp/wide/config.json"
-for _ in $(seq 8); do cat "$tmp/long.txt"; done >"$tmp/longer.txt"
+# whose context allows 10⁸ positions; the logits and activations of these millions of tokens
+# would need far more than the machine has).
+cp -r "$tmp/base" "$tmp/wide" && sed -i 's/"max_position_embeddings": 4096/"max_position_embeddings": 100000000/' "$tmp/wide/config.json"
+for _ in $(seq 40); do cat "$tmp/long.txt"; done >"$tmp/longer.txt"
 expect forward_over_memory "but the machine has" timeout 120 "$forward" --model "$tmp/wide" --text "$tmp/longer.txt"
 grep -q "needs about .* GiB" "$tmp/err" && passes=$((passes + 1)) || { fails=$((fails + 1)); echo "FAIL forward_over_memory: no plan in $(cat "$tmp/err")"; }
 unchanged long_text "$tmp/long.txt" "$long_h"

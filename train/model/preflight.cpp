@@ -1,5 +1,7 @@
 #include "train/model/preflight.h"
 
+#include "core/attention_blocks.h"
+
 #include <fmt/format.h>
 #include <omp.h>
 #include <unistd.h>
@@ -39,7 +41,8 @@ double forward_peak_bytes(const Gemma4Config& c, int64_t batch, int64_t seq, int
   // MLP's gate, up and product, and the per-layer inputs of every layer.
   const double per_token = double(8 * c.hidden_size + 2 * widest_attn + 3 * widest_mlp +
                                   c.num_hidden_layers * std::max<int64_t>(c.hidden_size_per_layer_input, 0));
-  const double attention = double(omp_get_max_threads()) * 2.0 * S * S;  // scores and probabilities per thread
+  // Per thread, one attention block's scores and their bf16 copy (core/attention_blocks.h).
+  const double attention = double(omp_get_max_threads()) * 2.0 * attention_block_scores(widest_gqa_group(c), seq);
   const double logits = double(c.vocab_size) * (all_logits ? B * S : B) * double(std::max(1, logit_copies));
   return a * (B * S * per_token + attention + logits);
 }

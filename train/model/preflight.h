@@ -22,8 +22,8 @@ void refuse_over_context(const Gemma4Config& c, const std::string& config_file, 
 // "could not convert"): a whole number from 1 to the model's context, else a tl::Error naming it.
 int64_t checked_max_new_tokens(double requested, const Gemma4Config& c, const std::string& config_file);
 
-// The bytes the largest buffers of one forward pass over [batch, seq] take at once: the
-// attention's S×S scores and their softmax per thread, the residual stream and one layer's
+// The bytes the largest buffers of one forward pass over [batch, seq] take at once: one
+// attention block's scores per thread (G heads × 128 queries × S keys), the residual stream and one layer's
 // projections and MLP, and the logits (of every position when `all_logits`, else of one row
 // per sequence) times `logit_copies` (a tool that keeps a converted copy or a reference).
 double forward_peak_bytes(const Gemma4Config& c, int64_t batch, int64_t seq, int64_t act_bytes, bool all_logits,

@@ -1,5 +1,7 @@
 #include "train/step/memory_plan.h"
 
+#include "core/attention_blocks.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -92,13 +94,11 @@ MemoryPlan plan_training_memory(const Gemma4Config& c, const MemoryPlanInput& in
   // multiply V, K and Q, and dK, dV summed in fp32 over the blocks and heads before one
   // rounding.
   const double S = double(in.sequence_len);
-  double kv_width = 0, group = 1;
-  for (int i = 0; i < c.num_hidden_layers; ++i) {
+  double kv_width = 0;
+  for (int i = 0; i < c.num_hidden_layers; ++i)
     kv_width = std::max(kv_width, double(c.layer(i).num_kv_heads * c.layer(i).head_dim));
-    group = std::max(group, double(c.num_attention_heads / std::max<int64_t>(1, c.layer(i).num_kv_heads)));
-  }
-  const double rows = group * std::min(double(in.attention_block_rows), S);
-  p.attention = rows * S * (2.0 * 4.0 + (in.act_bytes == 2 ? 2.0 * 2.0 : 0.0)) +
+  p.attention = attention_block_scores(widest_gqa_group(c), in.sequence_len) *
+                    (2.0 * 4.0 + (in.act_bytes == 2 ? 2.0 * 2.0 : 0.0)) +
                 (in.act_bytes == 2 ? 2.0 * T * kv_width * 4.0 : 0.0);
   p.cross_entropy = 2.0 * double(std::min<int64_t>(in.ce_chunk, int64_t(T))) * double(c.vocab_size) * 4.0;
   // The largest projection (or one expert's gate_up) dequantized to bf16.

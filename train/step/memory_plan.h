@@ -38,7 +38,6 @@ struct MemoryPlanInput {
   bool load_in_4bit = true;
   int act_bytes = 2;            // bytes per stored activation element (bf16 on the GPU)
   int64_t ce_chunk = 256;       // tokens per cross-entropy chunk (gemma4_backward.cpp)
-  int64_t attention_block_rows = 128;  // queries per attention block (cuda/attention.cu)
   bool distill = false;                // a teacher runs beside each step
   double teacher_weights = 0;          // bytes of a parent loaded as a second model (0: shared weights)
 };
