@@ -52,7 +52,9 @@ TEST(AttentionBlocks, ScoresComputedStayInsideTheMasks) {
   EXPECT_LE(causal, 0.55 * S2);
   EXPECT_GE(causal, 0.5 * S2);  // the triangle itself must be computed
   EXPECT_LE(sliding, double(1024 + kBlock) * double(kS));
+  EXPECT_GE(sliding, 1024.0 * double(kS) - 1024.0 * 1023.0 / 2);  // every query's min(t + 1, 1024) keys
   EXPECT_LT(documents, 0.55 * causal);
+  EXPECT_GE(documents, 2 * 0.5 * double(kS / 2) * double(kS / 2));  // each half's own triangle
   std::printf("scores per head at S = %lld: causal %.3f·S², window 1024 %.3f·S², two documents %.3f·S²\n",
               (long long)kS, causal / S2, sliding / S2, documents / S2);
 }

@@ -136,6 +136,7 @@ TEST(MemoryPlan, AutoCheckpointingRecomputesTheFewestLayersThatFit) {
   EXPECT_LT(plan_training_memory(c, in).total(), 78 * GiB);
   EXPECT_GT(plan_training_memory(c, in).checkpoints, 60.0 * 2048 * 130000 * 2);  // every tape, ~138k a token
   const std::vector<bool> tight = checkpointed_layers(c, in, 22 * GiB);
+  EXPECT_EQ(count(tight), 60);  // at 22 GiB every layer is recomputed
   in.checkpointed = tight;
   EXPECT_LE(plan_training_memory(c, in).total(), 22 * GiB);
   for (double budget : {30.0, 40.0, 50.0}) {

@@ -13,8 +13,6 @@ build=$1 src=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/mpi.bash"
-fails=0
-fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 train=$build/torchless-train
 "$build/torchless-surgery" upscale "$src/models/tiny" "$tmp/up" --slices 0:4,0:4,4:6 >"$tmp/upscale.log" 2>&1 ||
   fail "upscale failed: $(tail -3 "$tmp/upscale.log")"

@@ -11,8 +11,6 @@ build=$1 src=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/mpi.bash"
-fails=0
-fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 train=$build/torchless-train
 write_heal_yaml "$tmp/heal.yaml"
 common=(save_steps=4 max_steps=24)

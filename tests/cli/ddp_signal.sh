@@ -14,8 +14,6 @@ tmp=$(mktemp -d)
 trap 'kill -9 $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 source "$(dirname "$0")/mpi.bash"
 source "$(dirname "$0")/expect.bash"  # tree_hash
-fails=0
-fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 train=$build/torchless-train
 write_heal_yaml "$tmp/heal.yaml"
 common=(save_steps=0 max_steps=30)

@@ -36,3 +36,20 @@ unchanged() {
     echo "FAIL $1: $2 changed"
   fi
 }
+
+# `ok CMD...`: CMD must succeed; else its exit status and the end of its output.
+ok() {
+  "$@" >"$tmp/ok.out" 2>&1
+  local rc=$?
+  if [ "$rc" -eq 0 ]; then
+    passes=$((passes + 1))
+  else
+    fails=$((fails + 1))
+    echo "FAIL: $* exited $rc:"
+    tail -20 "$tmp/ok.out" | sed 's/^/    /'
+  fi
+}
+
+# `check NAME EXPR`: the shell expression EXPR must hold (scripts with a check of another
+# shape define their own after sourcing this).
+check() { if eval "$2"; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL $1: $2"; fi; }

@@ -2,6 +2,9 @@
 # ctest reports as skipped) where mpirun is missing. `mpi N ARGS...` runs N ranks the way CI
 # can: as root (OpenMPI refuses root without the two variables), oversubscribed (more ranks
 # than cores), unbound, one OpenMP thread per rank.
+# `fail WHAT`: counts a failure into $fails (the test exits with it) and says what failed.
+fails=0
+fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # OpenMPI's session files go into the test's own temporary folder (removed with it), also
 # when a test kills ranks and mpirun cannot clean up.

@@ -20,8 +20,6 @@ fails=0 passes=0
 source "$(dirname "$0")/expect.bash"
 train=$build/torchless-train merge=$build/torchless-merge surgery=$build/torchless-surgery
 forward=$build/torchless-forward gen=$build/torchless-generate ev=$build/torchless-eval
-ok() { if "$@" >"$tmp/ok.out" 2>&1; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL: $* exited $?:"; tail -5 "$tmp/ok.out" | sed 's/^/    /'; fi; }
-check() { if eval "$2"; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL $1: $2"; fi; }
 # safetensors_edit FILE PYTHON: rewrites FILE with its header `h` (a dict) and data `d` (a
 # bytearray) as the Python statements leave them (stdlib only).
 safetensors_edit() {

@@ -14,7 +14,6 @@ trap 'kill -9 $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 fails=0 passes=0
 source "$(dirname "$0")/expect.bash"
 train=$build/torchless-train merge=$build/torchless-merge
-check() { if eval "$2"; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL $1: $2"; fi; }
 
 head -n 24 "$src/data/demo/heal.jsonl" >"$tmp/data.jsonl"
 cat >"$tmp/heal.yaml" <<YAML

@@ -12,7 +12,6 @@ fails=0 passes=0
 source "$(dirname "$0")/expect.bash"
 surgery=$build/torchless-surgery merge=$build/torchless-merge train=$build/torchless-train
 forward=$build/torchless-forward
-ok() { if "$@" >"$tmp/ok.out" 2>&1; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL: $* exited $?:"; sed 's/^/    /' "$tmp/ok.out"; fi; }
 
 cp -r "$src/models/tiny" "$tmp/base"
 # A one-step adapter for the merge cases.

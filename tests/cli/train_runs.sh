@@ -11,8 +11,6 @@ trap 'rm -rf "$tmp"' EXIT
 fails=0 passes=0
 source "$(dirname "$0")/expect.bash"
 train=$build/torchless-train
-check() { if eval "$2"; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL $1: $2"; fi; }
-ok() { if "$@" >"$tmp/ok.out" 2>&1; then passes=$((passes + 1)); else fails=$((fails + 1)); echo "FAIL: $* exited $?:"; tail -5 "$tmp/ok.out" | sed 's/^/    /'; fi; }
 
 head -n 24 "$src/data/demo/heal.jsonl" >"$tmp/data.jsonl"
 cat >"$tmp/heal.yaml" <<YAML
