@@ -60,7 +60,6 @@ struct MoeExperts {
 struct MoeTape {
   Tensor gate, up, h, out;  // gate and up projections, gelu(gate)∘up, the expert's output
   Tensor aux;               // backend routing state (the GPU: slot → tile row, tile table)
-  std::shared_ptr<void> state;
 };
 
 class Ops {

@@ -115,7 +115,6 @@ std::string run_identity(const json& keys) {
   return fmt::format("{:016x}", f.h);
 }
 
-std::string run_identity(const TrainConfig& c) { return run_identity(run_identity_keys(c)); }
 
 namespace {
 void key_differences(const json& a, const json& b, const std::string& path, std::vector<std::string>& out) {
@@ -173,8 +172,12 @@ void prune_run_checkpoints(const fs::path& out, const std::string& id, int64_t l
 fs::path prepare_run_dir(const TrainConfig& cfg, const json& keys, std::ostream& log, DirLock& lock) {
   const std::string id = run_identity(keys);
   const fs::path out = normalise_path(cfg.output_dir);
+  // Every folder and file the run reads: the model, the data, and the models it measures or
+  // distils from.
   std::vector<fs::path> inputs{cfg.base_model};
   for (const auto& d : cfg.datasets) inputs.push_back(d.path);
+  for (const std::string& dir : {cfg.upscale_from, cfg.eval_reference_model, cfg.distill_from})
+    if (!dir.empty() && dir != "auto") inputs.push_back(dir);
   refuse_overlap(out, inputs, "output_dir");
   const std::string file = cfg.source.string();
   std::error_code ec;

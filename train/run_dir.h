@@ -25,7 +25,6 @@ namespace fs = std::filesystem;
 nlohmann::json run_identity_keys(const TrainConfig& cfg);
 // 16 hex digits (FNV-1a 64 of run_identity_keys' canonical JSON).
 std::string run_identity(const nlohmann::json& keys);
-std::string run_identity(const TrainConfig& cfg);
 // "seed 5 → 6, datasets[0].bytes (the file's contents changed)": the keys whose values differ
 // between a recorded run and this one; "" when `recorded` holds none (an older run).
 std::string run_key_differences(const nlohmann::json& recorded, const nlohmann::json& now);

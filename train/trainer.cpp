@@ -134,8 +134,9 @@ void Trainer::setup_model() {
       ops_);
   setup_parent();
   // After the parent: a teacher changes what fits.
-  checkpointed_ = plan_input().checkpointed;
-  model_->set_checkpointed_layers(checkpointed_);
+  plan_input_ = memory_plan_input(cfg_, model_->config(), trainable_params_, ops_.act_dtype(), memory_budget_,
+                                  model_->distillation().teacher != nullptr, parent_weight_bytes_);
+  model_->set_checkpointed_layers(plan_input_.checkpointed);
 }
 
 namespace {
@@ -316,12 +317,6 @@ MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& mo
   if (cfg.gradient_checkpointing == "auto" && budget > 0) in.checkpointed = checkpointed_layers(model, in, budget);
   else in.checkpointed.assign(L, in.gradient_checkpointing);
   return in;
-}
-
-MemoryPlanInput Trainer::plan_input() const {
-  const bool distill = model_->distillation().teacher != nullptr;
-  return memory_plan_input(cfg_, model_->config(), trainable_params_, ops_.act_dtype(), memory_budget_, distill,
-                           parent_weight_bytes_);
 }
 
 double checkpoint_budget(const TrainConfig& cfg, double available) {

@@ -21,6 +21,7 @@
 #include "train/data/data.h"
 #include "train/eval/evaluate.h"
 #include "train/model/gemma4_model.h"
+#include "train/step/memory_plan.h"
 #include "train/step/optim.h"
 #include "train/train_config.h"
 
@@ -36,8 +37,6 @@ struct TrainerState {
   int64_t skipped_steps = 0;
 };
 
-struct MemoryPlanInput;
-// What the memory plan of a run with `cfg` on a backend storing activations in `act` takes.
 // The memory plan's input for this run. With `gradient_checkpointing: auto` it holds the
 // layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
@@ -59,8 +58,6 @@ class Trainer {
   void print_plan(std::ostream& out) const;
   // The planned peak device memory of one process (the "peak per GPU" line of print_plan).
   double planned_peak_bytes() const;
-  // The layers gradient checkpointing recomputes (all, none, or `auto`'s choice).
-  const std::vector<bool>& checkpointed_layers() const { return checkpointed_; }
   // Runs to the last step; returns the final validation loss (NaN without a split).
   double run();
 
@@ -121,7 +118,7 @@ class Trainer {
   // The parent's held-out loss (all ranks) and generation measures (rank 0), once.
   void measure_parent();
   // What the memory plan of this run takes (the parent's weights and the teacher included).
-  MemoryPlanInput plan_input() const;
+  const MemoryPlanInput& plan_input() const { return plan_input_; }
   // The next micro-batch of the data order; with build false only the position advances.
   MicroBatch next_micro_batch(bool build = true);
 
@@ -156,7 +153,9 @@ class Trainer {
   std::unique_ptr<GradBuckets> buckets_;  // world > 1
   std::unique_ptr<Gemma4Model> model_;
   double memory_budget_ = 0;        // what `gradient_checkpointing: auto` plans against (bytes)
-  std::vector<bool> checkpointed_;  // per layer: recomputed in the backward
+  // The memory plan's input, with the layers gradient checkpointing recomputes (all, none, or
+  // `auto`'s choice for the budget), made once the parent is known.
+  MemoryPlanInput plan_input_;
   std::string prefix_;
   std::unique_ptr<Tokenizer> tokenizer_;
   Gemma4Grads grads_;

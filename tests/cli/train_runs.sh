@@ -60,6 +60,11 @@ expect no_assistant_turns "the training data has no trained tokens (4 examples)"
 expect huge_sequence_len "sequence_len: 1000000 tokens, more than the model's context of 4096 (max_position_embeddings in" \
   "$train" --config "$y" sequence_len=1000000 "datasets=[{path: $src/data/demo/heal.jsonl, type: chat}]"
 grep -q "lower sequence_len" "$tmp/err" || { fails=$((fails + 1)); echo "FAIL huge_sequence_len: no setting named"; }
+# output_dir inside a model the run only reads (here the reference it measures against): refused.
+cp -r "$src/models/tiny" "$tmp/reference"
+expect output_in_reference "lies inside the input $tmp/reference" \
+  "$train" --config "$y" eval_reference_model="$tmp/reference" output_dir="$tmp/reference/run"
+check output_in_reference_untouched '[ ! -e "$tmp/reference/run" ]'
 # The same refusal from --dry-run on a bare config (no weights, no data read).
 expect huge_sequence_len_plan "sequence_len: 300000 tokens, more than the model's context of 262144" \
   "$train" --config "$y" --dry-run sequence_len=300000 base_model="$src/configs/models/gemma-4-31B-it"

@@ -51,21 +51,6 @@ EvalModel load_eval_model(const fs::path& model_dir, const fs::path& adapter_dir
   return m;
 }
 
-Gemma4Model::Loss held_out_loss(Gemma4Model& model, const std::vector<Row>& rows, int64_t micro_batch) {
-  Gemma4Model::Loss total;
-  std::vector<int64_t> order(rows.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  model.set_training(false);
-  for (int64_t b = 0; b < int64_t(order.size()); b += micro_batch) {
-    const int64_t k = std::min<int64_t>(micro_batch, int64_t(order.size()) - b);
-    MicroBatch mb = make_micro_batch(rows, order, b, k);
-    const auto l = model.loss(model.forward_hidden(mb.batch), mb.labels);
-    total.sum += l.sum;
-    total.count += l.count;
-  }
-  return total;
-}
-
 HeldOut held_out(Gemma4Model& model, Gemma4Model* parent, const std::vector<Row>& rows, int64_t micro_batch,
                  int64_t first, int64_t stride) {
   HeldOut r;

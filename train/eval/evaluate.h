@@ -31,8 +31,6 @@ struct EvalModel {
 EvalModel load_eval_model(const std::filesystem::path& model_dir, const std::filesystem::path& adapter_dir,
                           bool load_in_4bit, Ops& ops);
 
-// Mean loss over the trained targets of `rows` (HF's shifted cross-entropy), and its count.
-Gemma4Model::Loss held_out_loss(Gemma4Model& model, const std::vector<Row>& rows, int64_t micro_batch);
 
 // The held-out cross-entropy of `model` and, with a parent, on the same targets Σ KL(p_parent ‖
 // p_model) at temperature 1 over the whole vocabulary and the targets where both argmaxes
