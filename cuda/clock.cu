@@ -43,10 +43,13 @@ class EventClock final : public OpClock {
 
 std::unique_ptr<OpClock> CudaOps::make_clock() { return std::make_unique<EventClock>(); }
 
+// What this process can still allocate: the driver's free memory plus what our pool has
+// reserved but holds no allocation in (the pool keeps freed memory, so the driver counts it
+// as used).
 double CudaOps::memory_available() {
-  size_t free = 0, total = 0;
-  TL_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-  return double(free);
+  const CudaMemory m = memory();
+  const double driver_free = double(m.device_total - m.device_used);
+  return driver_free + double(m.reserved - m.used);
 }
 
 void CudaOps::synchronize() {

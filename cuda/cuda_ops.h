@@ -15,8 +15,9 @@
 //   (and K, Q) are rounded once, as flash attention does.
 // NF4 bases stay on the device as NF4.
 //
-// Index inputs (ids, positions, doc_ids, rows, labels) and rope's inv_freq may live on the
-// host or the device; host ones are copied over per call. Activations, weights and every
+// Index inputs (ids, positions, doc_ids, rows, labels) may live on the host or the device;
+// host ones are copied over per call (the trainer uploads them once per step). rope's
+// inv_freq must be a device tensor (uploaded at load). Activations, weights and every
 // output (moe_route's idx included) must be device tensors (made by zeros/upload). All work
 // runs on the legacy default stream, so download() (a synchronous cudaMemcpy) sees every
 // earlier op's result, and memory comes from a stream-ordered pool (cuda_util.cuh).

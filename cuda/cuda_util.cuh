@@ -110,6 +110,9 @@ inline unsigned blocks_for(int64_t n, int threads = kThreads) {
 // the next without going back to the driver: after the first step nothing is cudaMalloc'ed.
 // Stream order makes reuse safe: a block freed after a kernel is only handed out to work
 // queued after that kernel. At least 1 byte, so the pointer is valid.
+// *acc += Σ x[0..n), summed in order on one device thread: a deterministic total of per-row
+// or per-block partial sums, left on the device.
+void add_sum_in_order(const double* x, int64_t n, double* acc);
 std::shared_ptr<void> device_alloc(size_t bytes);
 
 // Round-to-nearest-even fp32 -> bf16, as core/half.h's float_to_bf16 (and __float2bfloat16_rn).

@@ -204,14 +204,6 @@ std::shared_ptr<void> launch(const Tensor& student, const Tensor& teacher, const
   return rows;
 }
 
-// sums[0] += Σ kl rows, in row order on one thread: deterministic.
-__global__ void add_kl_rows_kernel(const double* kl_rows, int64_t n, double* sums) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  double s = 0;
-  for (int64_t r = 0; r < n; ++r) s += kl_rows[r];
-  sums[0] += s;
-}
-
 }  // namespace
 
 // Evaluation reads its sums back (one copy per chunk).
@@ -242,8 +234,7 @@ void CudaOps::distill_kl_backward(const Tensor& student, const Tensor& teacher, 
   const int64_t n = labels.numel();
   if (n == 0) return;
   std::shared_ptr<void> rows = launch(student, teacher, labels, temperature, top_k, weight, cap, &dstudent);
-  add_kl_rows_kernel<<<1, 1>>>(static_cast<const double*>(rows.get()), n, sums.data<double>());
-  TL_CUDA_LAUNCHED("add_kl_rows_kernel");
+  cuda::add_sum_in_order(static_cast<const double*>(rows.get()), n, sums.data<double>());  // the kl rows
 }
 
 }  // namespace tl

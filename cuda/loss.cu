@@ -69,15 +69,6 @@ __global__ void cross_entropy_kernel(const T* logits, const int32_t* labels, dou
   }
 }
 
-// sums[0] += Σ loss rows, sums[1] += Σ hit rows, in row order on one thread: deterministic.
-__global__ void add_rows_kernel(const double* loss, const double* hit, int64_t n, double* sums) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  double l = 0, h = 0;
-  for (int64_t r = 0; r < n; ++r) l += loss[r], h += hit[r];
-  sums[0] += l;
-  sums[1] += h;
-}
-
 // Checks the labels on the host (an out-of-range label would read out of bounds on the
 // device) and counts the labelled rows.
 int64_t count_labels(const Tensor& labels, int64_t v) {
@@ -147,8 +138,8 @@ void CudaOps::cross_entropy_backward(const Tensor& logits, const Tensor& labels,
                                                              dlogits.data<T>(), grad_scale, cap, v);
     TL_CUDA_LAUNCHED("cross_entropy_kernel");
   });
-  add_rows_kernel<<<1, 1>>>(loss, loss + n, n, sums.data<double>());
-  TL_CUDA_LAUNCHED("add_rows_kernel");
+  cuda::add_sum_in_order(loss, n, sums.data<double>());          // Σ loss rows
+  cuda::add_sum_in_order(loss + n, n, sums.data<double>() + 1);  // Σ hit rows
 }
 
 }  // namespace tl

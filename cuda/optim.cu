@@ -23,14 +23,6 @@ __global__ void sumsq_kernel(const T* x, int64_t n, double* partial) {
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// acc[index] += Σ partial[b] in block order: one thread, so the sum is the same every run.
-__global__ void add_partials_kernel(const double* partial, unsigned blocks, double* acc) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  double s = 0;
-  for (unsigned b = 0; b < blocks; ++b) s += partial[b];
-  *acc += s;
-}
-
 // g ← g·grad_scale (rounded to T, as torch's grad.mul_(clip_coef));
 // p ← p·(1 − lr·wd);  m ← m + (g − m)(1−β1);  v ← β2·v + (1−β2)·g²;
 // p ← p − (lr/bc1)·m / (√v/√bc2 + eps)
@@ -81,8 +73,7 @@ void CudaOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
     sumsq_kernel<T><<<blocks, kThreads>>>(x.data<T>(), n, static_cast<double*>(partial.get()));
     TL_CUDA_LAUNCHED("sumsq_kernel");
   });
-  add_partials_kernel<<<1, 1>>>(static_cast<const double*>(partial.get()), blocks, acc.data<double>() + index);
-  TL_CUDA_LAUNCHED("add_partials_kernel");
+  cuda::add_sum_in_order(static_cast<const double*>(partial.get()), blocks, acc.data<double>() + index);
 }
 
 void CudaOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
