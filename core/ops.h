@@ -179,10 +179,6 @@ class Ops {
   // dtype. The default fills it on the host and uploads it; backends make it in place.
   virtual void dropout_mask(uint64_t seed, double p, Tensor& mask);
 
-  // Rows whose label ≠ −100 and whose argmax logit is the label (token accuracy). The
-  // default copies the logits to the host; backends may do better.
-  virtual int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels);
-
   // ---- timing and faults --------------------------------------------------------------
   // A clock over this backend's work (OpClock). The default reads the host's steady clock,
   // right for a backend whose ops return when their work is done (the CPU).

@@ -51,7 +51,6 @@ enum OpIndex {
   k_rowwise_dot,
   k_cross_entropy_sum,
   k_cross_entropy_backward,
-  k_count_argmax_hits,
   k_distill_kl_sum,
   k_distill_kl_backward,
   k_norm2,
@@ -105,7 +104,6 @@ constexpr OpInfo kOps[kOpCount] = {
     {"rowwise_dot", "moe"},
     {"cross_entropy_sum", "loss"},
     {"cross_entropy_backward", "loss"},
-    {"count_argmax_hits", "loss"},
     {"distill_kl_sum", "loss"},
     {"distill_kl_backward", "loss"},
     {"norm2", "optimizer"},
@@ -296,9 +294,7 @@ void TimedOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor&
 void TimedOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
   return timed(k_dropout_mask, [&] { return inner_.dropout_mask(seed, p, mask); });
 }
-int64_t TimedOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
-  return timed(k_count_argmax_hits, [&] { return inner_.count_argmax_hits(logits, labels); });
-}
+
 double TimedOps::norm2(const Tensor& x) {
   return timed(k_norm2, [&] { return inner_.norm2(x); });
 }

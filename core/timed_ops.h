@@ -80,7 +80,6 @@ class TimedOps final : public Ops {
   void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
-  int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   std::unique_ptr<OpClock> make_clock() override { return inner_.make_clock(); }
   double memory_available() override { return inner_.memory_available(); }
   void synchronize() override { inner_.synchronize(); }

@@ -111,7 +111,6 @@ class CudaOps final : public Ops {
 
   void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
-  int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
 
   // The device copy of an NF4 weight (its packed bytes and double-quantized absmax, exactly

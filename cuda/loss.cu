@@ -29,7 +29,7 @@ struct MinIndex {
 };
 
 // One block per row: loss[n] = mx + log z − l_y and hit[n] = [argmax = y] (the first
-// maximum, as Ops::count_argmax_hits), both 0 for ignored rows. When dlogits is given it is
+// maximum, as torch.argmax), both 0 for ignored rows. When dlogits is given it is
 // set (not added) to
 //   (softmax(l) − onehot(y))·grad_scale·c,  c = 1 − (l/cap)² if cap > 0 else 1
 // (the cap factor is d/dx of cap·tanh(x/cap) expressed through the capped logit l),

@@ -345,22 +345,6 @@ double CpuOps::cross_entropy_sum(const Tensor& logits, const Tensor& labels, int
   return total;
 }
 
-// Ties go to the lower index (torch.argmax's first maximum).
-int64_t CpuOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
-  require(labels.dtype() == DType::I32, "count_argmax_hits: labels must be I32");
-  const int64_t n = labels.numel(), v = logits.numel() / std::max<int64_t>(1, n);
-  int64_t hits = 0;
-  dispatch(logits.dtype(), [&]<class T>() {
-    const T* l = logits.data<T>();
-    const int32_t* y = labels.data<int32_t>();
-#pragma omp parallel for schedule(static) reduction(+ : hits) if(n * v >= cpu::kParallelMin)
-    for (int64_t t = 0; t < n; ++t) {
-      if (y[t] == -100) continue;
-      hits += std::max_element(l + t * v, l + (t + 1) * v) - (l + t * v) == y[t];
-    }
-  });
-  return hits;
-}
 
 void CpuOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
   dispatch(mask.dtype(), [&]<class T>() {

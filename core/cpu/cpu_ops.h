@@ -66,7 +66,6 @@ class CpuOps final : public Ops {
   // blocked attention skip shows here (tests count them).
   int64_t attention_scores() const { return attention_scores_; }
 
-  int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
 
   double norm2(const Tensor& x) override;

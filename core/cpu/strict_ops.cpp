@@ -154,11 +154,7 @@ void StrictOps::linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor
   Scope s("linear_nf4_backward", {&dy, &dx});
   cpu_.linear_nf4_backward(dy, w, dx);
 }
-int64_t StrictOps::count_argmax_hits(const Tensor& logits, const Tensor& labels) {
-  Scope s("count_argmax_hits", {&logits, &labels});
-  scalar(1);
-  return cpu_.count_argmax_hits(logits, labels);
-}
+
 void StrictOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
   Scope s("dropout_mask", {&mask});
   cpu_.dropout_mask(seed, p, mask);

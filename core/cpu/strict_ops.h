@@ -57,7 +57,6 @@ class StrictOps final : public Ops {
   double cross_entropy_sum(const Tensor& logits, const Tensor& labels, int64_t& count) override;
   void linear_nf4_forward(const Tensor& x, const Nf4Tensor& w, Tensor& y) override;
   void linear_nf4_backward(const Tensor& dy, const Nf4Tensor& w, Tensor& dx) override;
-  int64_t count_argmax_hits(const Tensor& logits, const Tensor& labels) override;
   void dropout_mask(uint64_t seed, double p, Tensor& mask) override;
   void attention_cached_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos,
                                 const Tensor& k_pos, int64_t window, Tensor& out) override;
