@@ -88,7 +88,7 @@ class Trainer {
   void refuse_oversized_rows(const std::vector<Row>& rows) const;
   void save_checkpoint();
   // After a step: on a stop signal, saves a checkpoint (unless this step just did) and
-  // returns true (train/stop_signal.cpp).
+  // returns true (trainer_checkpoint.cpp).
   bool stop_if_signalled();
   void resume(const std::filesystem::path& dir);
   // The LoRA adapter (PEFT format) and trainable.safetensors; with final_output and

@@ -78,10 +78,7 @@ Block<T> with_bf16(bool bf16, const T* p, int64_t rows, int64_t cols, int64_t ld
 template <class T>
 void block_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Block<T> a, Block<T> b, T beta, T* c, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (a.bf16 && b.bf16) {
-      const int64_t lda = ta ? m : k, ldb = tb ? k : n;  // the bf16 copies are contiguous
-      return cpu::gemm_bf16_packed(ta, tb, m, n, k, a.bf16, lda, b.bf16, ldb, beta, c, ldc);
-    }
+    if (a.bf16 && b.bf16) return cpu::gemm_bf16_packed(ta, tb, m, n, k, a.bf16, b.bf16, beta, c, ldc);  // contiguous
   }
   cpu::gemm(ta, tb, m, n, k, T(1), a.p, a.ld, b.p, b.ld, beta, c, ldc);
 }

@@ -353,21 +353,22 @@ void CpuOps::dropout_mask(uint64_t seed, double p, Tensor& mask) {
   });
 }
 
-double CpuOps::norm2(const Tensor& x) {
+namespace {
+// Σ x², in double, in index order.
+double sum_squares(const Tensor& x) {
   double sq = 0;
   dispatch(x.dtype(), [&]<class T>() {
     for (int64_t i = 0; i < x.numel(); ++i) sq += double(x.data<T>()[i]) * double(x.data<T>()[i]);
   });
-  return std::sqrt(sq);
+  return sq;
 }
+}  // namespace
+
+double CpuOps::norm2(const Tensor& x) { return std::sqrt(sum_squares(x)); }
 
 void CpuOps::add_sum_squares(const Tensor& x, Tensor& acc, int64_t index) {
   require(acc.dtype() == DType::F64 && index >= 0 && index < acc.numel(), "add_sum_squares acc must be F64 [> index]");
-  double sq = 0;
-  dispatch(x.dtype(), [&]<class T>() {
-    for (int64_t i = 0; i < x.numel(); ++i) sq += double(x.data<T>()[i]) * double(x.data<T>()[i]);
-  });
-  acc.data<double>()[index] += sq;
+  acc.data<double>()[index] += sum_squares(x);
 }
 
 void CpuOps::adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double beta1, double beta2,
