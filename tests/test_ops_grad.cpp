@@ -36,12 +36,13 @@ double dot(const Tensor& a, const Tensor& b) {
   return s;
 }
 
-// Checks d/d(input) of L = ⟨R, forward()⟩ against `analytic` for each perturbed input.
+// Checks d/d(input) of L = ⟨R, forward()⟩ against `analytic` for each perturbed input (every
+// `stride`-th one).
 void check_grad(const std::string& what, Tensor input, const Tensor& analytic,
-                const std::function<Tensor()>& forward, const Tensor& R) {
+                const std::function<Tensor()>& forward, const Tensor& R, int64_t stride = 1) {
   const double h = 1e-6;
   double max_err = 0, max_ref = 0;
-  for (int64_t i = 0; i < input.numel(); ++i) {
+  for (int64_t i = 0; i < input.numel(); i += stride) {
     double& x = input.data<double>()[i];
     const double x0 = x;
     x = x0 + h;
@@ -120,7 +121,33 @@ void attention_case(int64_t window, bool docs, int64_t d) {
   check_grad("attention dv", v, dv, f, R);
 }
 
+// Several 128-query blocks (S = 300), each reading only the keys its queries may see: the
+// window cuts keys from the second block on, and the documents 0 | 1 | 0 make the third
+// block's queries see the first block's keys again (an id that comes back is the same
+// document). With the log-sum-exp kept, the backward recomputes the probabilities from it.
+// Every 7th to 13th entry of dq, dk and dv against central differences.
+void attention_blocks_case(int64_t window, bool docs, bool keep_lse) {
+  const int64_t B = 1, S = 300, nh = 2, nkv = 1, d = 4;
+  Tensor q = randn({B, S, nh, d}, 0.5), k = randn({B, S, nkv, d}, 0.5), v = randn({B, S, nkv, d});
+  Tensor doc = ints({B, S}, 0, 0);
+  for (int64_t t = 100; t < 200; ++t) doc.data<int32_t>()[t] = 1;
+  Tensor lse = ops.zeros({B, nh, S});
+  AttentionMask mask{window, docs ? &doc : nullptr};
+  if (keep_lse) mask.lse = &lse;
+  Tensor R = randn({B, S, nh, d});
+  auto f = [&] { Tensor o = ops.zeros({B, S, nh, d}); ops.attention_forward(q, k, v, mask, o); return o; };
+  f();  // the log-sum-exp of these inputs, for the backward
+  Tensor dq = ops.zeros(q.shape()), dk = ops.zeros(k.shape()), dv = ops.zeros(v.shape());
+  ops.attention_backward(q, k, v, mask, R, dq, dk, dv);
+  check_grad("attention dq", q, dq, f, R, 13);
+  check_grad("attention dk", k, dk, f, R, 7);
+  check_grad("attention dv", v, dv, f, R, 7);
+}
+
 TEST(OpsGrad, AttentionCausal) { attention_case(0, false, 4); }
+TEST(OpsGrad, AttentionBlocksCausalWithLogSumExp) { attention_blocks_case(0, false, true); }
+TEST(OpsGrad, AttentionBlocksWindowAndDocuments) { attention_blocks_case(100, true, false); }
+TEST(OpsGrad, AttentionBlocksWindowAndDocumentsWithLogSumExp) { attention_blocks_case(100, true, true); }
 TEST(OpsGrad, AttentionSlidingWindow) { attention_case(3, false, 4); }
 TEST(OpsGrad, AttentionPackedDocuments) { attention_case(0, true, 6); }
 
