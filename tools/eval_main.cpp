@@ -18,9 +18,9 @@
 #include "train/eval/generate.h"
 #include "train/eval/plot.h"
 #include "train/eval/report.h"
-#include "train/surgery/surgery.h"
 #include "train/model/preflight.h"
 #include "train/train_config.h"
+#include "train/trainer.h"
 #include "core/cpu/thread_policy.h"
 
 namespace fs = std::filesystem;
@@ -111,10 +111,8 @@ int main(int argc, char** argv) {
       tl::TrainConfig cfg;
       if (!config.empty()) {
         cfg = tl::TrainConfig::load(config);
-        config_parent = cfg.distill_from == "auto" ? cfg.upscale_from : cfg.distill_from;
-        if (cfg.distill_from == "auto" && config_parent.empty())
-          if (auto rec = tl::read_surgery_record(before_model.empty() ? model : before_model)) config_parent = rec->source;
-        if (config_parent.empty()) config_parent = !cfg.upscale_from.empty() ? cfg.upscale_from : cfg.eval_reference_model;
+        // As the trainer chose it; the surgery record is the one of the model before the heal.
+        config_parent = tl::parent_dir(cfg, before_model.empty() ? model : before_model).dir;
       } else {
         cfg.source = data;
         tl::DatasetConfig d;

@@ -167,19 +167,27 @@ std::string copies_differ(const fs::path& parent_dir, const fs::path& model_dir,
 }
 }  // namespace
 
+ParentDir parent_dir(const TrainConfig& cfg, const std::string& model_dir) {
+  ParentDir p{cfg.distill_from, "distill_from", false};
+  if (p.dir == "auto") {
+    if (!cfg.upscale_from.empty()) p.dir = cfg.upscale_from;
+    else if (auto rec = read_surgery_record(model_dir)) p.dir = rec->source.string();
+    else p.dir.clear(), p.auto_unresolved = true;
+  }
+  if (p.dir.empty()) p.dir = cfg.upscale_from, p.key = "upscale_from";
+  if (p.dir.empty()) p.dir = cfg.eval_reference_model, p.key = "eval_reference_model";
+  return p;
+}
+
 void Trainer::setup_parent() {
   const std::optional<SurgeryRecord> rec = read_surgery_record(cfg_.base_model);
-  std::string dir = cfg_.distill_from, key = "distill_from";
-  if (dir == "auto") {
-    if (!cfg_.upscale_from.empty()) dir = cfg_.upscale_from;
-    else if (rec) dir = rec->source.string();
-    else
-      throw Error(fmt::format("{}: distill_from: auto needs upscale_from or a base_model written by torchless-surgery "
-                              "expand or upscale ('{}' has no torchless_surgery.json); name the parent's directory",
-                              cfg_.source.string(), cfg_.base_model));
-  }
-  if (dir.empty()) dir = cfg_.upscale_from, key = "upscale_from";
-  if (dir.empty()) dir = cfg_.eval_reference_model, key = "eval_reference_model";
+  const ParentDir parent = parent_dir(cfg_, cfg_.base_model);
+  if (parent.auto_unresolved)
+    throw Error(fmt::format("{}: distill_from: auto needs upscale_from or a base_model written by torchless-surgery "
+                            "expand or upscale ('{}' has no torchless_surgery.json); name the parent's directory",
+                            cfg_.source.string(), cfg_.base_model));
+  const std::string& dir = parent.dir;
+  const std::string& key = parent.key;
   if (dir.empty()) return;
   if (!fs::is_directory(dir))
     throw Error(fmt::format("{}: {} '{}' is not a directory{}", cfg_.source.string(), key, dir,

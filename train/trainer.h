@@ -41,6 +41,15 @@ struct TrainerState {
 // layers chosen for `budget` bytes (budget ≤ 0: unknown, every layer recomputed).
 MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const Gemma4Config& model, int64_t trainable_params,
                                   DType act, double budget, bool distill = false, double teacher_weights = 0);
+// The parent a heal measures (and distils from): distill_from (`auto`: upscale_from, else the
+// folder model_dir's torchless_surgery.json names), else upscale_from, else
+// eval_reference_model; `key` names the setting it came from. auto_unresolved: distill_from is
+// auto and neither names one (dir then falls back as without distill_from).
+struct ParentDir {
+  std::string dir, key;
+  bool auto_unresolved = false;
+};
+ParentDir parent_dir(const TrainConfig& cfg, const std::string& model_dir);
 // sequence_len within the model's context (max_position_embeddings), or one line naming both.
 void refuse_sequence_over_context(const TrainConfig& cfg, const Gemma4Config& model);
 // The budget `auto` plans against: max_memory_gib, else what the backend has free (`available`).
